@@ -1,0 +1,71 @@
+"""``curvop.hessian`` and ``curvop.hessian_of``: build a HessianOperator, picking the backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from curvop import backends
+from curvop.operator import HessianOperator
+
+__all__ = ["hessian", "hessian_of"]
+
+
+def _wrap(out: Any) -> HessianOperator:
+    return out if isinstance(out, HessianOperator) else HessianOperator(out)
+
+
+def hessian(model: Any, loss_fn: Any, data: Any, *, params: Any = None, backend: str | None = None,
+            **options: Any) -> HessianOperator:
+    """The Hessian of ``loss_fn(model(inputs), targets)`` over ``data``, as a :class:`HessianOperator`.
+
+    The backend is chosen from the model's type (``torch.nn.Module`` -> ``"torch"``, a Keras model
+    -> ``"tensorflow"``) unless ``backend=`` names one. ``options`` go to the backend; see
+    :func:`curvop.backends.torch.hessian` for the torch options (``hvp``, ``cache``, ``batched``,
+    ``reduction``, ``check_deterministic``).
+
+    **Dataset loss.** ``data`` is one batch ``(inputs, targets)`` or a re-iterable of batches. With
+    several batches the operator is the Hessian of the loss over the whole data set: for a
+    mean-reduced loss, ``sum_b (n_b / N) H_b`` (each batch weighted by its size ``n_b``, ``N`` the
+    total), which equals the Hessian of the mean over all samples even when the last batch is
+    smaller; for a sum-reduced loss, ``sum_b H_b``.
+
+    Examples
+    --------
+    >>> import torch, curvop
+    >>> model = torch.nn.Linear(3, 1).double()
+    >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    >>> H = curvop.hessian(model, torch.nn.MSELoss(), (x, y))
+    >>> H.shape
+    (4, 4)
+    """
+    name = backend or backends.detect(model)
+    return _wrap(backends.get(name)(model, loss_fn, data, params=params, **options))
+
+
+def hessian_of(f: Any, params: Any, data: Any = None, *, backend: str | None = None,
+               **options: Any) -> HessianOperator:
+    """The Hessian of a scalar function ``f(params)`` (or ``f(params, batch)`` over ``data``).
+
+    ``params`` is a tensor or a list/tuple/dict of tensors (torch tensors, ``tf.Variable``s, a JAX
+    pytree); ``f`` receives the same structure and must compute with what it receives. The operator
+    acts on all of them flattened in order. With ``data``, batches are combined as in :func:`hessian`.
+
+    Examples
+    --------
+    >>> import torch, curvop
+    >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> H = curvop.hessian_of(lambda w: (w ** 3).sum(), w)
+    >>> H.to_dense()
+    array([[ 6.,  0.],
+           [ 0., 12.]])
+    """
+    name = backend or backends.detect(_first_leaf(params))
+    return _wrap(backends.get(name, "hessian_of")(f, params, data, **options))
+
+
+def _first_leaf(tree: Any) -> Any:
+    while isinstance(tree, (list, tuple, dict)):
+        if len(tree) == 0:
+            raise ValueError("params is empty: pass the tensors to differentiate with respect to")
+        tree = next(iter(tree.values())) if isinstance(tree, dict) else tree[0]
+    return tree

@@ -1,0 +1,220 @@
+"""``HessianOperator``: a scipy ``LinearOperator`` with a native-array fast path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.sparse.linalg import LinearOperator
+
+from curvop.backends.base import Backend
+
+__all__ = ["HessianOperator", "MAX_DENSE_SIZE"]
+
+#: ``to_dense`` refuses operators larger than this (n x n float64 is 800 MB at n = 10,000).
+MAX_DENSE_SIZE = 10_000
+
+
+class HessianOperator(LinearOperator):
+    """The Hessian of a loss as a symmetric ``(n, n)`` linear operator.
+
+    * numpy in, numpy out: ``H @ x``, ``H.matvec``, ``H.matmat``, ``H.dot`` accept numpy arrays, so
+      ``scipy.sparse.linalg.eigsh``, ``lobpcg``, ``cg`` and ``minres`` use it unchanged. numpy inputs
+      of another real dtype are converted to :attr:`dtype` (scipy's solvers sometimes pass float64).
+    * native in, native out: a tensor of the backend's framework (a ``torch.Tensor`` on the
+      parameters' device, a ``tf.Tensor``, a ``jax.Array``, a ``cupy.ndarray``) is multiplied without
+      leaving the device and comes back as the same type, dtype and device. Its dtype and device
+      must match the operator's; a mismatch is an error, never a silent copy.
+    * ``(n,)`` and ``(n, k)`` inputs both work; ``(n, k)`` uses the backend's batched product.
+
+    Build one with :func:`curvop.hessian` or :func:`curvop.hessian_of`.
+
+    Examples
+    --------
+    >>> import numpy as np, curvop
+    >>> A = np.diag([3.0, 2.0, 1.0])
+    >>> H = curvop.aslinearoperator(A)
+    >>> H @ np.ones(3)
+    array([3., 2., 1.])
+    >>> H.num_matvecs
+    1
+    """
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.num_matvecs = 0
+        super().__init__(dtype=np.dtype(backend.dtype), shape=(backend.size, backend.size))
+
+    # --- the product ---------------------------------------------------------------------------
+    def _apply(self, x: Any) -> Any:
+        n = self.shape[1]
+        if not isinstance(x, np.ndarray):
+            if self.backend.is_native(x):
+                self.backend.check(x)
+                return self._apply_native(x)
+            x = _as_numpy_or_raise(x, self.backend)
+        if x.dtype.kind not in "fiub":
+            raise TypeError(
+                f"HessianOperator is real ({self.dtype}); got a {x.dtype} array. "
+                "Pass real vectors (for complex ones, apply H to the real and imaginary parts)."
+            )
+        if x.ndim not in (1, 2) or x.shape[0] != n:
+            raise ValueError(f"expected a vector of length {n} or an ({n}, k) matrix, got shape {x.shape}")
+        xn = self.backend.from_numpy(np.ascontiguousarray(x, dtype=self.dtype))
+        return self.backend.to_numpy(self._apply_native(xn))
+
+    def _apply_native(self, x: Any) -> Any:
+        n = self.shape[1]
+        shape = tuple(x.shape)
+        if len(shape) == 1 and shape[0] == n:
+            self.num_matvecs += 1
+            return self.backend.hvp(x)
+        if len(shape) == 2 and shape[0] == n:
+            k = shape[1]
+            self.num_matvecs += k
+            if k == 1:
+                return self.backend.hvp(x[:, 0])[:, None]
+            return self.backend.hvp_batch(x)
+        raise ValueError(
+            f"expected a vector of length {n} or an ({n}, k) matrix, got shape {shape}; "
+            f"the operator acts on the {n} flattened parameters"
+        )
+
+    def matvec(self, x: Any) -> Any:
+        """``H @ x`` for a vector ``x`` of shape ``(n,)`` or ``(n, 1)``."""
+        return self._apply(x)
+
+    def matmat(self, X: Any) -> Any:
+        """``H @ X`` for ``X`` of shape ``(n, k)``: k products in one batched call where possible."""
+        if getattr(X, "ndim", len(getattr(X, "shape", ()))) != 2:
+            raise ValueError(f"matmat expects a 2-D (n, k) array, got shape {tuple(np.shape(X))}")
+        return self._apply(X)
+
+    def dot(self, x: Any) -> Any:
+        """``H @ x``; operators and scalars compose as in scipy."""
+        if isinstance(x, LinearOperator) or np.isscalar(x):
+            return super().dot(x)
+        return self._apply(x)
+
+    __matmul__ = dot
+    __mul__ = dot
+    __call__ = dot
+
+    def __rmatmul__(self, x: Any) -> Any:  # x @ H == (H @ x.T).T for symmetric H
+        if isinstance(x, LinearOperator) or np.isscalar(x):
+            return super().__rmatmul__(x)
+        return self._apply(x.T).T
+
+    # symmetric: the adjoint and transpose are the operator itself
+    rmatvec = matvec
+    rmatmat = matmat
+
+    def _matvec(self, x: Any) -> Any:
+        return self._apply(x)
+
+    def _matmat(self, X: Any) -> Any:
+        return self._apply(X)
+
+    def _rmatvec(self, x: Any) -> Any:
+        return self._apply(x)
+
+    def _adjoint(self) -> "HessianOperator":
+        return self
+
+    _transpose = _adjoint
+
+    # --- conveniences --------------------------------------------------------------------------
+    def from_numpy(self, a: np.ndarray) -> Any:
+        """A numpy array as a native array of the operator's dtype and device."""
+        return self.backend.from_numpy(np.ascontiguousarray(a, dtype=self.dtype))
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A native array (or numpy array) as numpy."""
+        return x if isinstance(x, np.ndarray) else self.backend.to_numpy(x)
+
+    def random(self, shape: int | tuple[int, ...], kind: str = "rademacher", seed: Any = None) -> Any:
+        """Native random probes (``"rademacher"``, ``"gaussian"`` or ``"sphere"``) from a seed."""
+        return self.backend.random(shape, kind, np.random.default_rng(seed))
+
+    def to_dense(self, *, max_size: int = MAX_DENSE_SIZE, chunk: int = 64) -> np.ndarray:
+        """The explicit ``(n, n)`` matrix as numpy (n products, in blocks of ``chunk`` columns).
+
+        Refuses ``n > max_size`` (default :data:`MAX_DENSE_SIZE`): the matrix would need
+        ``8 n**2`` bytes and ``n`` products. Raise ``max_size`` if you really want it.
+        """
+        n = self.shape[0]
+        if n > max_size:
+            raise ValueError(
+                f"to_dense() refuses n={n} > max_size={max_size}: the matrix would take "
+                f"{8 * n * n / 1e9:.1f} GB and {n} Hessian-vector products; use the matrix-free "
+                "algorithms (curvop.eigenvalues, curvop.trace) or pass a larger max_size"
+            )
+        out = np.empty((n, n), dtype=self.dtype)
+        for j in range(0, n, chunk):
+            k = min(chunk, n - j)
+            e = np.zeros((n, k), dtype=self.dtype)
+            e[np.arange(j, j + k), np.arange(k)] = 1
+            out[:, j : j + k] = self.backend.to_numpy(self._apply_native(self.from_numpy(e)))
+        return out
+
+    def __repr__(self) -> str:
+        n = self.shape[0]
+        return f"<{n}x{n} HessianOperator ({self.backend.describe()}), {self.num_matvecs} products so far>"
+
+
+def _as_numpy_or_raise(x: Any, backend: Backend) -> np.ndarray:
+    """Lists and scalars become numpy; arrays of another framework are refused (no hidden copy)."""
+    if isinstance(x, (list, tuple, float, int, np.generic)):
+        return np.asarray(x)
+    raise TypeError(
+        f"this operator computes with the {backend.name} backend and got a {type(x).__module__}."
+        f"{type(x).__name__}; pass a numpy array or an array of the operator's own framework "
+        "(convert with curvop.arrays.to_numpy / H.from_numpy)"
+    )
+
+
+def aslinearoperator(A: Any, *, shape: tuple[int, int] | None = None, like: Any = None) -> HessianOperator:
+    """Wrap anything square and symmetric as a :class:`HessianOperator` the algorithms accept.
+
+    Parameters
+    ----------
+    A : HessianOperator, scipy LinearOperator or sparse matrix, dense matrix, or callable
+        A dense matrix may be numpy or any supported framework's (torch, JAX, TensorFlow, CuPy):
+        products then stay in that framework. A callable ``A(v)`` needs ``shape``.
+    shape : (n, n), only for a callable
+    like : array, optional, only for a callable
+        An array of the framework/dtype/device the callable computes with (default: float64 numpy).
+
+    Examples
+    --------
+    >>> import numpy as np, curvop
+    >>> H = curvop.aslinearoperator(lambda v: 2.0 * v, shape=(3, 3))
+    >>> H @ np.ones(3)
+    array([2., 2., 2.])
+    """
+    from scipy.sparse import issparse
+    from scipy.sparse.linalg import aslinearoperator as scipy_aslinop
+
+    from curvop.backends.numpy import ArrayBackend, dense
+
+    if isinstance(A, HessianOperator):
+        return A
+    if issparse(A):
+        A = scipy_aslinop(A)
+    if isinstance(A, LinearOperator):
+        n, m = A.shape
+        if n != m:
+            raise ValueError(f"a Hessian operator must be square; got shape {A.shape}")
+        dt = np.dtype(A.dtype) if A.dtype is not None else np.dtype(np.float64)
+        return HessianOperator(ArrayBackend(A.matvec, n, np.zeros(0, dt), matmat=A.matmat, name="numpy"))
+    if callable(A) and not hasattr(A, "shape"):
+        if shape is None or len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError("a callable needs shape=(n, n) (a square shape) to become an operator")
+        like = np.zeros(0) if like is None else like
+        return HessianOperator(ArrayBackend(A, shape[0], like))
+    if hasattr(A, "shape") and hasattr(A, "dtype"):
+        return HessianOperator(dense(A))
+    raise TypeError(
+        f"cannot make an operator from a {type(A).__name__}; pass a HessianOperator, a scipy "
+        "LinearOperator, a square matrix, or a callable with shape=(n, n)"
+    )
