@@ -64,3 +64,33 @@ class Backend:
 
     def describe(self) -> str:
         return f"{self.name} backend, n={self.size}, dtype={self.dtype}"
+
+
+class NondeterministicProductError(RuntimeError):
+    """Two products with the same vector disagreed: the operator is not a fixed matrix."""
+
+
+def check_deterministic(hvp: Any, v: Array, dtype: np.dtype) -> None:
+    """Compute ``hvp(v)`` twice and raise :class:`NondeterministicProductError` if they differ.
+
+    The tolerance is ``1000 * eps`` of ``dtype`` relative to ``||Hv||`` (reordering the sum over
+    batches stays far below it; dropout or train-mode BatchNorm are far above it). A NaN or Inf in
+    the product is reported as such.
+    """
+    y1, y2 = hvp(v), hvp(v)
+    scale, diff = arrays.norm(y1), arrays.norm(y1 - y2)
+    if not np.isfinite(scale):
+        raise FloatingPointError(
+            "the Hessian-vector product contains NaN or Inf: check the loss on your data "
+            "(log of zero, overflow in float32, NaN inputs)"
+        )
+    rtol = 1000 * np.finfo(dtype).eps
+    if diff > rtol * scale:
+        raise NondeterministicProductError(
+            f"two Hessian-vector products with the same vector differ (relative difference "
+            f"{diff / max(scale, np.finfo(dtype).tiny):.2e} > {rtol:.1e}), so the loss is not a fixed "
+            "function of the parameters. Likely causes: dropout or BatchNorm in training mode "
+            "(call model.eval()), random data augmentation, a loader that shuffles with "
+            "drop_last=True, or non-deterministic GPU kernels. Fix the cause, or pass "
+            "check_deterministic=False if you accept it."
+        )
