@@ -1,0 +1,29 @@
+"""Dense float64 references built independently of curvop, with torch.func.hessian."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+
+def dense_hessian(model, loss_fn, batches, names=None):
+    """Hessian of the dataset loss: ``loss_fn`` applied to all samples at once.
+
+    For a mean-reduced ``loss_fn`` this is the mean over all samples, for a sum-reduced one the sum:
+    the definition curvop's batch weighting must reproduce.
+    """
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    params = dict(model.named_parameters())
+    names = list(params) if names is None else names
+    fixed = {k: v.detach() for k, v in params.items() if k not in names}
+    fixed.update(model.named_buffers())
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+    flat0 = torch.cat([params[k].detach().reshape(-1) for k in names])
+
+    def loss(flat):
+        parts = dict(zip(names, (t.view(s) for t, s in zip(torch.split(flat, sizes), shapes))))
+        return loss_fn(functional_call(model, (parts, fixed), (x,)), y)
+
+    return torch.func.hessian(loss)(flat0).detach().numpy()
