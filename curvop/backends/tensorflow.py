@@ -219,7 +219,24 @@ class TensorFlowBackend(Backend):
         return self._flat(outer.gradient(gv, self._vars, unconnected_gradients=zero))
 
     def _product_block(self, V: tf.Tensor, batch: Any) -> tf.Tensor:
-        """``(n, k)`` products on one batch, vectorized over the columns (traced)."""
+        """``(n, k)`` products on one batch, vectorized over the columns (traced).
+
+        Reverse mode computes the loss and its gradient once and vectorizes only the second
+        backward pass (the Jacobian of ``V^T g``); forward mode vectorizes the whole
+        forward-over-reverse product (``pfor`` hoists what does not depend on the column).
+        """
+        if self.mode == "reverse":
+            zero = tf.UnconnectedGradients.ZERO
+            with tf.GradientTape(watch_accessed_variables=False) as outer:
+                outer.watch(self._vars)
+                with tf.GradientTape(watch_accessed_variables=False) as inner:
+                    inner.watch(self._vars)
+                    loss = self._loss(batch)
+                g = self._flat(inner.gradient(loss, self._vars, unconnected_gradients=zero))
+                gv = tf.linalg.matvec(V, g, transpose_a=True)
+            jac = outer.jacobian(gv, self._vars, unconnected_gradients=zero)
+            k = tf.shape(V)[1]
+            return tf.transpose(tf.concat([tf.reshape(j, [k, -1]) for j in jac], axis=1))
         out = tf.vectorized_map(lambda col: self._product(col, batch), tf.transpose(V),
                                 fallback_to_while_loop=True, warn=False)
         return tf.transpose(out)
