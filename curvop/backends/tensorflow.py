@@ -54,13 +54,14 @@ class TensorFlowBackend(Backend):
     names : list of str, optional
         Names of the variables (for messages and :meth:`describe`).
     hvp : {"auto", "forward", "reverse"}
-        ``"auto"`` picks reverse-over-reverse, measured as fast as or faster than forward-over-reverse
-        on CPU (``benchmarks/hvp_tensorflow.py``), and forward-over-reverse on a GPU, where it keeps
-        less of the second-order graph alive.
+        ``"auto"`` picks forward-over-reverse: in ``benchmarks/hvp_tensorflow.py`` (2-core CPU) it
+        was about 2x faster than reverse-over-reverse on a small CNN and within 10% on an MLP, and
+        it keeps less of the second-order graph alive.
     batched : {"auto", True, False}
         Whether ``hvp_batch`` uses ``tf.vectorized_map`` over the columns (``True``) or a loop of
-        single products (``False``). ``"auto"`` vectorizes on a GPU and loops on CPU, where
-        vectorizing measured slower (``benchmarks/hvp_tensorflow.py``).
+        single products (``False``). ``"auto"`` vectorizes on a GPU and loops on CPU, where the
+        vectorized forward product measured slower on a CNN and takes seconds to trace
+        (``benchmarks/hvp_tensorflow.py``).
     check_deterministic : bool
         Compare two products with the same vector when the operator is built (default True).
     check_loss_dtype : bool
@@ -116,7 +117,7 @@ class TensorFlowBackend(Backend):
         _check_loss_value(loss, first, self.tf_dtype, check_loss_dtype)
 
         if hvp == "auto":
-            hvp = "forward" if on_gpu else "reverse"
+            hvp = "forward"
         if hvp not in ("forward", "reverse"):
             raise ValueError(f"hvp must be 'forward', 'reverse' or 'auto', got {hvp!r}")
         self.mode = hvp
