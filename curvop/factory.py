@@ -16,7 +16,10 @@ def _wrap(out: Any) -> HessianOperator:
 
 def hessian(model: Any, loss_fn: Any, data: Any, *, params: Any = None, backend: str | None = None,
             **options: Any) -> HessianOperator:
-    """The Hessian of ``loss_fn(model(inputs), targets)`` over ``data``, as a :class:`HessianOperator`.
+    """The Hessian of the loss of ``model`` over ``data``, as a :class:`HessianOperator`.
+
+    The loss is ``loss_fn(model(inputs), targets)`` for torch, and ``loss_fn(targets,
+    model(inputs))`` for Keras (its own convention, so ``keras.losses`` objects work unchanged).
 
     The backend is chosen from the model's type (``torch.nn.Module`` -> ``"torch"``, a Keras model
     -> ``"tensorflow"``) unless ``backend=`` names one. ``options`` go to the backend; see
