@@ -79,6 +79,12 @@ def cnn():
     return p, (x, y), D
 
 
+@pytest.fixture(scope="module")
+def mlp_op(mlp):
+    p, batch, _ = mlp
+    return curvop.hessian((mlp_apply, p), mse, batch)  # backend detected from the params; shared
+
+
 # --- products ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES, ids=["forward", "reverse", "cached", "auto"])
 def test_mlp_products_match_dense(mlp, mode):
@@ -98,9 +104,9 @@ def test_cnn_products_match_dense(cnn, mode):
     np.testing.assert_allclose(H.matmat(V), D @ V, rtol=1e-11, atol=1e-12)
 
 
-def test_native_jax_array_in_and_out(mlp):
-    p, batch, D = mlp
-    H = curvop.hessian((mlp_apply, p), mse, batch)  # backend detected from the params
+def test_native_jax_array_in_and_out(mlp, mlp_op):
+    _, _, D = mlp
+    H = mlp_op
     assert H.backend.name == "jax"
     v = jnp.asarray(np.random.default_rng(2).standard_normal(D.shape[0]))
     out = H @ v
@@ -112,6 +118,7 @@ def test_native_jax_array_in_and_out(mlp):
         out = H.matmat(V)
         assert isinstance(out, jax.Array) and out.shape == V.shape
         np.testing.assert_allclose(np.asarray(out), D @ np.asarray(V), rtol=1e-12, atol=1e-13)
+    H.backend.batched = True
     assert (H @ np.ones(D.shape[0])).flags.writeable  # numpy out is an ordinary array
 
 
@@ -135,19 +142,16 @@ def test_list_of_batches_unequal_last(mlp, loss, cache):
     np.testing.assert_allclose(H.to_dense(), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_eigsh_matches_eigvalsh(mlp):
-    p, batch, D = mlp
-    H = curvop.hessian((mlp_apply, p), mse, batch)
+def test_eigsh_matches_eigvalsh(mlp, mlp_op):
+    H, D = mlp_op, mlp[2]
     w = np.sort(sla.eigsh(H, k=3, which="LA", return_eigenvectors=False))
     ref = np.linalg.eigvalsh(D)[-3:]
     np.testing.assert_allclose(w, ref, rtol=1e-8)
 
 
 # --- errors -----------------------------------------------------------------------------------------
-def test_errors(mlp):
-    p, batch, D = mlp
-    n = D.shape[0]
-    H = curvop.hessian((mlp_apply, p), mse, batch)
+def test_errors(mlp, mlp_op):
+    H, n = mlp_op, mlp[2].shape[0]
     with pytest.raises(ValueError, match=f"length {n}"):
         H @ np.ones(n + 1)
     with pytest.raises(ValueError, match=f"length {n}"):
