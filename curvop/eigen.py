@@ -41,7 +41,8 @@ class EigenResult:
     num_matvecs : int
         Hessian-vector products this call used (verification included).
     converged : bool
-        All ``k`` residuals are at most ``tol · max(|λ_i|, sqrt(eps)·‖T‖)``.
+        Lanczos: all ``k`` residuals are at most ``tol · max(|λ_i|, sqrt(eps)·‖T‖)``. Power
+        iteration: every vector met ``‖(I − EEᵀ)Hv − λv‖ ≤ tol·|λ|`` on its deflated operator.
     method, which : str
     """
 
@@ -223,31 +224,36 @@ def _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar):
 
 
 def _power(H, k, which, tol, max_matvecs, rng, bar):
-    """Deflated power iteration as in PyHessian, stopped on ``‖Hv − λv‖ ≤ tol·|λ|``."""
+    """Deflated power iteration as in PyHessian, stopped on the residual.
+
+    Vector ``i`` iterates on the deflated operator ``(I − EEᵀ)H`` (``E`` the vectors found so far)
+    and stops when ``‖(I − EEᵀ)Hv − λv‖ ≤ tol·|λ|``. Returned residuals are the true ``‖Hv − λv‖``;
+    for later vectors they cannot be smaller than the error left in the earlier ones.
+    """
     n = H.shape[0]
-    lams, vecs, res, used = [], [], [], 0
+    lams, vecs, res, conv, used = [], [], [], [], 0
     for i in range(k):
         E = stack(vecs, axis=1) if vecs else None
         v = H.random(n, "gaussian", seed=rng)
         v = project_out(project_out(v, E), E) if E is not None else v
         v = v / norm(v)
-        lam, r = 0.0, np.inf
+        lam, r, ok = 0.0, np.inf, False
         for _ in range((max_matvecs - used) // (k - i)):
             Hv = H.matvec(v)
             used += 1
             bar.update(1)
             lam = dot(v, Hv)
             r = norm(Hv - v * lam)
-            if r <= tol * abs(lam):
+            PHv = project_out(project_out(Hv, E), E) if E is not None else Hv
+            ok = (r if E is None else norm(PHv - v * lam)) <= tol * abs(lam)
+            if ok:
                 break
-            if E is not None:  # deflation: stay orthogonal to the eigenvectors found so far
-                Hv = project_out(project_out(Hv, E), E)
-            v = Hv / norm(Hv)
+            v = PHv / norm(PHv)
         lams.append(lam)
         vecs.append(v)
         res.append(r)
-    lams = np.asarray(lams)
-    return lams, stack(vecs, axis=1), np.asarray(res), np.abs(lams), used
+        conv.append(ok)
+    return np.asarray(lams), stack(vecs, axis=1), np.asarray(res), bool(all(conv))
 
 
 def eigenvalues(
@@ -334,8 +340,9 @@ def eigenvalues(
             if verify:
                 R = H.matmat(V) - V * H.from_numpy(lam)
                 res = np.sqrt(np.maximum(column_dots(R, R), 0.0))
+            converged = bool(np.all(res <= tol * scale))
         else:
-            lam, V, res, scale, _ = _power(H, k, which, tol, max_matvecs, rng, bar)
+            lam, V, res, converged = _power(H, k, which, tol, max_matvecs, rng, bar)
     finally:
         bar.close()
     return EigenResult(
@@ -343,7 +350,7 @@ def eigenvalues(
         eigenvectors=V,
         residual_norms=np.asarray(res, dtype=np.float64),
         num_matvecs=H.num_matvecs - start,
-        converged=bool(np.all(res <= tol * scale)),
+        converged=converged,
         method=method,
         which=which,
     )
