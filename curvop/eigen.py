@@ -129,7 +129,6 @@ def lanczos_tridiag(
         betas.append(b)
         Q = concat([Q, stack([w / b], axis=1)])
     m = len(alphas)
-    Q = Q[:, :m] if Q.shape[1] > m else Q
     return np.asarray(alphas), np.asarray(betas[: m - 1]), (Q if return_basis else None)
 
 

@@ -1,0 +1,19 @@
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_accuracy_quick():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick"],
+        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""}, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "PyHessian (published)" in text and "| top eigenvalue | lanczos |" in text
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): float(line.split("|")[3])
+            for line in text.splitlines() if line.startswith("| ") and line.split("|")[3].strip()[:1].isdigit()}
+    assert rows[("top eigenvalue", "lanczos")] < rows[("top eigenvalue", "power iteration")]
+    assert len(rows) == 12
