@@ -17,10 +17,11 @@ import numpy as np
 import scipy.linalg
 
 from curvop._progress import progress_bar
-from curvop.eigen import lanczos_tridiag
+from curvop.arrays import asarray_like, column_dots, namespace
+from curvop.eigen import _breakdown_tol
 from curvop.operator import aslinearoperator
 
-__all__ = ["SpectralDensity", "spectral_density"]
+__all__ = ["SpectralDensity", "spectral_density", "lanczos_tridiag_batch"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,12 +109,62 @@ class SpectralDensity:
         return ax
 
 
+def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Independent Lanczos runs from the ``p`` columns of ``V0``, in lockstep: one ``H.matmat`` per step.
+
+    Each run is reorthogonalised (twice) against its own basis only; the ``p`` bases are kept as
+    one native ``(p, n, j)`` stack, so reorthogonalisation is two batched ``matmul`` calls. A run
+    that reaches an invariant subspace stops (its column is zeroed) while the others go on.
+
+    Returns ``[(alpha, beta), ...]``, one tridiagonal (float64 host arrays) per column.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvop.density import lanczos_tridiag_batch
+    >>> [(a.size, b.size) for a, b in lanczos_tridiag_batch(np.diag([1.0, 2.0, 3.0]), np.ones((3, 2)), 5)]
+    [(3, 2), (3, 2)]
+    """
+    H = aslinearoperator(H)
+    V0 = V0 if H.backend.is_native(V0) else H.from_numpy(np.asarray(V0))
+    n, p = V0.shape
+    steps = min(int(steps), n)
+    xp = namespace(V0)
+    V = V0 * asarray_like(1.0 / np.sqrt(column_dots(V0, V0)), V0)
+    basis = [xp.matrix_transpose(V)]  # each (p, n): row i belongs to run i
+    alphas, betas = np.zeros((steps, p)), np.zeros((steps, p))
+    length = np.full(p, steps)
+    active = np.ones(p, dtype=bool)
+    for j in range(steps):
+        W = H.matmat(V)
+        alphas[j] = column_dots(V, W)
+        if j == steps - 1:
+            break
+        B = xp.stack(basis, axis=2)  # (p, n, j + 1): run i's basis is B[i]
+        Bt = xp.matrix_transpose(B)
+        Wt = xp.matrix_transpose(W)
+        for _ in range(2):  # full reorthogonalisation, twice, as batched matrix products
+            Wt = Wt - xp.matmul(B, xp.matmul(Bt, Wt[:, :, None]))[:, :, 0]
+        W = xp.matrix_transpose(Wt)
+        beta = np.sqrt(np.maximum(column_dots(W, W), 0.0))
+        stop = active & (beta <= _breakdown_tol(H, max(np.abs(alphas[: j + 1]).max(), betas.max())))
+        length[stop] = j + 1
+        active &= ~stop
+        if not active.any():
+            break
+        betas[j] = np.where(active, beta, 0.0)
+        V = W * asarray_like(np.where(active, 1.0 / np.where(active, beta, 1.0), 0.0), W)
+        basis.append(xp.matrix_transpose(V))
+    return [(alphas[: length[i], i], betas[: length[i] - 1, i]) for i in range(p)]
+
+
 def spectral_density(
     H: Any,
     *,
     num_steps: int = 100,
     num_probes: int = 1,
     probes: str = "rademacher",
+    block_size: int | None = None,
     seed: Any = None,
     progress: bool = False,
 ) -> SpectralDensity:
@@ -121,7 +172,8 @@ def spectral_density(
 
     Each probe costs ``num_steps`` products (Lanczos with full reorthogonalisation); the
     ``num_steps`` Ritz values per probe match the extreme eigenvalues closely and the smoothed
-    density matches the bulk.
+    density matches the bulk. Probes run together, ``block_size`` at a time (default: all), so each
+    Lanczos step is one batched product ``H.matmat``; memory is ``block_size × num_steps`` vectors.
 
     Parameters
     ----------
@@ -131,6 +183,8 @@ def spectral_density(
     num_probes : int
     probes : {"rademacher", "gaussian", "sphere"}
         Rademacher probes have ``‖z‖² = n`` exactly, so the trace estimate has Hutchinson's variance.
+    block_size : int, optional
+        Probes run in lockstep (lower it to save memory on large models).
     seed : int, numpy Generator or None
     progress : bool
 
@@ -144,22 +198,25 @@ def spectral_density(
     H = aslinearoperator(H)
     if int(num_steps) < 1 or int(num_probes) < 1:
         raise ValueError(f"num_steps and num_probes must be >= 1, got {num_steps} and {num_probes}")
-    n = H.shape[0]
+    n, num_probes = H.shape[0], int(num_probes)
+    block_size = num_probes if block_size is None else max(1, int(block_size))
     rng = np.random.default_rng(seed)
     start = H.num_matvecs
     nodes, weights = [], []
     bar = progress_bar(progress, num_probes * min(num_steps, n), "spectral density (SLQ)")
     try:
-        for _ in range(int(num_probes)):
+        for first in range(0, num_probes, block_size):
+            b = min(block_size, num_probes - first)
             before = H.num_matvecs
-            alpha, beta, _ = lanczos_tridiag(H, H.random(n, probes, seed=rng), int(num_steps))
+            runs = lanczos_tridiag_batch(H, H.random((n, b), probes, seed=rng), int(num_steps))
             bar.update(H.num_matvecs - before)
-            if alpha.size == 1:
-                theta, U = alpha.copy(), np.ones((1, 1))
-            else:
-                theta, U = scipy.linalg.eigh_tridiagonal(alpha, beta)
-            nodes.append(theta)
-            weights.append(U[0, :] ** 2)
+            for alpha, beta in runs:
+                if alpha.size == 1:
+                    theta, U = alpha.copy(), np.ones((1, 1))
+                else:
+                    theta, U = scipy.linalg.eigh_tridiagonal(alpha, beta)
+                nodes.append(theta)
+                weights.append(U[0, :] ** 2)
     finally:
         bar.close()
     return SpectralDensity(tuple(nodes), tuple(weights), n, H.num_matvecs - start)

@@ -17,7 +17,7 @@ def test_hutchpp_and_xtrace_beat_hutchinson_10x_on_decaying_spectrum(kind):
     methods = ("hutchinson", "hutch++", "xtrace") + (("xnystrace",) if kind == "numpy" else ())
     for method in methods:
         errs = []
-        for seed in range(11):
+        for seed in range(7):
             r = curvop.trace(H, method=method, num_matvecs=60, seed=seed)
             assert r.num_matvecs == 60
             errs.append(abs(r.estimate - tr) / tr)
