@@ -17,11 +17,10 @@ import numpy as np
 import scipy.linalg
 
 from curvop._progress import progress_bar
-from curvop.arrays import asarray_like, column_dots, namespace
-from curvop.eigen import _breakdown_tol
+from curvop.eigen import lanczos_tridiag_batch
 from curvop.operator import aslinearoperator
 
-__all__ = ["SpectralDensity", "spectral_density", "lanczos_tridiag_batch"]
+__all__ = ["SpectralDensity", "spectral_density"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,55 +106,6 @@ class SpectralDensity:
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         return ax
-
-
-def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Independent Lanczos runs from the ``p`` columns of ``V0``, in lockstep: one ``H.matmat`` per step.
-
-    Each run is reorthogonalised (twice) against its own basis only; the ``p`` bases are kept as
-    one native ``(p, n, j)`` stack, so reorthogonalisation is two batched ``matmul`` calls. A run
-    that reaches an invariant subspace stops (its column is zeroed) while the others go on.
-
-    Returns ``[(alpha, beta), ...]``, one tridiagonal (float64 host arrays) per column.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from curvop.density import lanczos_tridiag_batch
-    >>> [(a.size, b.size) for a, b in lanczos_tridiag_batch(np.diag([1.0, 2.0, 3.0]), np.ones((3, 2)), 5)]
-    [(3, 2), (3, 2)]
-    """
-    H = aslinearoperator(H)
-    V0 = V0 if H.backend.is_native(V0) else H.from_numpy(np.asarray(V0))
-    n, p = V0.shape
-    steps = min(int(steps), n)
-    xp = namespace(V0)
-    V = V0 * asarray_like(1.0 / np.sqrt(column_dots(V0, V0)), V0)
-    basis = [xp.matrix_transpose(V)]  # each (p, n): row i belongs to run i
-    alphas, betas = np.zeros((steps, p)), np.zeros((steps, p))
-    length = np.full(p, steps)
-    active = np.ones(p, dtype=bool)
-    for j in range(steps):
-        W = H.matmat(V)
-        alphas[j] = column_dots(V, W)
-        if j == steps - 1:
-            break
-        B = xp.stack(basis, axis=2)  # (p, n, j + 1): run i's basis is B[i]
-        Bt = xp.matrix_transpose(B)
-        Wt = xp.matrix_transpose(W)
-        for _ in range(2):  # full reorthogonalisation, twice, as batched matrix products
-            Wt = Wt - xp.matmul(B, xp.matmul(Bt, Wt[:, :, None]))[:, :, 0]
-        W = xp.matrix_transpose(Wt)
-        beta = np.sqrt(np.maximum(column_dots(W, W), 0.0))
-        stop = active & (beta <= _breakdown_tol(H, max(np.abs(alphas[: j + 1]).max(), betas.max())))
-        length[stop] = j + 1
-        active &= ~stop
-        if not active.any():
-            break
-        betas[j] = np.where(active, beta, 0.0)
-        V = W * asarray_like(np.where(active, 1.0 / np.where(active, beta, 1.0), 0.0), W)
-        basis.append(xp.matrix_transpose(V))
-    return [(alphas[: length[i], i], betas[: length[i] - 1, i]) for i in range(p)]
 
 
 def spectral_density(

@@ -3,7 +3,7 @@ import pytest
 from scipy.stats import wasserstein_distance
 
 import curvop
-from _matrices import KINDS, operator, with_spectrum
+from _matrices import KINDS, operator, orthogonal, with_spectrum
 
 pytest.importorskip("torch")
 
@@ -67,3 +67,22 @@ def test_bad_input_is_a_clear_error():
         curvop.spectral_density(np.eye(3), num_steps=0)
     with pytest.raises(ValueError, match="square"):
         curvop.spectral_density(np.ones((3, 2)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lockstep_lanczos_matches_one_run_at_a_time(kind):
+    from curvop.eigen import lanczos_tridiag, lanczos_tridiag_batch
+
+    lam = np.r_[np.linspace(0.0, 1.0, 40), 1.0, 1.0]  # a repeated eigenvalue, n = 42
+    H = operator(with_spectrum(tuple(lam), seed=16), kind)
+    Z = np.random.default_rng(0).standard_normal((42, 3))
+    Q = orthogonal(42, 16)
+    Z[:, 2] = Q[:, 0] + Q[:, 5]  # two eigenvectors: this run stops after 2 steps, the others go on
+    Hop = curvop.aslinearoperator(H)
+    runs = lanczos_tridiag_batch(Hop, Hop.from_numpy(Z), 30)
+    for i, (a, b) in enumerate(runs):
+        a1, b1, _ = lanczos_tridiag(Hop, Hop.from_numpy(Z[:, i]), 30)
+        assert a.size == a1.size and b.size == b1.size
+        np.testing.assert_allclose(a, a1, atol=1e-10)
+        np.testing.assert_allclose(b, b1, atol=1e-10)
+    assert runs[2][0].size == 2 and runs[0][0].size == 30
