@@ -86,3 +86,14 @@ def test_lockstep_lanczos_matches_one_run_at_a_time(kind):
         np.testing.assert_allclose(a, a1, atol=1e-10)
         np.testing.assert_allclose(b, b1, atol=1e-10)
     assert runs[2][0].size == 2 and runs[0][0].size == 30
+
+
+def test_progress_bar_counts_every_product(capsys):
+    pytest.importorskip("tqdm")
+    A = np.diag(np.linspace(1.0, 2.0, 60))
+    curvop.eigenvalues(A, progress=True, seed=0)
+    curvop.trace(A, num_matvecs=12, progress=True, seed=0)
+    curvop.diagonal(A, num_matvecs=6, progress=True, seed=0)
+    sd = curvop.spectral_density(A, num_steps=10, num_probes=2, progress=True, seed=0)
+    err = capsys.readouterr().err
+    assert "trace (hutch++)" in err and "12/12" in err and "20/20" in err and sd.num_matvecs == 20
