@@ -38,3 +38,12 @@ def test_doc_estimator_is_accurate_and_honest(kind):
     runs = [f(H, num_matvecs=20, seed=s) for s in range(100)]
     assert np.mean([abs(e - exact) <= 2 * s for e, s in runs]) >= 0.85
     assert abs(np.median([e for e, _ in runs]) - exact) <= 0.05 * exact
+
+
+def test_algorithms_page_code_runs():
+    pytest.importorskip("matplotlib").use("Agg")
+    page = DOC.parent / "algorithms.md"
+    ns: dict = {}
+    for block in re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), flags=re.S | re.M):
+        exec(compile(block, str(page), "exec"), ns)
+    assert ns["r"].num_matvecs > 0 and ns["sd"].num_matvecs == 100
