@@ -136,7 +136,7 @@ def train(model: Any, data: Digits, *, epochs: int, seed: int = 0, lr: float = 3
                 loss = loss_fn(model(x[idx]), y[idx])
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
                 bar.update(1)
             losses.append(total / len(y))
     finally:
@@ -148,10 +148,11 @@ def train(model: Any, data: Digits, *, epochs: int, seed: int = 0, lr: float = 3
 def _bar(enabled: bool, total: int, desc: str) -> Any:
     from curvop._progress import progress_bar
 
-    bar = progress_bar(enabled, total, desc)
-    if enabled:
-        bar.unit = "step"
-    return bar
+    if not enabled:
+        return progress_bar(False, total, desc)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step")
 
 
 def accuracy(model: Any, x: Any, y: Any) -> float:
