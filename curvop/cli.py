@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo, "curvop-demo", 1)
     demo.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
     demo.add_argument("-k", type=int, default=5, help="number of top eigenvalues (default: 5)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a short run: 1 epoch and fewer products (for tests and a first look)")
     demo.set_defaults(func=_demo)
 
     spec = sub.add_parser("spectrum", help="measure the Hessian of your own PyTorch model",
@@ -84,8 +86,9 @@ def _emit(args: argparse.Namespace, results: dict[str, Any]) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from curvop.demo import DemoOptions, run
 
-    _emit(args, run(DemoOptions(out=args.out, epochs=args.epochs, k=args.k, seed=args.seed,
-                                quiet=args.quiet), say=_say(args)))
+    quick = dict(epochs=1, trace_matvecs=30, steps=30, probes=1) if args.quick else dict(epochs=args.epochs)
+    _emit(args, run(DemoOptions(out=args.out, k=args.k, seed=args.seed, quiet=args.quiet, **quick),
+                    say=_say(args)))
 
 
 def _bn_residual(args: argparse.Namespace) -> None:
