@@ -72,9 +72,10 @@ def plot_density(density: Any, *, top: Sequence[float] | None = None, sigma: flo
 
     fig, ax = plt.subplots(figsize=(7, 4.2)) if ax is None else (ax.figure, ax)
     _draw(ax, density, sigma, None, color="C0", lw=1.2, label="density (SLQ)")
-    for i, lam in enumerate(top or ()):
+    top = [] if top is None else [float(v) for v in np.ravel(top)]
+    for i, lam in enumerate(top):
         ax.axvline(lam, color="C3", ls="--", lw=0.9, alpha=0.8,
-                   label=f"top-{len(top)} eigenvalues (Lanczos)" if i == 0 else None)
+                   label=f"top-{len(top)} eigenvalues" if i == 0 else None)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log scale)")
     ax.set_title(title or f"Hessian spectral density, n = {density.n:,}")
