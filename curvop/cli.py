@@ -1,0 +1,134 @@
+"""The ``curvop`` command: ``demo``, ``spectrum MODULE:FACTORY`` and ``study bn-residual``.
+
+Exit codes: 0 success, 1 a run failed (one ``curvop: error: ...`` line on stderr), 2 bad usage
+(argparse), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+__all__ = ["CLIError", "main", "build_parser"]
+
+
+class CLIError(Exception):
+    """A failure to report as one line on stderr (no traceback)."""
+
+
+def _common(p: argparse.ArgumentParser, out: str, threads: int | None) -> None:
+    p.add_argument("--out", default=out, metavar="DIR", help=f"directory for the outputs (default: {out})")
+    p.add_argument("--seed", type=int, default=0, help="seed of data split, weights, probes (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--threads", type=int, default=threads, metavar="N",
+                   help="torch CPU threads" + (f" (default: {threads}; tiny models run fastest on one)"
+                                               if threads else " (default: torch's)"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``curvop`` (one sub-parser per command)."""
+    from curvop import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="curvop", description="Spectra of neural-network loss Hessians: top eigenvalues, trace, density.")
+    parser.add_argument("--version", action="version", version=f"curvop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser("demo", help="train a small CNN on scikit-learn's digits and measure its Hessian",
+                          description="Train a small CNN on the 8x8 digits shipped with scikit-learn (CPU, "
+                                      "no download), then print the top eigenvalues, trace and spectral "
+                                      "density of its training-loss Hessian; write density.png and results.json.")
+    _common(demo, "curvop-demo", 1)
+    demo.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+    demo.add_argument("-k", type=int, default=5, help="number of top eigenvalues (default: 5)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a short run: 1 epoch and fewer products (for tests and a first look)")
+    demo.set_defaults(func=_demo)
+
+    spec = sub.add_parser("spectrum", help="measure the Hessian of your own PyTorch model",
+                          description="Measure the loss Hessian of your PyTorch model. FACTORY is a function "
+                                      "in MODULE (a module name or a path to a .py file) returning "
+                                      "(model, loss_fn, data); data is one (inputs, targets) batch or a "
+                                      "re-iterable of batches. The model is put in eval mode.")
+    spec.add_argument("target", metavar="MODULE:FACTORY", help="e.g. mypkg.models:make or ./exp.py:make")
+    _common(spec, "curvop-spectrum", None)
+    spec.add_argument("-k", type=int, default=5, help="number of top eigenvalues (default: 5)")
+    spec.add_argument("--device", default="cpu", help="torch device for model and data (default: cpu)")
+    spec.add_argument("--steps", type=int, default=80, help="Lanczos steps per density probe (default: 80)")
+    spec.add_argument("--probes", type=int, default=2, help="density probes (default: 2)")
+    spec.add_argument("--trace-matvecs", type=int, default=99, help="Hutch++ products (default: 99)")
+    spec.set_defaults(func=_spectrum)
+
+    study = sub.add_parser("study", help="run a study", description="Run one of curvop's studies.")
+    studies = study.add_subparsers(dest="study", metavar="STUDY", required=True)
+    bn = studies.add_parser("bn-residual", help="PyHessian's BatchNorm / residual-connection study on digits",
+                            description="Train shallow and deep CNNs with and without BatchNorm and "
+                                        "residual connections on scikit-learn's digits, measure each "
+                                        "Hessian, and write a report and a density figure.")
+    _common(bn, "curvop-study", 1)
+    bn.add_argument("--quick", action="store_true", help="a short run (smaller models, fewer epochs)")
+    bn.set_defaults(func=_bn_residual)
+    return parser
+
+
+def _say(args: argparse.Namespace) -> Callable[[str], None]:
+    return (lambda s: None) if args.json else print
+
+
+def _emit(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from curvop.demo import DemoOptions, run
+
+    quick = dict(epochs=1, trace_matvecs=30, steps=30, probes=1) if args.quick else dict(epochs=args.epochs)
+    _emit(args, run(DemoOptions(out=args.out, k=args.k, seed=args.seed, quiet=args.quiet, **quick),
+                    say=_say(args)))
+
+
+def _bn_residual(args: argparse.Namespace) -> None:
+    from curvop.studies import bn_residual
+
+    command = "curvop study bn-residual" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
+    _emit(args, bn_residual.run(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet,
+                                command=command, say=_say(args)))
+
+
+def _spectrum(args: argparse.Namespace) -> None:
+    from curvop.studies import own_model
+
+    _emit(args, own_model.run(args.target, out=args.out, device=args.device, k=args.k, seed=args.seed,
+                             steps=args.steps, probes=args.probes, trace_matvecs=args.trace_matvecs,
+                             quiet=args.quiet, say=_say(args)))
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    from curvop.studies.own_model import InputError
+
+    return (CLIError, InputError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``curvop`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        args.func(args)
+    except KeyboardInterrupt:
+        print("curvop: interrupted", file=sys.stderr)
+        return 130
+    except _input_errors() as err:
+        print(f"curvop: error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, RuntimeError, FloatingPointError, KeyError, OSError, ImportError) as err:
+        print(f"curvop: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,126 @@
+"""One measurement of a Hessian: top eigenvalues, trace and spectral density, each timed.
+
+Shared by ``curvop demo``, ``curvop spectrum`` and the studies, so that they all report the same
+quantities in the same format.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Measurement", "measure", "fmt"]
+
+
+def fmt(x: float) -> str:
+    """The one number format of the printed tables (and so of what tests compare with JSON)."""
+    return f"{x:.6g}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one algorithm reported: its products and its wall time."""
+
+    num_matvecs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Top eigenvalues, trace and density of one Hessian, with the cost of each.
+
+    Attributes
+    ----------
+    n : int
+        Number of parameters (the Hessian is ``n x n``).
+    eigenvalues : numpy array
+        The ``k`` largest eigenvalues, in decreasing order.
+    eigen_converged : bool
+    trace, trace_stderr : float
+        Hutch++ estimate of ``tr H`` and its standard error.
+    density : curvop.SpectralDensity
+        The SLQ nodes and weights.
+    steps : dict
+        ``"eigenvalues"``, ``"trace"``, ``"density"`` -> :class:`Step`.
+    """
+
+    n: int
+    eigenvalues: np.ndarray
+    eigen_converged: bool
+    trace: float
+    trace_stderr: float
+    density: Any
+    steps: dict[str, Step] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready numbers (the density as its SLQ trace and per-probe nodes and weights)."""
+        sd = self.density
+        return {
+            "num_parameters": self.n,
+            "eigenvalues": [float(v) for v in self.eigenvalues],
+            "eigenvalues_converged": self.eigen_converged,
+            "trace": self.trace,
+            "trace_stderr": self.trace_stderr,
+            "density_trace": sd.trace(),
+            "density": {"nodes": [a.tolist() for a in sd.nodes], "weights": [a.tolist() for a in sd.weights]},
+            "num_matvecs": {k: s.num_matvecs for k, s in self.steps.items()},
+            "seconds": {k: round(s.seconds, 3) for k, s in self.steps.items()},
+        }
+
+    def table(self) -> str:
+        """A fixed-width table: one row per quantity, with products used and seconds."""
+        s = self.steps
+        rows = [(f"eigenvalue {i + 1}", fmt(v), "", "") for i, v in enumerate(self.eigenvalues)]
+        rows[0] = (*rows[0][:2], str(s["eigenvalues"].num_matvecs), f"{s['eigenvalues'].seconds:.1f}")
+        rows.append(("trace (Hutch++)", f"{fmt(self.trace)} ± {fmt(self.trace_stderr)}",
+                     str(s["trace"].num_matvecs), f"{s['trace'].seconds:.1f}"))
+        rows.append(("trace (SLQ density)", fmt(self.density.trace()),
+                     str(s["density"].num_matvecs), f"{s['density'].seconds:.1f}"))
+        head = ("quantity", "value", "matvecs", "seconds")
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+        line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(r, widths)))
+        return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def measure(H: Any, *, k: int = 5, trace_matvecs: int = 99, steps: int = 80, probes: int = 2,
+            tol: float = 1e-5, seed: int = 0, progress: bool = False) -> Measurement:
+    """Run the three algorithms on ``H`` with seeded probes and time each.
+
+    Parameters
+    ----------
+    H : curvop.HessianOperator or operator-like
+    k : int
+        Number of top eigenvalues (Lanczos, largest algebraic).
+    trace_matvecs : int
+        Budget of Hutch++.
+    steps, probes : int
+        Lanczos steps per probe and number of probes of the SLQ density.
+    tol : float
+        Relative residual of the eigenvalues.
+    seed : int
+    progress : bool
+        tqdm bars for each step.
+    """
+    import curvop
+
+    k = min(k, H.shape[0] - 1)
+    timed: dict[str, Step] = {}
+
+    def run(name: str, fn: Any) -> Any:
+        t = time.perf_counter()
+        out = fn()
+        timed[name] = Step(int(out.num_matvecs), time.perf_counter() - t)
+        return out
+
+    eig = run("eigenvalues", lambda: curvop.eigenvalues(H, k=k, tol=tol, seed=seed, progress=progress))
+    tr = run("trace", lambda: curvop.trace(H, num_matvecs=trace_matvecs, seed=seed, progress=progress))
+    sd = run("density", lambda: curvop.spectral_density(H, num_steps=steps, num_probes=probes, seed=seed,
+                                                        progress=progress))
+    order = np.argsort(eig.eigenvalues)[::-1]
+    return Measurement(n=int(H.shape[0]), eigenvalues=np.asarray(eig.eigenvalues)[order],
+                       eigen_converged=bool(eig.converged), trace=float(tr.estimate),
+                       trace_stderr=float(tr.stderr), density=sd, steps=timed)
