@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from curvop import backends
 from curvop.operator import HessianOperator
 
@@ -38,6 +40,8 @@ def hessian(model: Any, loss_fn: Any, data: Any, *, params: Any = None, backend:
     >>> H.shape
     (4, 4)
     """
+    if backend is None and isinstance(model, tuple) and len(model) == 2 and callable(model[0]):
+        backend = backends.detect(_first_leaf(model[1]))  # (apply_fn, params), e.g. JAX/Flax
     name = backend or backends.detect(model)
     return _wrap(backends.get(name)(model, loss_fn, data, params=params, **options))
 
@@ -59,7 +63,16 @@ def hessian_of(f: Any, params: Any, data: Any = None, *, backend: str | None = N
     array([[ 6.,  0.],
            [ 0., 12.]])
     """
-    name = backend or backends.detect(_first_leaf(params))
+    if backend is None:
+        leaf = _first_leaf(params)
+        if isinstance(leaf, np.ndarray):
+            raise TypeError(
+                "params are numpy arrays, which could belong to any framework (numpy has no autodiff); "
+                "pass backend='jax' to differentiate f with JAX (numpy leaves are converted to jax arrays), "
+                "or use HessianOperator.from_hvp / from_grad if you have products or gradients"
+            )
+        backend = backends.detect(leaf)
+    name = backend
     return _wrap(backends.get(name, "hessian_of")(f, params, data, **options))
 
 

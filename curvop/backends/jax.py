@@ -1,0 +1,318 @@
+"""JAX backend: Hessian-vector products of a loss of a parameter pytree.
+
+The operator acts on the parameters flattened in pytree order (:func:`jax.flatten_util.ravel_pytree`),
+so any model whose parameters are a pytree works: plain dicts/lists of arrays, Flax ``params``,
+Equinox modules (pass the filtered array part, e.g. ``eqx.partition(model, eqx.is_array)[0]``).
+
+How a product is computed, chosen with ``hvp=``:
+
+* ``"forward"`` -- forward-over-reverse, ``jvp(grad(loss))``, jitted;
+* ``"reverse"`` -- reverse-over-reverse, ``grad(v . grad(loss))``, jitted;
+
+and what is kept between products, chosen with ``cache=``:
+
+* ``cache=True``: per batch, ``jax.linearize(grad(loss))`` once (one forward and backward pass),
+  then every product is the jitted linear map (the saved residuals stay in memory);
+* ``cache=False``: every product recomputes the forward and backward pass.
+
+``"auto"`` picks what ``benchmarks/hvp_jax.py`` measured as fastest: the linearized map when the
+data is one batch (``cache="auto"``), forward-over-reverse otherwise.
+
+float64 needs ``jax.config.update("jax_enable_x64", True)`` *before* the parameters are created:
+it is a global JAX flag, and without it JAX silently computes in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from curvop.backends.base import Backend, check_deterministic
+from curvop.backends.dataset import Dataset, batch_size, resolve_reduction
+
+__all__ = ["JaxBackend", "hessian", "hessian_of", "prepare_params"]
+
+Array = jax.Array
+
+
+def _x64() -> bool:
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+def prepare_params(params: Any) -> Any:
+    """Check a parameter pytree and return it with every leaf a ``jax.Array``.
+
+    numpy leaves are converted with ``jnp.asarray`` (one copy); float64 numpy leaves are refused
+    while ``jax_enable_x64`` is off, because JAX would silently round them to float32.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if not leaves:
+        raise ValueError("params has no array leaves: the Hessian would be empty")
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path) or "params"
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, float)):
+            raise TypeError(f"parameter {name} is a {type(leaf).__module__}.{type(leaf).__name__}, not a JAX or numpy array")
+        dt = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.dtype(np.float64)
+        if dt.kind != "f":
+            raise TypeError(
+                f"parameter {name} has dtype {dt}; the Hessian needs real floating-point parameters "
+                "(leave integer leaves such as step counters out of params, or close over them in the loss)"
+            )
+        if dt == np.float64 and not _x64():
+            raise TypeError(
+                f"parameter {name} is float64 but JAX's 64-bit mode is off, so JAX would compute in float32; "
+                'call jax.config.update("jax_enable_x64", True) at start-up, or convert params to float32'
+            )
+        out.append(leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf))
+    dtypes = {np.dtype(x.dtype) for x in out}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"parameters have mixed dtypes ({', '.join(sorted(map(str, dtypes)))}); the flattened operator needs "
+            "one dtype: convert them, e.g. jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)"
+        )
+    devices = set()
+    for x in out:
+        devices |= set(x.devices())
+    if len(devices) > 1:
+        raise ValueError(
+            f"parameters are on several devices ({', '.join(sorted(map(str, devices)))}); curvop needs them "
+            "on one device: jax.device_put(params, device)"
+        )
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class JaxBackend(Backend):
+    """Products of the Hessian of ``loss(params, batch)`` over a :class:`Dataset`.
+
+    Parameters
+    ----------
+    loss : callable
+        ``loss(params, batch)`` -> scalar; jit-compatible (pure, no Python side effects).
+    params : pytree of arrays
+        The point at which the Hessian is taken: one floating dtype, one device.
+    dataset : Dataset
+    hvp : {"auto", "forward", "reverse"}
+        ``"auto"`` is ``"forward"`` (measured as fast as or faster than reverse on CPU).
+    cache : {"auto", True, False}
+        Linearize once per batch (``True``) or recompute per product. ``"auto"``: cache when the
+        data is a single batch. With ``cache=True`` the mode is forward (a linearization).
+    batched : {"auto", True, False}
+        ``hvp_batch`` with ``jax.vmap`` over the columns (``True``) or a loop (``False``).
+        ``"auto"``: ``vmap`` on GPU/TPU, a loop on CPU, where ``vmap`` measured no faster.
+    check_deterministic : bool
+        Compare two products with the same vector when the operator is built (default on).
+    """
+
+    name = "jax"
+
+    def __init__(
+        self,
+        loss: Callable[[Any, Any], Array],
+        params: Any,
+        dataset: Dataset,
+        *,
+        hvp: str = "auto",
+        cache: bool | str = "auto",
+        batched: bool | str = "auto",
+        check_deterministic: bool = True,
+    ):
+        params = prepare_params(params)
+        self._loss = loss
+        self._params = params
+        flat, self._unravel = ravel_pytree(params)
+        self.size = int(flat.shape[0])
+        if self.size == 0:
+            raise ValueError("params has no entries: the Hessian would be empty")
+        self.jax_dtype = flat.dtype
+        self.dtype = np.dtype(flat.dtype)
+        self.device = next(iter(flat.devices()))
+        self.dataset = dataset
+        _check_scalar_loss(loss, params, dataset.first())
+
+        if hvp == "auto":
+            hvp = "forward"
+        if hvp not in ("forward", "reverse"):
+            raise ValueError(f"hvp must be 'forward', 'reverse' or 'auto', got {hvp!r}")
+        if cache not in ("auto", True, False):
+            raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
+        self.cache = dataset.single if cache == "auto" else bool(cache)
+        self.mode = "forward" if self.cache else hvp
+        if batched == "auto":
+            batched = self.device.platform != "cpu"
+        self.batched = bool(batched)
+
+        ravel = lambda tree: ravel_pytree(tree)[0]  # noqa: E731
+        unravel = self._unravel
+        grad_fn = jax.grad(loss)
+
+        def forward(p, batch, v):
+            return ravel(jax.jvp(lambda q: grad_fn(q, batch), (p,), (unravel(v),))[1])
+
+        def reverse(p, batch, v):
+            return ravel(jax.grad(lambda q: jnp.vdot(ravel(grad_fn(q, batch)), v))(p))
+
+        one = forward if hvp == "forward" else reverse
+        self._fresh1 = jax.jit(one)
+        self._freshk = jax.jit(jax.vmap(one, in_axes=(None, None, 1), out_axes=1))
+        if check_deterministic:
+            v = self.random(self.size, "gaussian", np.random.default_rng(0))
+            check_deterministic_fn(lambda u: self._sum(lambda b: self._fresh1(self._params, b, u)), v, self.dtype)
+
+        self._cached: list[tuple[Any, int]] | None = None
+        if self.cache:
+            def apply(lin, v):
+                return ravel(lin(unravel(v)))
+
+            self._lin1 = jax.jit(apply)
+            self._link = jax.jit(jax.vmap(apply, in_axes=(None, 1), out_axes=1))
+            self._cached = []
+            for b in dataset.batches():
+                _, lin = jax.linearize(lambda p, b=b: grad_fn(p, b), params)
+                self._cached.append((lin, 1 if dataset.single else batch_size(b)))
+            if not self._cached:
+                raise ValueError("data is empty: the data loader yielded no batches")
+
+    # --- the contract ----------------------------------------------------------------------------
+    def hvp(self, v: Array) -> Array:
+        if self._cached is not None:
+            return self._sum_cached(lambda lin: self._lin1(lin, v))
+        return self._sum(lambda b: self._fresh1(self._params, b, v))
+
+    def hvp_batch(self, v: Array) -> Array:
+        if not self.batched:
+            return super().hvp_batch(v)
+        if self._cached is not None:
+            return self._sum_cached(lambda lin: self._link(lin, v))
+        return self._sum(lambda b: self._freshk(self._params, b, v))
+
+    def is_native(self, x: Any) -> bool:
+        return isinstance(x, jax.Array)
+
+    def check(self, x: Array) -> None:
+        if x.dtype != self.jax_dtype:
+            raise TypeError(
+                f"vector has dtype {x.dtype}, but the parameters are {self.jax_dtype}; convert it with "
+                f"x.astype(jnp.{self.jax_dtype})"
+            )
+        devices = x.devices()
+        if devices != {self.device}:
+            raise ValueError(
+                f"vector is on {', '.join(map(str, devices))}, but the parameters are on {self.device}; "
+                "move it with jax.device_put(x, device)"
+            )
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        # np.asarray shares a CPU buffer, but read-only (JAX arrays are immutable); scipy and users
+        # expect a writable result, so copy once in that case (device arrays are copied once anyway).
+        a = np.asarray(x)
+        return a if a.flags.writeable else a.copy()
+
+    def from_numpy(self, a: np.ndarray) -> Array:
+        return jax.device_put(np.asarray(a, dtype=self.dtype), self.device)
+
+    def describe(self) -> str:
+        how = "linearized (cached)" if self._cached is not None else f"{self.mode} mode, uncached"
+        return f"jax {how}, n={self.size}, {self.dtype} on {self.device}"
+
+    # --- sums over batches ------------------------------------------------------------------------
+    def _sum(self, product: Callable[[Any], Array]) -> Array:
+        return self.dataset.weighted_sum(product)
+
+    def _sum_cached(self, product: Callable[[Any], Array]) -> Array:
+        assert self._cached is not None
+        if len(self._cached) == 1:
+            return product(self._cached[0][0])
+        acc, total = None, 0
+        for lin, nb in self._cached:
+            p = product(lin)
+            if self.dataset.reduction == "mean":
+                p, total = p * nb, total + nb
+            acc = p if acc is None else acc + p
+        return acc / total if self.dataset.reduction == "mean" else acc
+
+
+check_deterministic_fn = check_deterministic
+
+
+def _check_scalar_loss(loss: Callable[[Any, Any], Array], params: Any, batch: Any) -> None:
+    try:
+        out = jax.eval_shape(loss, params, batch)
+    except (TypeError, jax.errors.ConcretizationTypeError) as err:
+        raise TypeError(
+            f"could not trace the loss with JAX ({type(err).__name__}: {err}); the loss must be a pure function "
+            "of JAX arrays (no numpy, torch or Python control flow on parameter values)"
+        ) from err
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(f"the loss must return a JAX scalar, got {type(out).__name__}")
+    if out.shape != ():
+        raise ValueError(
+            f"the loss must be a scalar, but it returned shape {tuple(out.shape)}; reduce it over samples "
+            "(e.g. jnp.mean), not per sample"
+        )
+    if np.dtype(out.dtype).kind != "f":
+        raise TypeError(f"the loss has dtype {out.dtype}; it must be floating point")
+
+
+def hessian(
+    model: Any,
+    loss_fn: Callable[[Array, Any], Array],
+    data: Any,
+    *,
+    params: Any = None,
+    reduction: str | None = None,
+    **options: Any,
+) -> JaxBackend:
+    """JAX backend for :func:`curvop.hessian`.
+
+    Parameters
+    ----------
+    model : ``(apply_fn, params)`` or ``apply_fn``
+        ``apply_fn(params, inputs)`` returns the model outputs (Flax: ``module.apply`` with
+        ``params = variables`` or ``{"params": ...}``). With a bare ``apply_fn`` pass ``params=``.
+    loss_fn : callable
+        ``loss_fn(outputs, targets)`` -> scalar.
+    data : batch ``(inputs, targets)`` or a re-iterable of batches
+    params : pytree, optional
+        The parameters (when ``model`` is a bare ``apply_fn``), or overriding those in ``model``.
+    reduction : {"mean", "sum"}, optional
+        How ``loss_fn`` reduces over samples (read from ``loss_fn.reduction``, default mean).
+    **options
+        ``hvp``, ``cache``, ``batched``, ``check_deterministic``: see :class:`JaxBackend`.
+    """
+    if isinstance(model, tuple) and len(model) == 2 and callable(model[0]):
+        apply_fn, model_params = model
+    elif callable(model):
+        apply_fn, model_params = model, None
+    else:
+        raise TypeError(
+            "the jax backend takes model=(apply_fn, params) with apply_fn(params, inputs) -> outputs, "
+            f"or model=apply_fn with params=...; got {type(model).__name__}"
+        )
+    p = params if params is not None else model_params
+    if p is None:
+        raise ValueError("no parameters: pass model=(apply_fn, params) or params=")
+
+    def loss(q: Any, batch: Any) -> Array:
+        inputs, targets = batch
+        return loss_fn(apply_fn(q, inputs), targets)
+
+    return JaxBackend(loss, p, Dataset(data, resolve_reduction(loss_fn, reduction)), **options)
+
+
+def hessian_of(f: Callable[..., Array], params: Any, data: Any = None, *, reduction: str = "mean",
+               **options: Any) -> JaxBackend:
+    """JAX backend for :func:`curvop.hessian_of`: the Hessian of ``f(params)`` or ``f(params, batch)``.
+
+    ``params`` is any pytree of arrays (JAX arrays; numpy arrays are converted); ``f`` receives the
+    same structure and must be a pure, jit-compatible function of it.
+    """
+    if data is None:
+        loss = lambda p, batch: f(p)  # noqa: E731
+    else:
+        loss = f
+    return JaxBackend(loss, params, Dataset(data, reduction), **options)
