@@ -94,3 +94,21 @@ def test_lost_rank_fails_clearly_within_timeout(tmp_path, how):
     assert time.monotonic() - start < 90
     if how == "die":
         assert procs[1].returncode == 3
+
+
+@pytest.mark.timeout(180)
+def test_jax_two_host_devices_match_one_device(tmp_path):
+    pytest.importorskip("jax")
+    out = tmp_path / "jax.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(HERE / "_jax_devices_worker.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for name, d in r["diffs"].items():
+        assert d < 1e-10, (name, d)
+    assert r["native_devices"] == 2
+    assert np.allclose(r["sharded"]["eig"], r["single"]["eig"], rtol=1e-8, atol=1e-10)
+    assert abs(r["sharded"]["trace"] - r["single"]["trace"]) < 1e-8 * max(1, abs(r["single"]["trace"]))
+    assert np.allclose(r["sharded"]["nodes"], r["single"]["nodes"], rtol=1e-7, atol=1e-9)
