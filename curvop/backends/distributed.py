@@ -69,15 +69,15 @@ class TorchCollective:
     def __init__(self, group: Any = None, timeout: float | None = None):
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            raise DistributedError(
-                "process_group was given but torch.distributed is not initialised; call "
-                "torch.distributed.init_process_group(...) first (torchrun sets up the environment)"
-            )
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise TypeError(
                 f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD or "
                 f"dist.new_group(...)), got {type(group).__name__}"
+            )
+        if not (dist.is_available() and dist.is_initialized()):
+            raise DistributedError(
+                "process_group was given but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group(...) first (torchrun sets up the environment)"
             )
         if group is not None and dist.get_rank(group) < 0:
             raise DistributedError(
