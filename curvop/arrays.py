@@ -40,6 +40,8 @@ __all__ = [
     "sum",
     "orthonormalize",
     "project_out",
+    "project_out_each",
+    "sqrt",
     "random_probes",
 ]
 
@@ -187,6 +189,38 @@ def project_out(v: Array, basis: Array) -> Array:
     """``v - basis @ (basis.T @ v)``: remove the components of ``v`` along orthonormal ``basis``."""
     xp = namespace(v)
     return v - xp.matmul(basis, xp.matmul(_t(xp, basis), v))
+
+
+def project_out_each(w: Array, blocks: Sequence[Array]) -> Array:
+    """Column-wise :func:`project_out` for ``p`` independent runs sharing one ``(n, p)`` array.
+
+    Column ``i`` of ``w`` loses its components along column ``i`` of every block in ``blocks``
+    (for each ``i`` those columns must be orthonormal). Two batched matrix products, whatever ``p``:
+    this is the reorthogonalisation of ``p`` Lanczos runs advanced in lockstep.
+
+    >>> import numpy as np
+    >>> from curvop import arrays
+    >>> e = np.eye(3)[:, :2]                     # run 0 has basis e0, run 1 has basis e1
+    >>> arrays.project_out_each(np.ones((3, 2)), [e])
+    array([[0., 1.],
+           [1., 0.],
+           [1., 1.]])
+    """
+    xp = namespace(w)
+    B = xp.stack([_t(xp, b) for b in blocks], axis=2)  # (p, n, j): run i's basis is B[i]
+    wt = _t(xp, w)[:, :, None]  # (p, n, 1)
+    return _t(xp, (wt - xp.matmul(B, xp.matmul(_t(xp, B), wt)))[:, :, 0])
+
+
+def sqrt(x: Array) -> Array:
+    """Element-wise square root, staying native.
+
+    >>> import numpy as np
+    >>> from curvop import arrays
+    >>> arrays.sqrt(np.array([4.0, 9.0]))
+    array([2., 3.])
+    """
+    return namespace(x).sqrt(x)
 
 
 def random_probes(

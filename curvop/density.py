@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from curvop._progress import progress_bar
-from curvop.eigen import lanczos_tridiag
+from curvop.eigen import lanczos_tridiag_batch
 from curvop.operator import aslinearoperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -114,6 +114,7 @@ def spectral_density(
     num_steps: int = 100,
     num_probes: int = 1,
     probes: str = "rademacher",
+    block_size: int | None = None,
     seed: Any = None,
     progress: bool = False,
 ) -> SpectralDensity:
@@ -121,7 +122,8 @@ def spectral_density(
 
     Each probe costs ``num_steps`` products (Lanczos with full reorthogonalisation); the
     ``num_steps`` Ritz values per probe match the extreme eigenvalues closely and the smoothed
-    density matches the bulk.
+    density matches the bulk. Probes run together, ``block_size`` at a time (default: all), so each
+    Lanczos step is one batched product ``H.matmat``; memory is ``block_size × num_steps`` vectors.
 
     Parameters
     ----------
@@ -131,6 +133,8 @@ def spectral_density(
     num_probes : int
     probes : {"rademacher", "gaussian", "sphere"}
         Rademacher probes have ``‖z‖² = n`` exactly, so the trace estimate has Hutchinson's variance.
+    block_size : int, optional
+        Probes run in lockstep (lower it to save memory on large models).
     seed : int, numpy Generator or None
     progress : bool
 
@@ -144,22 +148,25 @@ def spectral_density(
     H = aslinearoperator(H)
     if int(num_steps) < 1 or int(num_probes) < 1:
         raise ValueError(f"num_steps and num_probes must be >= 1, got {num_steps} and {num_probes}")
-    n = H.shape[0]
+    n, num_probes = H.shape[0], int(num_probes)
+    block_size = num_probes if block_size is None else max(1, int(block_size))
     rng = np.random.default_rng(seed)
     start = H.num_matvecs
     nodes, weights = [], []
     bar = progress_bar(progress, num_probes * min(num_steps, n), "spectral density (SLQ)")
     try:
-        for _ in range(int(num_probes)):
+        for first in range(0, num_probes, block_size):
+            b = min(block_size, num_probes - first)
             before = H.num_matvecs
-            alpha, beta, _ = lanczos_tridiag(H, H.random(n, probes, seed=rng), int(num_steps))
+            runs = lanczos_tridiag_batch(H, H.random((n, b), probes, seed=rng), int(num_steps))
             bar.update(H.num_matvecs - before)
-            if alpha.size == 1:
-                theta, U = alpha.copy(), np.ones((1, 1))
-            else:
-                theta, U = scipy.linalg.eigh_tridiagonal(alpha, beta)
-            nodes.append(theta)
-            weights.append(U[0, :] ** 2)
+            for alpha, beta in runs:
+                if alpha.size == 1:
+                    theta, U = alpha.copy(), np.ones((1, 1))
+                else:
+                    theta, U = scipy.linalg.eigh_tridiagonal(alpha, beta)
+                nodes.append(theta)
+                weights.append(U[0, :] ** 2)
     finally:
         bar.close()
     return SpectralDensity(tuple(nodes), tuple(weights), n, H.num_matvecs - start)

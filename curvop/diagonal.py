@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from curvop._progress import progress_bar
-from curvop.arrays import asarray_like, lincomb, namespace
+from curvop.arrays import asarray_like, lincomb, sqrt, stack, sum
 from curvop.operator import aslinearoperator
 from curvop.trace import exchangeable_basis
 
@@ -48,11 +48,10 @@ class DiagonalResult:
 
 def _row_mean_stderr(E: Array) -> tuple[Array, Array]:
     """Mean and standard error over the columns of a native ``(n, m)`` array of samples."""
-    xp = namespace(E)
     m = E.shape[1]
-    mean = xp.sum(E, axis=1) / m
-    dev = E - mean[:, None]
-    return mean, xp.sqrt(xp.sum(dev * dev, axis=1) / (m - 1) / m)
+    mean = sum(E, axis=1) / m
+    dev = E - stack([mean] * m, axis=1)
+    return mean, sqrt(sum(dev * dev, axis=1) / ((m - 1) * m))
 
 
 def _hutchinson(H, m, rng):
@@ -68,11 +67,10 @@ def _xdiag(H, m, rng):
     Om = H.random((H.shape[0], s), "rademacher", seed=rng)
     Q, R, S = exchangeable_basis(H.matmat(Om))
     Z = H.matmat(Q)
-    xp = namespace(Q)
     QS, ZS = lincomb(Q, S), lincomb(Z, S)
     c = np.einsum("ji,ji->i", S, R)
-    base = xp.sum(Q * Z, axis=1)  # diag(Q Qᵀ H) for symmetric H
-    return base[:, None] - QS * ZS + Om * QS * asarray_like(c, QS)
+    base = sum(Q * Z, axis=1)  # diag(Q Qᵀ H) for symmetric H
+    return stack([base] * s, axis=1) - QS * ZS + Om * QS * asarray_like(c, QS)
 
 
 def diagonal(

@@ -14,10 +14,20 @@ import numpy as np
 import scipy.linalg
 
 from curvop._progress import progress_bar
-from curvop.arrays import column_dots, concat, dot, lincomb, norm, project_out, stack
+from curvop.arrays import (
+    asarray_like,
+    column_dots,
+    concat,
+    dot,
+    lincomb,
+    norm,
+    project_out,
+    project_out_each,
+    stack,
+)
 from curvop.operator import HessianOperator, aslinearoperator
 
-__all__ = ["EigenResult", "eigenvalues", "lanczos_tridiag"]
+__all__ = ["EigenResult", "eigenvalues", "lanczos_tridiag", "lanczos_tridiag_batch"]
 
 Array = Any
 _WHICH = ("LA", "SA", "LM")
@@ -59,8 +69,14 @@ class EigenResult:
 # the Lanczos core (also used by stochastic Lanczos quadrature)
 # --------------------------------------------------------------------------------------------
 def _breakdown_tol(H: HessianOperator, scale: float) -> float:
-    eps = np.finfo(np.dtype(H.dtype) if np.dtype(H.dtype).kind == "f" else np.float64).eps
-    return 100.0 * eps * max(scale, np.finfo(np.float64).tiny)
+    """``β`` below ``eps^(2/3)·scale`` means an invariant subspace (eps of the operator's dtype).
+
+    After full reorthogonalisation a vector in an invariant subspace leaves a residual of a few
+    hundred ``eps·‖H‖``; ``eps^(2/3)`` (ARPACK's choice for similar thresholds) is safely above that
+    and far below any ``β`` that still carries information.
+    """
+    dt = np.dtype(H.dtype) if np.dtype(H.dtype).kind == "f" else np.dtype(np.float64)
+    return np.finfo(dt).eps ** (2.0 / 3.0) * max(scale, np.finfo(np.float64).tiny)
 
 
 def _expand(H: HessianOperator, Q: Array) -> tuple[Array, float, float]:
@@ -90,7 +106,7 @@ def lanczos_tridiag(
         Start vector (native or numpy); it is normalised here.
     steps : int
         Number of products (capped at ``n``). Stops early on an invariant subspace
-        (``β_j ≤ 100·eps·max|T|``), so fewer coefficients may come back.
+        (``β_j ≤ eps^(2/3)·max|T|``), so fewer coefficients may come back.
     return_basis : bool
         Also return the orthonormal Lanczos basis ``Q`` (n, m), native.
 
@@ -129,8 +145,50 @@ def lanczos_tridiag(
         betas.append(b)
         Q = concat([Q, stack([w / b], axis=1)])
     m = len(alphas)
-    Q = Q[:, :m] if Q.shape[1] > m else Q
     return np.asarray(alphas), np.asarray(betas[: m - 1]), (Q if return_basis else None)
+
+
+def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Independent Lanczos runs from the ``p`` columns of ``V0``, in lockstep: one ``H.matmat`` per step.
+
+    Each run is reorthogonalised (twice) against its own basis only
+    (:func:`curvop.arrays.project_out_each`: batched matrix products, whatever ``p``). A run
+    that reaches an invariant subspace stops (its column is zeroed) while the others go on.
+
+    Returns ``[(alpha, beta), ...]``, one tridiagonal (float64 host arrays) per column.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvop.eigen import lanczos_tridiag_batch
+    >>> [(a.size, b.size) for a, b in lanczos_tridiag_batch(np.diag([1.0, 2.0, 3.0]), np.ones((3, 2)), 5)]
+    [(3, 2), (3, 2)]
+    """
+    H = aslinearoperator(H)
+    V0 = V0 if H.backend.is_native(V0) else H.from_numpy(np.asarray(V0))
+    n, p = V0.shape
+    steps = min(int(steps), n)
+    V = V0 * asarray_like(1.0 / np.sqrt(column_dots(V0, V0)), V0)
+    basis = [V]
+    alphas, betas = np.zeros((steps, p)), np.zeros((steps, p))
+    length = np.full(p, steps)
+    active = np.ones(p, dtype=bool)
+    for j in range(steps):
+        W = H.matmat(V)
+        alphas[j] = column_dots(V, W)
+        if j == steps - 1:
+            break
+        W = project_out_each(project_out_each(W, basis), basis)  # full reorthogonalisation, twice
+        beta = np.sqrt(np.maximum(column_dots(W, W), 0.0))
+        stop = active & (beta <= _breakdown_tol(H, max(np.abs(alphas[: j + 1]).max(), betas.max())))
+        length[stop] = j + 1
+        active &= ~stop
+        if not active.any():
+            break
+        betas[j] = np.where(active, beta, 0.0)
+        V = W * asarray_like(np.where(active, 1.0 / np.where(active, beta, 1.0), 0.0), W)
+        basis.append(V)
+    return [(alphas[: length[i], i], betas[: length[i] - 1, i]) for i in range(p)]
 
 
 def _ritz(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

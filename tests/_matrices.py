@@ -17,12 +17,26 @@ def wishart(n: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return A, np.linalg.eigvalsh(A)[::-1]
 
 
+def orthogonal(n: int, seed: int = 0) -> np.ndarray:
+    """A delocalised random orthogonal matrix, cheap to build (no QR of an n × n matrix).
+
+    The orthonormal DCT-II basis (every entry of size about ``1/sqrt(n)``, like a Haar-random
+    orthogonal matrix) with random row signs and a random column order.
+    """
+    rng = np.random.default_rng(seed)
+    i = np.arange(n)
+    C = np.cos(np.pi * (i[:, None] + 0.5) * i[None, :] / n) * np.sqrt(2.0 / n)
+    C[:, 0] /= np.sqrt(2.0)
+    return rng.choice([-1.0, 1.0], size=n)[:, None] * C[:, rng.permutation(n)]
+
+
 @functools.lru_cache(maxsize=None)
 def with_spectrum(lam: tuple, seed: int = 0) -> np.ndarray:
-    """``Q diag(lam) Qᵀ`` with a random orthogonal ``Q``."""
+    """``Q diag(lam) Qᵀ`` with a random orthogonal ``Q`` (see :func:`orthogonal`)."""
     lam = np.asarray(lam)
-    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((lam.size, lam.size)))
-    return (Q * lam) @ Q.T
+    Q = orthogonal(lam.size, seed)
+    A = (Q * lam) @ Q.T
+    return (A + A.T) / 2
 
 
 def operator(A: np.ndarray, kind: str):

@@ -1,0 +1,20 @@
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_accuracy_quick():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick"],
+        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""}, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "PyHessian (published)" in text and "| top eigenvalue | lanczos |" in text
+    rows = [(tuple(c.strip() for c in line.split("|")[1:3]), float(line.split("|")[3]))
+            for line in text.splitlines() if line.startswith("| ") and line.split("|")[3].strip()[:1].isdigit()]
+    assert len(rows) == 12  # 8 rows at 20 products, 4 on the decaying spectrum
+    first = dict(rows[:8])
+    assert first[("top eigenvalue", "lanczos")] < first[("top eigenvalue", "power iteration")]
