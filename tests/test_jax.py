@@ -1,0 +1,186 @@
+"""JAX backend: products against jax.hessian dense matrices, in float64."""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jax.config.update("jax_enable_x64", True)  # global flag: float64 needs it (see docs/jax.md)
+
+import jax.numpy as jnp  # noqa: E402
+import scipy.sparse.linalg as sla  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+import curvop  # noqa: E402
+
+MODES = [dict(hvp="forward", cache=False), dict(hvp="reverse", cache=False), dict(cache=True), {}]
+
+
+# --- models ------------------------------------------------------------------------------------------
+def mlp_params(key, sizes=(4, 6, 3)):
+    params = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        params.append({"w": jax.random.normal(k1, (a, b)) / np.sqrt(a), "b": 0.1 * jax.random.normal(k2, (b,))})
+    return params
+
+
+def mlp_apply(params, x):
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def cnn_params(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "conv": jax.random.normal(k1, (3, 2, 3, 3)) / 3.0,  # OIHW
+        "cb": 0.1 * jax.random.normal(k2, (3,)),
+        "fc": jax.random.normal(k3, (3 * 3 * 3, 2)) / 5.0,
+    }
+
+
+def cnn_apply(params, x):  # x: NCHW (N, 2, 6, 6)
+    y = jax.lax.conv_general_dilated(x, params["conv"], (1, 1), "SAME")
+    y = jnp.tanh(y + params["cb"][None, :, None, None])
+    y = jax.lax.reduce_window(y, 0.0, jax.lax.add, (1, 1, 2, 2), (1, 1, 2, 2), "VALID") / 4.0  # avg pool
+    return y.reshape(y.shape[0], -1) @ params["fc"]
+
+
+def mse(out, y):
+    return jnp.mean((out - y) ** 2)
+
+
+def sum_se(out, y):
+    return jnp.sum((out - y) ** 2)
+
+
+def dense_hessian(loss_of_params, params):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.jit(jax.hessian(lambda x: loss_of_params(unravel(x))))(flat))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    key = jax.random.PRNGKey(0)
+    p = mlp_params(key)
+    x = np.asarray(jax.random.normal(jax.random.fold_in(key, 9), (11, 4)))
+    y = np.asarray(jax.random.normal(jax.random.fold_in(key, 10), (11, 3)))
+    D = dense_hessian(lambda q: mse(mlp_apply(q, x), y), p)
+    return p, (x, y), D
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    key = jax.random.PRNGKey(1)
+    p = cnn_params(key)
+    x = jax.random.normal(jax.random.fold_in(key, 9), (5, 2, 6, 6))
+    y = jax.random.normal(jax.random.fold_in(key, 10), (5, 2))
+    D = dense_hessian(lambda q: mse(cnn_apply(q, x), y), p)
+    return p, (x, y), D
+
+
+@pytest.fixture(scope="module")
+def mlp_op(mlp):
+    p, batch, _ = mlp
+    return curvop.hessian((mlp_apply, p), mse, batch)  # backend detected from the params; shared
+
+
+# --- products ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES, ids=["forward", "reverse", "cached", "auto"])
+def test_mlp_products_match_dense(mlp, mode):
+    p, batch, D = mlp
+    H = curvop.hessian_of(lambda q, b: mse(mlp_apply(q, b[0]), b[1]), p, batch, **mode)
+    assert H.shape == D.shape and H.dtype == np.float64
+    v = np.random.default_rng(0).standard_normal(D.shape[0])
+    np.testing.assert_allclose(H @ v, D @ v, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(H.to_dense(), D, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", MODES[:3], ids=["forward", "reverse", "cached"])
+def test_cnn_products_match_dense(cnn, mode):
+    p, batch, D = cnn
+    H = curvop.hessian(cnn_apply, mse, batch, params=p, backend="jax", **mode)
+    V = np.random.default_rng(1).standard_normal((D.shape[0], 3))
+    np.testing.assert_allclose(H.matmat(V), D @ V, rtol=1e-11, atol=1e-12)
+
+
+def test_native_jax_array_in_and_out(mlp, mlp_op):
+    _, _, D = mlp
+    H = mlp_op
+    assert H.backend.name == "jax"
+    v = jnp.asarray(np.random.default_rng(2).standard_normal(D.shape[0]))
+    out = H @ v
+    assert isinstance(out, jax.Array) and out.dtype == jnp.float64 and out.devices() == v.devices()
+    np.testing.assert_allclose(np.asarray(out), D @ np.asarray(v), rtol=1e-12, atol=1e-13)
+    V = jnp.asarray(np.random.default_rng(3).standard_normal((D.shape[0], 4)))
+    for batched in (True, False):
+        H.backend.batched = batched
+        out = H.matmat(V)
+        assert isinstance(out, jax.Array) and out.shape == V.shape
+        np.testing.assert_allclose(np.asarray(out), D @ np.asarray(V), rtol=1e-12, atol=1e-13)
+    H.backend.batched = True
+    assert (H @ np.ones(D.shape[0])).flags.writeable  # numpy out is an ordinary array
+
+
+def test_hessian_of_plain_function_and_numpy_params():
+    w = jnp.array([1.0, 2.0, -1.0])
+    H = curvop.hessian_of(lambda w: jnp.sum(w**4) / 4, w)
+    np.testing.assert_allclose(H.to_dense(), np.diag(3 * np.asarray(w) ** 2))
+    H = curvop.hessian_of(lambda w: jnp.sum(w**4) / 4, np.array([1.0, 2.0]), backend="jax")
+    np.testing.assert_allclose(H.to_dense(), np.diag([3.0, 12.0]))
+    with pytest.raises(TypeError, match="backend='jax'"):
+        curvop.hessian_of(lambda w: jnp.sum(w**4), np.array([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("loss,cache", [(mse, False), (mse, True), (sum_se, False)], ids=["mean", "mean-cached", "sum"])
+def test_list_of_batches_unequal_last(mlp, loss, cache):
+    p, (x, y), D = mlp  # 11 samples in batches of 4, 4, 3
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 11, 4)]
+    reduction = "mean" if loss is mse else "sum"
+    H = curvop.hessian((mlp_apply, p), loss, batches, reduction=reduction, cache=cache)
+    ref = D if loss is mse else D * y.size  # sum of squares = size * mean
+    np.testing.assert_allclose(H.to_dense(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_eigsh_matches_eigvalsh(mlp, mlp_op):
+    H, D = mlp_op, mlp[2]
+    w = np.sort(sla.eigsh(H, k=3, which="LA", return_eigenvectors=False))
+    ref = np.linalg.eigvalsh(D)[-3:]
+    np.testing.assert_allclose(w, ref, rtol=1e-8)
+
+
+# --- errors -----------------------------------------------------------------------------------------
+def test_errors(mlp, mlp_op):
+    H, n = mlp_op, mlp[2].shape[0]
+    with pytest.raises(ValueError, match=f"length {n}"):
+        H @ np.ones(n + 1)
+    with pytest.raises(ValueError, match=f"length {n}"):
+        H @ jnp.ones(n - 1)
+    with pytest.raises(TypeError, match="float32"):
+        H @ jnp.ones(n, dtype=jnp.float32)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="jax backend and got a torch"):
+        H @ torch.ones(n, dtype=torch.float64)
+
+
+def test_construction_errors():
+    w = jnp.ones(3)
+    with pytest.raises(ValueError, match="scalar"):
+        curvop.hessian_of(lambda w: w**2, w)
+    with pytest.raises(TypeError, match="floating-point"):
+        curvop.hessian_of(lambda p: jnp.sum(p["w"] ** 2), {"w": w, "step": jnp.array(3)})
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        curvop.hessian_of(lambda p: jnp.sum(p[0] ** 2) + jnp.sum(p[1] ** 2), [w, jnp.ones(2, jnp.float32)])
+    with pytest.raises(ValueError, match="hvp must be"):
+        curvop.hessian_of(lambda w: jnp.sum(w**2), w, hvp="sideways")
+    with pytest.raises(TypeError, match="model=\\(apply_fn, params\\)"):
+        curvop.hessian(42, mse, (np.ones((2, 3)), np.ones((2, 1))), backend="jax")
+
+
+def test_float64_numpy_params_without_x64_is_refused():
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(TypeError, match="jax_enable_x64"):
+            curvop.hessian_of(lambda w: jnp.sum(w**2), np.ones(3), backend="jax")
+    finally:
+        jax.config.update("jax_enable_x64", True)
