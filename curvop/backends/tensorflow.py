@@ -54,13 +54,14 @@ class TensorFlowBackend(Backend):
     names : list of str, optional
         Names of the variables (for messages and :meth:`describe`).
     hvp : {"auto", "forward", "reverse"}
-        ``"auto"`` picks reverse-over-reverse, measured as fast as or faster than forward-over-reverse
-        on CPU (``benchmarks/hvp_tensorflow.py``), and forward-over-reverse on a GPU, where it keeps
-        less of the second-order graph alive.
+        ``"auto"`` picks forward-over-reverse: in ``benchmarks/hvp_tensorflow.py`` (2-core CPU) it
+        was about 2x faster than reverse-over-reverse on a small CNN and within 10% on an MLP, and
+        it keeps less of the second-order graph alive.
     batched : {"auto", True, False}
         Whether ``hvp_batch`` uses ``tf.vectorized_map`` over the columns (``True``) or a loop of
-        single products (``False``). ``"auto"`` vectorizes on a GPU and loops on CPU, where
-        vectorizing measured slower (``benchmarks/hvp_tensorflow.py``).
+        single products (``False``). ``"auto"`` vectorizes on a GPU and loops on CPU, where the
+        vectorized forward product measured slower on a CNN and takes seconds to trace
+        (``benchmarks/hvp_tensorflow.py``).
     check_deterministic : bool
         Compare two products with the same vector when the operator is built (default True).
     check_loss_dtype : bool
@@ -116,7 +117,7 @@ class TensorFlowBackend(Backend):
         _check_loss_value(loss, first, self.tf_dtype, check_loss_dtype)
 
         if hvp == "auto":
-            hvp = "forward" if on_gpu else "reverse"
+            hvp = "forward"
         if hvp not in ("forward", "reverse"):
             raise ValueError(f"hvp must be 'forward', 'reverse' or 'auto', got {hvp!r}")
         self.mode = hvp
@@ -219,7 +220,24 @@ class TensorFlowBackend(Backend):
         return self._flat(outer.gradient(gv, self._vars, unconnected_gradients=zero))
 
     def _product_block(self, V: tf.Tensor, batch: Any) -> tf.Tensor:
-        """``(n, k)`` products on one batch, vectorized over the columns (traced)."""
+        """``(n, k)`` products on one batch, vectorized over the columns (traced).
+
+        Reverse mode computes the loss and its gradient once and vectorizes only the second
+        backward pass (the Jacobian of ``V^T g``); forward mode vectorizes the whole
+        forward-over-reverse product (``pfor`` hoists what does not depend on the column).
+        """
+        if self.mode == "reverse":
+            zero = tf.UnconnectedGradients.ZERO
+            with tf.GradientTape(watch_accessed_variables=False) as outer:
+                outer.watch(self._vars)
+                with tf.GradientTape(watch_accessed_variables=False) as inner:
+                    inner.watch(self._vars)
+                    loss = self._loss(batch)
+                g = self._flat(inner.gradient(loss, self._vars, unconnected_gradients=zero))
+                gv = tf.linalg.matvec(V, g, transpose_a=True)
+            jac = outer.jacobian(gv, self._vars, unconnected_gradients=zero)
+            k = tf.shape(V)[1]
+            return tf.transpose(tf.concat([tf.reshape(j, [k, -1]) for j in jac], axis=1))
         out = tf.vectorized_map(lambda col: self._product(col, batch), tf.transpose(V),
                                 fallback_to_while_loop=True, warn=False)
         return tf.transpose(out)
