@@ -16,9 +16,12 @@ class _NoBar:
 def progress_bar(enabled: bool, total: int | None, desc: str) -> Any:
     """A tqdm bar counting Hessian-vector products when ``enabled``, else a no-op object.
 
-    Both have ``update(n)`` and ``close()``.
+    Both have ``update(n)`` and ``close()``. In a data-parallel run only the main process (rank 0)
+    draws a bar (:func:`curvop.backends.distributed.is_main_process`).
     """
-    if not enabled:
+    from curvop.backends.distributed import is_main_process
+
+    if not enabled or not is_main_process():
         return _NoBar()
     from tqdm.auto import tqdm
 

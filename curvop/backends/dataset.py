@@ -94,16 +94,30 @@ class Dataset:
         """``sum_b w_b product(batch_b)`` with the weights of the weighting rule."""
         if self.single:
             return product(self.data)
+        acc, total = self.partial_sum(product, on_batch)
+        return acc / total if self.reduction == "mean" else acc
+
+    def partial_sum(self, product: Callable[[Any], Any],
+                    on_batch: Callable[[int, Any], None] | None = None) -> tuple[Any, int]:
+        """The unnormalised sum and the sample count ``(sum_b n_b product(batch_b), sum_b n_b)``.
+
+        For a sum-reduced loss the sum is ``sum_b product(batch_b)`` and the count is the number
+        of batches (unused). ``weighted_sum`` is ``acc / count`` (mean) or ``acc`` (sum); a data-parallel
+        caller all-reduces both over its shards before dividing (``curvop.backends.distributed``).
+        A single batch counts its samples (1 when there is no data).
+        """
         total, acc = 0, None
         for i, batch in enumerate(self.batches()):
             p = product(batch)
             if on_batch is not None:
                 on_batch(i, p)
             if self.reduction == "mean":
-                nb = batch_size(batch)
-                total += nb
+                nb = 1 if batch is None else batch_size(batch)
                 p = p * nb
+            else:
+                nb = 1
+            total += nb
             acc = p if acc is None else acc + p
         if acc is None:
             raise ValueError("data is empty: the data loader yielded no batches")
-        return acc / total if self.reduction == "mean" else acc
+        return acc, total

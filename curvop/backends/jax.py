@@ -78,7 +78,10 @@ def prepare_params(params: Any) -> Any:
     devices = set()
     for x in out:
         devices |= set(x.devices())
-    if len(devices) > 1:
+    # several devices are fine when every leaf is replicated on all of them (data parallelism,
+    # see curvop.backends.distributed.jax_data_parallel)
+    replicated = all(x.sharding.is_fully_replicated and set(x.devices()) == devices for x in out)
+    if len(devices) > 1 and not replicated:
         raise ValueError(
             f"parameters are on several devices ({', '.join(sorted(map(str, devices)))}); curvop needs them "
             "on one device: jax.device_put(params, device)"
@@ -132,6 +135,7 @@ class JaxBackend(Backend):
         self.jax_dtype = flat.dtype
         self.dtype = np.dtype(flat.dtype)
         self.device = next(iter(flat.devices()))
+        self.sharding = flat.sharding  # one device, or replicated over a mesh (data parallelism)
         self.dataset = dataset
         _check_scalar_loss(loss, params, dataset.first())
 
@@ -204,9 +208,10 @@ class JaxBackend(Backend):
                 f"x.astype(jnp.{self.jax_dtype})"
             )
         devices = x.devices()
-        if devices != {self.device}:
+        if devices != set(self.sharding.device_set):
             raise ValueError(
-                f"vector is on {', '.join(map(str, devices))}, but the parameters are on {self.device}; "
+                f"vector is on {', '.join(map(str, devices))}, but the parameters are on "
+                f"{', '.join(map(str, sorted(self.sharding.device_set, key=str)))}; "
                 "move it with jax.device_put(x, device)"
             )
 
@@ -217,7 +222,7 @@ class JaxBackend(Backend):
         return a if a.flags.writeable else a.copy()
 
     def from_numpy(self, a: np.ndarray) -> Array:
-        return jax.device_put(np.asarray(a, dtype=self.dtype), self.device)
+        return jax.device_put(np.asarray(a, dtype=self.dtype), self.sharding)
 
     def describe(self) -> str:
         how = "linearized (cached)" if self._cached is not None else f"{self.mode} mode, uncached"

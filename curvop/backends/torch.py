@@ -27,6 +27,8 @@ from torch.func import functional_call, grad, jvp, linearize, vmap
 
 from curvop.backends.base import Backend, check_deterministic
 from curvop.backends.dataset import Dataset, batch_size, resolve_reduction
+from curvop.backends.distributed import torch_collective
+from curvop.backends.faults import locate_nonfinite, nonfinite_error
 
 __all__ = ["TorchBackend", "hessian", "hessian_of"]
 
@@ -52,6 +54,15 @@ class TorchBackend(Backend):
         vmaps on CUDA and loops on CPU, where ``vmap`` measured slower than a loop.
     check_deterministic : bool
         Compare two products with the same vector when the operator is built.
+    process_group : None, False or ProcessGroup
+        Data-parallel products (:mod:`curvop.backends.distributed`): each rank multiplies over its
+        shard of the data and the results are all-reduced. ``None`` uses the world group when
+        ``torch.distributed`` is initialised with several ranks; ``False`` never reduces.
+    timeout : float, optional
+        Seconds a collective may wait for the other ranks before a ``DistributedError``.
+    check_finite : bool
+        Check each product for NaN/Inf (one reduction and host sync per product); when it is not
+        finite, recompute batch by batch and raise ``NonFiniteProductError`` naming the batch.
     """
 
     name = "torch"
@@ -66,6 +77,9 @@ class TorchBackend(Backend):
         cache: bool | str = "auto",
         batched: bool | str = "auto",
         check_deterministic: bool = True,
+        process_group: Any = None,
+        timeout: float | None = None,
+        check_finite: bool = True,
     ):
         if not params:
             raise ValueError("no parameters selected: the Hessian would be empty")
@@ -91,6 +105,10 @@ class TorchBackend(Backend):
         self._numels = [p.numel() for p in self._params.values()]
         self.size = int(sum(self._numels))
         self.dataset = dataset
+        self.check_finite = bool(check_finite)
+        self._dist = torch_collective(process_group, timeout)
+        if self._dist is not None:
+            self._dist.check_consistent(self.size, self._params, self.device)
 
         _check_scalar_loss(loss, self._params, self._to_device(dataset.first()))
         if hvp == "auto":
@@ -103,30 +121,35 @@ class TorchBackend(Backend):
         self.batched = bool(batched)
         if check_deterministic:
             v = self.random(self.size, "gaussian", np.random.default_rng(0))
-            check_deterministic_fn(lambda u: self._sum(u, self._fresh), v, self.dtype)
+            check_deterministic_fn(lambda u: self._finite(self._sum(u, self._fresh), u, False, fresh=True), v,
+                                   self.dtype)
         self.cache = dataset.single if cache == "auto" else bool(cache)
         self._cached: list[tuple[Callable[[Tensor, bool], Tensor], int]] | None = None
         if self.cache:
-            self._cached = [(self._linear_map(self._to_device(b)), batch_size(b) if not dataset.single else 1)
+            single_weight = dataset.single and (self._dist is None or dataset.data is None)
+            self._cached = [(self._linear_map(self._to_device(b)), 1 if single_weight else batch_size(b))
                             for b in dataset.batches()]
             if not self._cached:
                 raise ValueError("data is empty: the data loader yielded no batches")
 
     # --- the contract ----------------------------------------------------------------------------
     def hvp(self, v: Tensor) -> Tensor:
-        return self._sum(v, self._fresh) if self._cached is None else self._sum_cached(v, False)
+        y = self._sum(v, self._fresh) if self._cached is None else self._sum_cached(v, False)
+        return self._finite(y, v, False)
 
     def hvp_batch(self, v: Tensor) -> Tensor:
         if not self.batched:
             return super().hvp_batch(v)
         try:
             if self._cached is not None:
-                return self._sum_cached(v, True)
-            return self._sum(v, lambda u, batch: self._fresh(u, batch, True))
+                y = self._sum_cached(v, True)
+            else:
+                y = self._sum(v, lambda u, batch: self._fresh(u, batch, True))
         except (RuntimeError, NotImplementedError) as err:  # an op without a batching rule
             warnings.warn(f"batched products failed ({err}); falling back to one product per column", stacklevel=3)
             self.batched = False
             return super().hvp_batch(v)
+        return self._finite(y, v, True)
 
     def is_native(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor)
@@ -152,15 +175,19 @@ class TorchBackend(Backend):
 
     def describe(self) -> str:
         cache = "cached" if self._cached is not None else "uncached"
-        return f"torch {self.mode} mode, {cache}, n={self.size}, {self.torch_dtype} on {self.device}"
+        ranks = f", data-parallel over {self._dist.world} ranks" if self._dist is not None else ""
+        return f"torch {self.mode} mode, {cache}, n={self.size}, {self.torch_dtype} on {self.device}{ranks}"
 
     # --- products ---------------------------------------------------------------------------------
     def _sum(self, v: Tensor, product: Callable[[Tensor, Any], Tensor]) -> Tensor:
+        if self._dist is not None:  # unnormalised local sum and count, then one all-reduce
+            acc, count = self.dataset.partial_sum(lambda batch: product(v, self._to_device(batch)))
+            return self._dist.reduce_product(acc, count, self.dataset.reduction)
         return self.dataset.weighted_sum(lambda batch: product(v, self._to_device(batch)))
 
     def _sum_cached(self, v: Tensor, batched: bool) -> Tensor:
         assert self._cached is not None
-        if len(self._cached) == 1:
+        if len(self._cached) == 1 and self._dist is None:
             return self._cached[0][0](v, batched)
         acc, total = None, 0
         for fn, nb in self._cached:
@@ -168,7 +195,24 @@ class TorchBackend(Backend):
             if self.dataset.reduction == "mean":
                 p, total = p * nb, total + nb
             acc = p if acc is None else acc.add_(p)
+        if self._dist is not None:
+            return self._dist.reduce_product(acc, total, self.dataset.reduction)
         return acc / total if self.dataset.reduction == "mean" else acc
+
+    def _finite(self, y: Tensor, v: Tensor, batched: bool, fresh: bool = False) -> Tensor:
+        """``y`` if it is finite (one sync); else the error naming the first non-finite batch."""
+        if not self.check_finite or bool(torch.isfinite(y).all()):
+            return y
+        finite = lambda p: bool(torch.isfinite(p).all())  # noqa: E731
+        if not fresh and self._cached is not None:
+            bad = locate_nonfinite((fn(v, batched) for fn, _ in self._cached), finite)
+        else:
+            batches = (self._fresh(v, self._to_device(b), batched) for b in self.dataset.batches())
+            bad = locate_nonfinite(batches, finite)
+        culprits: list[int | None] = [bad]
+        if self._dist is not None:  # every rank sees the reduced NaN and takes this path together
+            culprits = [None if i < 0 else i for i in self._dist.gather_ints(-1 if bad is None else bad, self.device)]
+        raise nonfinite_error(culprits, self.dataset.single)
 
     def _fresh(self, v: Tensor, batch: Any, batched: bool = False) -> Tensor:
         """One uncached product (or ``(n, k)`` block) on one batch."""
@@ -328,10 +372,13 @@ def hessian(
         How the loss reduces over samples; read from ``loss_fn.reduction`` when not given
         (default ``"mean"``). Decides the weighting of batches (see :func:`curvop.hessian`).
     **options
-        ``hvp``, ``cache``, ``batched``, ``check_deterministic``: see :class:`TorchBackend`.
+        ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``process_group``, ``timeout``,
+        ``check_finite``: see :class:`TorchBackend`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module  # the wrapped model; curvop does its own all-reduce of products
     _check_module(model)
     selected = _select(model, params)
     consts = {k: p.detach() for k, p in model.named_parameters() if k not in selected}

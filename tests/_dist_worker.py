@@ -1,0 +1,109 @@
+"""One rank of the data-parallel tests (started by tests/test_distributed.py, torchrun-like env).
+
+usage: python _dist_worker.py SCENARIO OUT_PREFIX ; writes OUT_PREFIX.<rank>.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import curvop
+from curvop.backends.distributed import DistributedError
+from curvop.backends.faults import NonFiniteProductError
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    sizes = [8, 8, 8, 8, 8, 5]  # uneven: the shards hold 24 and 21 samples
+    batches = [(torch.randn(s, 4, dtype=torch.float64, generator=g), torch.randint(0, 3, (s,), generator=g))
+               for s in sizes]
+    return model, batches
+
+
+def agree(rank, world, out):
+    model, batches = model_and_data()
+    shard = batches[rank * 3:(rank + 1) * 3]
+    loss = nn.CrossEntropyLoss()
+    full = curvop.hessian(model, loss, batches, process_group=False)
+    n = full.shape[0]
+    rng = np.random.default_rng(5)
+    v, V = rng.standard_normal(n), rng.standard_normal((n, 3))
+    ref_v, ref_V = full @ v, full @ V
+    diffs = {}
+    for name, kw in {"uncached": {}, "cached": {"cache": True}, "reverse": {"hvp": "reverse"}}.items():
+        H = curvop.hessian(model, loss, shard, timeout=30, **kw)
+        diffs[name] = max(float(np.abs(H @ v - ref_v).max()), float(np.abs(H @ V - ref_V).max()))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    H = curvop.hessian(ddp, loss, shard, timeout=30)
+    diffs["ddp"] = float(np.abs(H @ v - ref_v).max())
+    sum_full = curvop.hessian(model, nn.CrossEntropyLoss(reduction="sum"), batches, process_group=False)
+    H_sum = curvop.hessian(model, nn.CrossEntropyLoss(reduction="sum"), shard, timeout=30)
+    diffs["sum"] = float(np.abs(H_sum @ v - sum_full @ v).max())
+
+    H = curvop.hessian(model, loss, shard, timeout=30)
+    res = {"diffs": diffs, "n": n}
+    for tag, op in (("dist", H), ("single", full)):
+        e = curvop.eigenvalues(op, 3, seed=0, progress=(tag == "dist"))
+        t = curvop.trace(op, method="hutch++", num_matvecs=24, seed=0)
+        d = curvop.spectral_density(op, num_steps=12, num_probes=2, seed=0)
+        res[tag] = {"eig": e.eigenvalues.tolist(), "trace": t.estimate,
+                    "nodes": np.concatenate(d.nodes).tolist(), "weights": np.concatenate(d.weights).tolist()}
+
+    # a NaN in rank 1's second local batch: every rank raises, naming rank 1 / batch 1
+    bad = [(x.clone(), y) for x, y in shard]
+    if rank == 1:
+        bad[1][0][2, 0] = float("nan")
+    try:
+        curvop.hessian(model, loss, bad, timeout=30)
+        res["nan"] = None
+    except NonFiniteProductError as err:
+        res["nan"] = {"rank": err.rank, "batch": err.batch, "msg": str(err)}
+    return res
+
+
+def fault(rank, world, out, how):
+    model, batches = model_and_data()
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), batches[rank * 3:(rank + 1) * 3], timeout=4)
+    v = np.ones(H.shape[0])
+    H @ v
+    if rank == 1:
+        if how == "die":
+            os._exit(3)
+        time.sleep(120)  # hang: the test kills this process
+    start = time.monotonic()
+    try:
+        H @ v
+        return {"error": None}
+    except DistributedError as err:
+        return {"error": str(err), "type": type(err).__name__, "elapsed": time.monotonic() - start}
+
+
+def main():
+    scenario, prefix = sys.argv[1], sys.argv[2]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    if scenario == "agree":
+        res = agree(rank, world, prefix)
+    else:
+        res = fault(rank, world, prefix, scenario)
+    with open(f"{prefix}.{rank}.json", "w") as f:
+        json.dump(res, f)
+    if scenario == "agree":
+        dist.destroy_process_group()
+    else:
+        os._exit(0)  # the group is broken; do not wait in destroy_process_group
+
+
+if __name__ == "__main__":
+    main()
