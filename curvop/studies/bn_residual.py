@@ -140,7 +140,7 @@ def report(res: dict[str, Any]) -> str:
         f"layers; residual blocks of two 3x3 convs unless *plain*), each trained {s['epochs']} epochs with "
         f"Adam on the digits training set (seed {res['seed']}). Each Hessian is the one of the mean "
         f"cross-entropy over the first {s['hessian_images']} training images (the models in eval mode, as "
-        f"PyHessian does); top eigenvalue by Lanczos, trace by Hutch++ ({s['trace_matvecs']} products), "
+        f"PyHessian does); top eigenvalue by Lanczos, trace by XTrace ({s['trace_matvecs']} products), "
         f"density by SLQ ({s['probes']} probe x {s['steps']} steps).", "",
         "| network | layers | BN | residual | params | train loss | test acc | top eigenvalue | trace |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -40,7 +40,7 @@ class Measurement:
         The ``k`` largest eigenvalues, in decreasing order.
     eigen_converged : bool
     trace, trace_stderr : float
-        Hutch++ estimate of ``tr H`` and its standard error.
+        XTrace estimate of ``tr H`` and its standard error.
     density : curvop.SpectralDensity
         The SLQ nodes and weights.
     steps : dict
@@ -75,7 +75,7 @@ class Measurement:
         s = self.steps
         rows = [(f"eigenvalue {i + 1}", fmt(v), "", "") for i, v in enumerate(self.eigenvalues)]
         rows[0] = (*rows[0][:2], str(s["eigenvalues"].num_matvecs), f"{s['eigenvalues'].seconds:.1f}")
-        rows.append(("trace (Hutch++)", f"{fmt(self.trace)} ± {fmt(self.trace_stderr)}",
+        rows.append(("trace (XTrace)", f"{fmt(self.trace)} ± {fmt(self.trace_stderr)}",
                      str(s["trace"].num_matvecs), f"{s['trace'].seconds:.1f}"))
         rows.append(("trace (SLQ density)", fmt(self.density.trace()),
                      str(s["density"].num_matvecs), f"{s['density'].seconds:.1f}"))
@@ -96,7 +96,7 @@ def measure(H: Any, *, k: int = 5, trace_matvecs: int = 99, steps: int = 80, pro
     k : int
         Number of top eigenvalues (Lanczos, largest algebraic).
     trace_matvecs : int
-        Budget of Hutch++.
+        Budget of the XTrace trace estimate.
     steps, probes : int
         Lanczos steps per probe and number of probes of the SLQ density.
     tol : float
