@@ -6,6 +6,10 @@
 from curvop import arrays, backends
 from curvop.factory import hessian, hessian_of
 from curvop.operator import MAX_DENSE_SIZE, HessianOperator, aslinearoperator
+from curvop.eigen import EigenResult, eigenvalues
+from curvop.trace import TraceResult, trace
+from curvop.diagonal import DiagonalResult, diagonal
+from curvop.density import SpectralDensity, spectral_density
 
 __version__ = "0.1.0"
 
@@ -17,4 +21,12 @@ __all__ = [
     "backends",
     "hessian",
     "hessian_of",
+    "EigenResult",
+    "eigenvalues",
+    "TraceResult",
+    "trace",
+    "DiagonalResult",
+    "diagonal",
+    "SpectralDensity",
+    "spectral_density",
 ]

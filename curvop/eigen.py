@@ -1,0 +1,356 @@
+"""Extreme eigenvalues of a Hessian operator: restarted Lanczos and deflated power iteration.
+
+Both methods are written against :mod:`curvop.arrays` only, so they run unchanged on numpy arrays
+and on every backend's native tensors. Vectors stay native; the small projected eigenproblems are
+solved in float64 on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from curvop._progress import progress_bar
+from curvop.arrays import column_dots, concat, dot, lincomb, norm, project_out, stack
+from curvop.operator import HessianOperator, aslinearoperator
+
+__all__ = ["EigenResult", "eigenvalues", "lanczos_tridiag"]
+
+Array = Any
+_WHICH = ("LA", "SA", "LM")
+
+
+@dataclass(frozen=True, eq=False)
+class EigenResult:
+    """Result of :func:`eigenvalues`.
+
+    Attributes
+    ----------
+    eigenvalues : numpy.ndarray, float64, shape (k,)
+        Ordered by ``which``: largest first ("LA"), most negative first ("SA"), largest
+        magnitude first ("LM").
+    eigenvectors : array, shape (n, k)
+        Unit-norm eigenvectors, of the operator's native array type (numpy, torch, ...).
+    residual_norms : numpy.ndarray, shape (k,)
+        ``‖H v_i − λ_i v_i‖``. Computed explicitly with ``k`` extra products when the result
+        was verified (``verify=True``, the default), else the Lanczos estimate ``|β_m y_{m,i}|``
+        (for power iteration they are always explicit).
+    num_matvecs : int
+        Hessian-vector products this call used (verification included).
+    converged : bool
+        Lanczos: all ``k`` residuals are at most ``tol · max(|λ_i|, sqrt(eps)·‖T‖)``. Power
+        iteration: every vector met ``‖(I − EEᵀ)Hv − λv‖ ≤ tol·|λ|`` on its deflated operator.
+    method, which : str
+    """
+
+    eigenvalues: np.ndarray
+    eigenvectors: Array
+    residual_norms: np.ndarray
+    num_matvecs: int
+    converged: bool
+    method: str = "lanczos"
+    which: str = "LA"
+
+
+# --------------------------------------------------------------------------------------------
+# the Lanczos core (also used by stochastic Lanczos quadrature)
+# --------------------------------------------------------------------------------------------
+def _breakdown_tol(H: HessianOperator, scale: float) -> float:
+    eps = np.finfo(np.dtype(H.dtype) if np.dtype(H.dtype).kind == "f" else np.float64).eps
+    return 100.0 * eps * max(scale, np.finfo(np.float64).tiny)
+
+
+def _expand(H: HessianOperator, Q: Array) -> tuple[Array, float, float]:
+    """One Lanczos step on the newest column ``q`` of the basis ``Q``.
+
+    Returns ``(w, alpha, beta)``: ``alpha = qᵀHq`` and the residual ``w`` of ``Hq`` after full
+    reorthogonalisation against all of ``Q`` (applied twice: "twice is enough"), ``beta = ‖w‖``.
+    Two host synchronisations (``alpha`` and ``beta``) per product.
+    """
+    q = Q[:, Q.shape[1] - 1]
+    w = H.matvec(q)
+    alpha = dot(q, w)
+    w = project_out(project_out(w, Q), Q)
+    return w, alpha, norm(w)
+
+
+def lanczos_tridiag(
+    H: Any, v0: Array, steps: int, *, return_basis: bool = False
+) -> tuple[np.ndarray, np.ndarray, Array | None]:
+    """``steps`` Lanczos steps with full reorthogonalisation from the start vector ``v0``.
+
+    Parameters
+    ----------
+    H : operator-like
+        Anything :func:`curvop.aslinearoperator` accepts.
+    v0 : array, shape (n,)
+        Start vector (native or numpy); it is normalised here.
+    steps : int
+        Number of products (capped at ``n``). Stops early on an invariant subspace
+        (``β_j ≤ 100·eps·max|T|``), so fewer coefficients may come back.
+    return_basis : bool
+        Also return the orthonormal Lanczos basis ``Q`` (n, m), native.
+
+    Returns
+    -------
+    alpha : float64 numpy (m,), the diagonal of ``T``
+    beta : float64 numpy (m-1,), its off-diagonal
+    Q : (n, m) native array, or None
+
+    Examples
+    --------
+    >>> import numpy as np, curvop
+    >>> from curvop.eigen import lanczos_tridiag
+    >>> a, b, _ = lanczos_tridiag(np.diag([1.0, 2.0, 3.0]), np.ones(3), 3)
+    >>> np.round(np.sort(np.linalg.eigvalsh(np.diag(a) + np.diag(b, 1) + np.diag(b, -1))), 8)
+    array([1., 2., 3.])
+    """
+    H = aslinearoperator(H)
+    n = H.shape[0]
+    v0 = v0 if H.backend.is_native(v0) else H.from_numpy(np.asarray(v0))
+    nrm = norm(v0)
+    if not nrm > 0:
+        raise ValueError("the Lanczos start vector must be nonzero")
+    Q = stack([v0 / nrm], axis=1)
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(min(int(steps), n)):
+        if j == min(int(steps), n) - 1:  # last step: alpha only, no new basis vector needed
+            q = Q[:, j]
+            alphas.append(dot(q, H.matvec(q)))
+            break
+        w, a, b = _expand(H, Q)
+        alphas.append(a)
+        if b <= _breakdown_tol(H, max(abs(x) for x in alphas + betas)):
+            break
+        betas.append(b)
+        Q = concat([Q, stack([w / b], axis=1)])
+    m = len(alphas)
+    Q = Q[:, :m] if Q.shape[1] > m else Q
+    return np.asarray(alphas), np.asarray(betas[: m - 1]), (Q if return_basis else None)
+
+
+def _ritz(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of the small projected matrix, in float64 on the host.
+
+    A plain Lanczos matrix is tridiagonal (``scipy.linalg.eigh_tridiagonal``); after a thick
+    restart it is an arrowhead bordering a tridiagonal block, solved with dense ``eigh``.
+    """
+    if T.shape[0] > 2 and np.any(np.triu(T, 2)):
+        return scipy.linalg.eigh(T)
+    if T.shape[0] == 1:
+        return T.diagonal().copy(), np.ones((1, 1))
+    return scipy.linalg.eigh_tridiagonal(T.diagonal(), T.diagonal(1))
+
+
+def _order(theta: np.ndarray, which: str) -> np.ndarray:
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    return np.argsort(-np.abs(theta), kind="stable")
+
+
+def _grow(T: np.ndarray, coupling: np.ndarray, alpha: float) -> np.ndarray:
+    m = T.shape[0] + 1
+    out = np.zeros((m, m))
+    out[: m - 1, : m - 1] = T
+    out[m - 1, : m - 1] = out[: m - 1, m - 1] = coupling
+    out[m - 1, m - 1] = alpha
+    return out
+
+
+def _fresh_direction(H: HessianOperator, Q: Array, rng: np.random.Generator) -> Array:
+    """A random unit vector orthogonal to ``Q`` (to continue after an invariant subspace)."""
+    r = project_out(project_out(H.random(H.shape[0], "gaussian", seed=rng), Q), Q)
+    return r / norm(r)
+
+
+def _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar):
+    """Thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation.
+
+    Each cycle grows the basis to ``ncv`` vectors; then the ``l = k + (ncv − k) // 2`` wanted Ritz
+    vectors are kept together with the current residual direction and the iteration continues.
+    Keeping Ritz vectors (rather than restarting from one combined vector) keeps nearly all of
+    the spectral information of the cycle at the memory cost of ``ncv`` vectors, and converges
+    almost like an unrestarted Lanczos run of the same total length.
+    """
+    n = H.shape[0]
+    eps = np.finfo(np.float64).eps
+    q = H.random(n, "gaussian", seed=rng)
+    Q = stack([q / norm(q)], axis=1)
+    T = np.zeros((0, 0))
+    coupling = np.zeros(0)
+    used = 0
+    while True:
+        while True:  # expand the basis
+            w, alpha, beta = _expand(H, Q)
+            used += 1
+            bar.update(1)
+            T = _grow(T, coupling, alpha)
+            m = T.shape[0]
+            if m == ncv or used >= max_matvecs:
+                break
+            coupling = np.zeros(m)
+            if beta <= _breakdown_tol(H, np.abs(T).max()):
+                q = _fresh_direction(H, Q, rng)  # invariant subspace: decoupled new block
+                beta = 0.0
+            else:
+                q = w / beta
+                coupling[m - 1] = beta
+            Q = concat([Q, stack([q], axis=1)])
+        theta, Y = _ritz(T)
+        order = _order(theta, which)
+        tnorm = np.abs(theta).max()
+        broke = beta <= _breakdown_tol(H, tnorm)
+        res = np.abs((0.0 if broke else beta) * Y[m - 1, :])
+        scale = np.maximum(np.abs(theta), np.sqrt(eps) * tnorm)
+        done = bool(np.all(res[order[:k]] <= tol * scale[order[:k]]))
+        if done or used >= max_matvecs or m == n:
+            break
+        keep = order[: k + (m - k) // 2]  # thick restart
+        U = lincomb(Q, Y[:, keep])
+        T = np.diag(theta[keep])
+        if broke:
+            q, coupling = _fresh_direction(H, U, rng), np.zeros(len(keep))
+        else:
+            q, coupling = w / beta, beta * Y[m - 1, keep]
+        Q = concat([U, stack([q], axis=1)])
+    sel = order[:k]
+    return theta[sel], lincomb(Q, Y[:, sel]), res[sel], scale[sel], used
+
+
+def _power(H, k, which, tol, max_matvecs, rng, bar):
+    """Deflated power iteration as in PyHessian, stopped on the residual.
+
+    Vector ``i`` iterates on the deflated operator ``(I − EEᵀ)H`` (``E`` the vectors found so far)
+    and stops when ``‖(I − EEᵀ)Hv − λv‖ ≤ tol·|λ|``. Returned residuals are the true ``‖Hv − λv‖``;
+    for later vectors they cannot be smaller than the error left in the earlier ones.
+    """
+    n = H.shape[0]
+    lams, vecs, res, conv, used = [], [], [], [], 0
+    for i in range(k):
+        E = stack(vecs, axis=1) if vecs else None
+        v = H.random(n, "gaussian", seed=rng)
+        v = project_out(project_out(v, E), E) if E is not None else v
+        v = v / norm(v)
+        lam, r, ok = 0.0, np.inf, False
+        for _ in range((max_matvecs - used) // (k - i)):
+            Hv = H.matvec(v)
+            used += 1
+            bar.update(1)
+            lam = dot(v, Hv)
+            r = norm(Hv - v * lam)
+            PHv = project_out(project_out(Hv, E), E) if E is not None else Hv
+            ok = (r if E is None else norm(PHv - v * lam)) <= tol * abs(lam)
+            if ok:
+                break
+            v = PHv / norm(PHv)
+        lams.append(lam)
+        vecs.append(v)
+        res.append(r)
+        conv.append(ok)
+    return np.asarray(lams), stack(vecs, axis=1), np.asarray(res), bool(all(conv))
+
+
+def eigenvalues(
+    H: Any,
+    k: int = 1,
+    which: str = "LA",
+    *,
+    method: str = "lanczos",
+    tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    ncv: int | None = None,
+    verify: bool = True,
+    seed: Any = None,
+    progress: bool = False,
+) -> EigenResult:
+    """The ``k`` extreme eigenvalues and eigenvectors of a symmetric operator.
+
+    Parameters
+    ----------
+    H : operator-like
+        A :class:`curvop.HessianOperator`, a scipy ``LinearOperator``, a dense square matrix of any
+        supported framework, or anything else :func:`curvop.aslinearoperator` accepts.
+    k : int
+        Number of eigenpairs, ``1 <= k < n``.
+    which : {"LA", "SA", "LM"}
+        Largest algebraic, smallest algebraic (most negative: saddle detection), largest magnitude.
+    method : {"lanczos", "power"}
+        ``"lanczos"``: thick-restart Lanczos with full reorthogonalisation (twice) on a basis of
+        ``ncv`` vectors (default ``min(n, max(2k + 1, 20))``); Ritz values from a float64 host
+        eigensolve; convergence judged on the residual estimate ``|β_m y_{m,i}|`` from the Lanczos
+        relation. ``"power"``: PyHessian's deflated power iteration (dominant eigenvalues, so only
+        ``which="LM"``), each vector stopped on its residual; the budget is shared equally among
+        the k vectors still to find.
+    tol : float
+        Relative residual: converged when ``‖Hv − λv‖ ≤ tol · max(|λ|, sqrt(eps)·‖T‖)``
+        (``‖T‖`` the largest Ritz value magnitude; power iteration uses ``tol·|λ|``). Default 1e-6.
+    max_matvecs : int, optional
+        Products the iteration may use (default ``max(200, 40 k)``); at least ``k``.
+    verify : bool
+        Lanczos only: recompute the residuals explicitly with one block product of ``k`` columns
+        (``k`` extra products, counted in ``num_matvecs``) and judge ``converged`` on them.
+    seed : int, numpy Generator or None
+        Start vectors are generated on the host from it, so every backend gets the same ones.
+    progress : bool
+        Show a tqdm bar of the products.
+
+    Returns
+    -------
+    EigenResult
+
+    Examples
+    --------
+    >>> import numpy as np, curvop
+    >>> A = np.diag(np.arange(1.0, 101.0))
+    >>> r = curvop.eigenvalues(A, k=2, seed=0)
+    >>> np.round(r.eigenvalues, 6), r.converged
+    (array([100.,  99.]), True)
+    """
+    H = aslinearoperator(H)
+    n = H.shape[0]
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    if not isinstance(k, (int, np.integer)) or k < 1 or k >= n:
+        raise ValueError(f"k must be an integer with 1 <= k < n = {n}, got k={k!r}")
+    if method == "power" and which != "LM":
+        raise ValueError(
+            "method='power' finds the dominant (largest magnitude) eigenvalues, as PyHessian does; "
+            "pass which='LM', or use method='lanczos' for 'LA'/'SA'"
+        )
+    max_matvecs = max(200, 40 * k) if max_matvecs is None else int(max_matvecs)
+    if max_matvecs < k:
+        raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k} eigenpairs (need >= {k})")
+    ncv = min(n, max(2 * k + 1, 20)) if ncv is None else int(ncv)
+    if not k < ncv <= n:
+        raise ValueError(f"ncv must satisfy k < ncv <= n, got ncv={ncv} (k={k}, n={n})")
+    rng = np.random.default_rng(seed)
+    start = H.num_matvecs
+    bar = progress_bar(progress, max_matvecs, f"eigenvalues ({method})")
+    try:
+        if method == "lanczos":
+            lam, V, res, scale, _ = _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar)
+            if verify:
+                R = H.matmat(V) - V * H.from_numpy(lam)
+                res = np.sqrt(np.maximum(column_dots(R, R), 0.0))
+            converged = bool(np.all(res <= tol * scale))
+        else:
+            lam, V, res, converged = _power(H, k, which, tol, max_matvecs, rng, bar)
+    finally:
+        bar.close()
+    return EigenResult(
+        eigenvalues=np.asarray(lam, dtype=np.float64),
+        eigenvectors=V,
+        residual_norms=np.asarray(res, dtype=np.float64),
+        num_matvecs=H.num_matvecs - start,
+        converged=converged,
+        method=method,
+        which=which,
+    )

@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+from scipy.sparse.linalg import LinearOperator
+
+import curvop
+from curvop.eigen import lanczos_tridiag
+from _matrices import KINDS, is_native, operator, wishart, with_spectrum
+
+pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lanczos_top_eigenvalue_with_20_matvecs(kind):
+    A, ev = wishart()
+    H = operator(A, kind)
+    errs = []
+    for seed in range(20):
+        r = curvop.eigenvalues(H, k=1, max_matvecs=20, verify=False, seed=seed)
+        assert r.num_matvecs == 20
+        errs.append(abs(r.eigenvalues[0] - ev[0]) / ev[0])
+    assert np.median(errs) <= 1e-3
+
+
+def test_power_iteration_baseline_is_much_worse_at_20_matvecs():
+    A, ev = wishart()
+    errs = [abs(curvop.eigenvalues(A, 1, "LM", method="power", max_matvecs=20, seed=s).eigenvalues[0] - ev[0]) / ev[0]
+            for s in range(20)]
+    assert 5e-3 < np.median(errs) < 1e-1  # about 3e-2, PyHessian's regime
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top5_within_100_matvecs(kind):
+    A, ev = wishart()
+    r = curvop.eigenvalues(operator(A, kind), k=5, max_matvecs=95, seed=3)
+    assert r.num_matvecs <= 100
+    assert r.converged
+    np.testing.assert_allclose(r.eigenvalues, ev[:5], rtol=1e-6)
+    assert is_native(r.eigenvectors, kind) and tuple(r.eigenvectors.shape) == (1000, 5)
+    V = curvop.arrays.to_numpy(r.eigenvectors)
+    np.testing.assert_allclose(V.T @ V, np.eye(5), atol=1e-8)
+    true_res = np.linalg.norm(A @ V - V * r.eigenvalues, axis=0)
+    np.testing.assert_allclose(r.residual_norms, true_res, rtol=1e-6, atol=1e-9 * ev[0])
+    assert np.all(true_res <= 1e-6 * np.abs(r.eigenvalues))
+
+
+def _saddle(n=400):
+    lam = np.concatenate([[-3.0, -1.5, -0.7], np.linspace(0.0, 10.0, n - 3)])
+    return with_spectrum(tuple(lam), seed=1), np.sort(lam)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_smallest_algebraic_finds_negative_curvature(kind):
+    A, lam = _saddle()
+    r = curvop.eigenvalues(operator(A, kind), k=3, which="SA", seed=0)
+    assert r.converged
+    np.testing.assert_allclose(r.eigenvalues, lam[:3], rtol=1e-6)
+    v = curvop.arrays.to_numpy(r.eigenvectors[:, 0])
+    assert v @ A @ v < 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_largest_magnitude_and_algebraic(kind):
+    lam = np.concatenate([[-12.0], np.linspace(-1.0, 5.0, 199)])
+    A = with_spectrum(tuple(lam), seed=2)
+    H = operator(A, kind)
+    np.testing.assert_allclose(curvop.eigenvalues(H, 2, "LM", seed=0).eigenvalues, [-12.0, 5.0], rtol=1e-6)
+    np.testing.assert_allclose(curvop.eigenvalues(H, 1, "LA", seed=0).eigenvalues, [5.0], rtol=1e-6)
+
+
+def test_thick_restart_with_small_basis_converges():
+    A, ev = wishart(300, seed=4)
+    r = curvop.eigenvalues(A, k=4, ncv=9, max_matvecs=2000, seed=0)
+    assert r.converged and r.num_matvecs > 9  # several restarts happened
+    np.testing.assert_allclose(r.eigenvalues, ev[:4], rtol=1e-6)
+
+
+def test_multiple_eigenvalues_found_after_invariant_subspace():
+    # Lanczos from one vector sees each distinct eigenvalue once; the double top eigenvalue
+    # needs the fresh-direction continuation after breakdown.
+    A = np.diag(np.r_[5.0, 5.0, 3.0, 3.0, 1.0, np.full(45, 0.5)])
+    r = curvop.eigenvalues(A, k=3, seed=0)
+    assert r.converged
+    np.testing.assert_allclose(r.eigenvalues, [5.0, 5.0, 3.0], rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_power_iteration_deflation_finds_top_three(kind):
+    lam = np.concatenate([[10.0, 6.0, 3.0], np.linspace(0.0, 1.0, 97)])
+    A = with_spectrum(tuple(lam), seed=3)
+    r = curvop.eigenvalues(operator(A, kind), k=3, which="LM", method="power", tol=1e-8, max_matvecs=600, seed=0)
+    assert r.converged and r.method == "power"
+    np.testing.assert_allclose(r.eigenvalues, lam[:3], rtol=1e-7)
+    assert np.all(r.residual_norms <= 1e-7 * lam[:3])
+    assert is_native(r.eigenvectors, kind)
+
+
+def test_accepts_scipy_operator_and_callable():
+    A = np.diag(np.arange(1.0, 51.0))
+    lo = LinearOperator((50, 50), matvec=lambda v: A @ v, dtype=np.float64)
+    assert np.isclose(curvop.eigenvalues(lo, seed=0).eigenvalues[0], 50.0)
+    r = curvop.eigenvalues(curvop.aslinearoperator(lambda v: A @ v, shape=(50, 50)), k=2, seed=0)
+    np.testing.assert_allclose(r.eigenvalues, [50.0, 49.0])
+
+
+def test_seed_reproducible_and_same_across_frameworks():
+    A, _ = wishart()
+    a = curvop.eigenvalues(A, max_matvecs=15, verify=False, seed=7).eigenvalues
+    b = curvop.eigenvalues(operator(A, "torch"), max_matvecs=15, verify=False, seed=7).eigenvalues
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_lanczos_tridiag_is_exact_on_full_space():
+    lam = np.linspace(-2.0, 3.0, 30)
+    A = with_spectrum(tuple(lam), seed=5)
+    a, b, Q = lanczos_tridiag(A, np.ones(30), 30, return_basis=True)
+    T = np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
+    np.testing.assert_allclose(np.linalg.eigvalsh(T), lam, atol=1e-10)
+    np.testing.assert_allclose(Q.T @ Q, np.eye(30), atol=1e-12)
+
+
+def test_bad_input_is_a_clear_error():
+    A = np.eye(10)
+    with pytest.raises(ValueError, match="k must"):
+        curvop.eigenvalues(A, k=10)
+    with pytest.raises(ValueError, match="square"):
+        curvop.eigenvalues(np.ones((4, 5)))
+    with pytest.raises(ValueError, match="too small"):
+        curvop.eigenvalues(A, k=3, max_matvecs=2)
+    with pytest.raises(ValueError, match="which"):
+        curvop.eigenvalues(A, which="XX")
+    with pytest.raises(ValueError, match="which='LM'"):
+        curvop.eigenvalues(A, method="power")
+    with pytest.raises(ValueError, match="method"):
+        curvop.eigenvalues(A, method="qr")
