@@ -64,7 +64,7 @@ CONFIGS = {
                  spectral_cnn_width=4, spectral_batch=16, mlp_sizes=(64, 40, 32, 10), mlp_batch=128,
                  trace_seeds=10, trace_budget=100, density_steps=100, eig_ks=(1, 5), memory=True),
     "quick": dict(cnn_width=4, batch=8, hvp_repeats=2, overhead_repeats=3, matmat_repeats=1,
-                  spectral_cnn_width=2, spectral_batch=8, mlp_sizes=(16, 8, 4), mlp_batch=16,
+                  spectral_cnn_width=1, spectral_batch=4, mlp_sizes=(16, 8, 4), mlp_batch=16,
                   trace_seeds=2, trace_budget=30, density_steps=20, eig_ks=(1, 5), memory=True),
 }
 
@@ -414,7 +414,7 @@ def bench_spectral(kind, cfg, log, quick) -> dict:
                 f()
                 dens[name] = dict(seconds=time.perf_counter() - t)
             except Exception as err:
-                dens[name] = dict(seconds=time.perf_counter() - t, error=f"{type(err).__name__}: {err}",
+                dens[name] = dict(seconds=time.perf_counter() - t, error=f"{type(err).__name__}: {str(err).splitlines()[0]}",
                                   hvps_before_error=ph_count[0] if name.startswith("pyhessian") else None)
             log(f"  density {name:40s} {dens[name]['seconds']:.2f} s {dens[name].get('error', '')}")
         out["density"] = dict(steps=steps, methods=dens)
