@@ -227,6 +227,20 @@ def _fresh_direction(H: HessianOperator, Q: Array, rng: np.random.Generator) -> 
     return r / norm(r)
 
 
+def _converged(H, T: np.ndarray, beta: float, k: int, which: str, tol: float):
+    """Ritz pairs of ``T`` and whether the ``k`` wanted ones meet ``|β yₘ| <= tol·max(|θ|, √eps‖T‖)``."""
+    eps = np.finfo(np.float64).eps
+    m = T.shape[0]
+    theta, Y = _ritz(T)
+    order = _order(theta, which)
+    tnorm = np.abs(theta).max()
+    broke = beta <= _breakdown_tol(H, tnorm)
+    res = np.abs((0.0 if broke else beta) * Y[m - 1, :])
+    scale = np.maximum(np.abs(theta), np.sqrt(eps) * tnorm)
+    done = m >= k and bool(np.all(res[order[:k]] <= tol * scale[order[:k]]))
+    return theta, Y, order, res, scale, broke, done
+
+
 def _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar):
     """Thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation.
 
@@ -237,36 +251,32 @@ def _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar):
     almost like an unrestarted Lanczos run of the same total length.
     """
     n = H.shape[0]
-    eps = np.finfo(np.float64).eps
     q = H.random(n, "gaussian", seed=rng)
     Q = stack([q / norm(q)], axis=1)
     T = np.zeros((0, 0))
     coupling = np.zeros(0)
-    used = 0
+    used, invariant = 0, False
     while True:
-        while True:  # expand the basis
+        while True:  # expand the basis, checking convergence after every product
             w, alpha, beta = _expand(H, Q)
             used += 1
             bar.update(1)
             T = _grow(T, coupling, alpha)
             m = T.shape[0]
-            if m == ncv or used >= max_matvecs:
+            theta, Y, order, res, scale, broke, done = _converged(H, T, beta, k, which, tol)
+            # after a breakdown the Krylov space may miss copies of repeated eigenvalues (and Ritz
+            # vectors of the closed block look converged): from then on, judge only at cycle ends
+            invariant = invariant or broke
+            if (done and not invariant) or m == ncv or used >= max_matvecs or m == n:
                 break
             coupling = np.zeros(m)
-            if beta <= _breakdown_tol(H, np.abs(T).max()):
+            if broke:
                 q = _fresh_direction(H, Q, rng)  # invariant subspace: decoupled new block
                 beta = 0.0
             else:
                 q = w / beta
                 coupling[m - 1] = beta
             Q = concat([Q, stack([q], axis=1)])
-        theta, Y = _ritz(T)
-        order = _order(theta, which)
-        tnorm = np.abs(theta).max()
-        broke = beta <= _breakdown_tol(H, tnorm)
-        res = np.abs((0.0 if broke else beta) * Y[m - 1, :])
-        scale = np.maximum(np.abs(theta), np.sqrt(eps) * tnorm)
-        done = bool(np.all(res[order[:k]] <= tol * scale[order[:k]]))
         if done or used >= max_matvecs or m == n:
             break
         keep = order[: k + (m - k) // 2]  # thick restart
