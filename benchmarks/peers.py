@@ -588,7 +588,7 @@ def markdown(res) -> str:
         L.append(f"| {k} | {r['loop_s']:.3f} | {r['vmap_s']:.3f} | {r['speedup']:.2f} | {h['matmat'][k + ': rel_diff']:.1e} |")
     if res.get("memory"):
         L += ["", "## Peak memory of setup + one product (fresh subprocess each)", "",
-              "Peak RSS (`getrusage`) minus the RSS once model and batch exist.", "",
+              "Peak RSS (`VmHWM`, reset once model and batch exist) minus the RSS at that point.", "",
               "| contender | peak − baseline MB | x gradient |", "| --- | ---: | ---: |"]
         for name, r in res["memory"].items():
             L.append(f"| {name} | {fmt(r.get('delta_mb'), '.1f')} | {fmt(r.get('x_gradient'))} |"

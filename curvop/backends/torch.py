@@ -20,14 +20,14 @@ Measured by ``benchmarks/peers.py`` on a 70k-parameter CNN (BatchNorm in eval mo
 ==========================  =============  ==========  =============
 mode                        time per HVP   setup       peak memory
 ==========================  =============  ==========  =============
-reverse, cached (auto)      2.1            ~1 HVP      3.3
-forward, cached             1.8            ~28 grads   8.0
-reverse, uncached           3.5            none        3.4
-forward, uncached           4.2            none        --
+reverse, cached (auto)      2.0            ~1 HVP      2.7
+forward, cached             1.7            ~30 grads   6.8
+reverse, uncached           3.3            none        2.6
+forward, uncached           3.7            none        3.8
 ==========================  =============  ==========  =============
 
 The forward cached mode (``torch.func.linearize``) is the cheapest per product, but its tracing
-costs about 28 gradients up front and it keeps every linearised intermediate, so it pays off
+costs about 30 gradients up front and it keeps every linearised intermediate, so it pays off
 only after roughly a hundred products on one batch: ask for it (``hvp="forward", cache=True``)
 for long runs. With several batches nothing is cached, and reverse mode measured faster than
 forward mode on CPU. ``batched="auto"`` loops over columns on CPU, where ``vmap`` measured about
