@@ -217,7 +217,8 @@ def trace(
         raise ValueError(f"method={method!r} needs num_matvecs >= {need}, got {num_matvecs}")
     rng = np.random.default_rng(seed)
     start = H.num_matvecs
-    bar = progress_bar(progress, num_matvecs, f"trace ({method})")
+    total = 2 * (num_matvecs // 2) if method == "xtrace" else num_matvecs
+    bar = progress_bar(progress, total, f"trace ({method})")
     try:
         if method == "hutchinson":
             samples, base = _hutchinson(H, num_matvecs, probes, rng, rtol, bar)
