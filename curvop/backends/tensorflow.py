@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from curvop.backends.base import Backend, check_deterministic
 from curvop.backends.dataset import Dataset, resolve_reduction
+from curvop.backends.selection import select
 
 __all__ = ["TensorFlowBackend", "LossPrecisionError", "hessian", "hessian_of"]
 
@@ -385,33 +386,15 @@ def _underlying(v: Any) -> tf.Variable:
 
 
 def _select(named: dict[str, Any], trainable: list[Any], params: Any) -> dict[str, Any]:
-    if params is None:
-        ids = {id(v) for v in trainable}
-        out = {k: v for k, v in named.items() if id(v) in ids}
-    elif callable(params) and not hasattr(params, "dtype"):
-        out = {k: v for k, v in named.items() if params(k)}
-    else:
-        items = [params] if isinstance(params, str) or hasattr(params, "dtype") else list(params)
-        by_id = {}
-        for k, v in named.items():
-            by_id[id(v)] = k
-            inner = getattr(v, "value", None)
-            if inner is not None:
-                by_id[id(inner)] = k
-        out = {}
-        for item in items:
-            if isinstance(item, str):
-                hits = [k for k in named if k == item or k.startswith(item + "/")]
-                if not hits:
-                    raise KeyError(f"no variable named {item!r}; the model has: {', '.join(named)}")
-                out.update((k, named[k]) for k in hits)
-            elif id(item) in by_id:
-                out[by_id[id(item)]] = named[by_id[id(item)]]
-            else:
-                raise TypeError("params entries must be variable names or variables of this model")
-    if not out:
-        raise ValueError("no variables selected: the Hessian would be empty")
-    return out
+    ids = {id(v) for v in trainable}
+    return select(named, params, default=lambda k, v: id(v) in ids, is_leaf=lambda x: hasattr(x, "dtype"),
+                  sep="/", aliases=_aliases, what="variable")
+
+
+def _aliases(v: Any) -> tuple[Any, ...]:
+    """A Keras variable is also reachable as the ``tf.Variable`` behind it (``.value``)."""
+    inner = getattr(v, "value", None)  # on a plain tf.Variable, .value is a method
+    return (v,) if inner is None or callable(inner) else (v, inner)
 
 
 def hessian(

@@ -47,6 +47,7 @@ from curvop.backends.base import Backend, check_deterministic
 from curvop.backends.dataset import Dataset, batch_size, resolve_reduction
 from curvop.backends.distributed import torch_collective
 from curvop.backends.faults import locate_nonfinite, nonfinite_error
+from curvop.backends.selection import select
 
 __all__ = ["TorchBackend", "hessian", "hessian_of"]
 
@@ -339,28 +340,8 @@ def _check_module(model: torch.nn.Module) -> None:
 
 
 def _select(model: torch.nn.Module, params: Any) -> dict[str, Tensor]:
-    named = dict(model.named_parameters())
-    if params is None:
-        out = {k: p for k, p in named.items() if p.requires_grad}
-    elif callable(params) and not isinstance(params, torch.Tensor):
-        out = {k: p for k, p in named.items() if params(k)}
-    else:
-        items = [params] if isinstance(params, (str, torch.Tensor)) else list(params)
-        by_id = {id(p): k for k, p in named.items()}
-        out = {}
-        for item in items:
-            if isinstance(item, str):
-                hits = [k for k in named if k == item or k.startswith(item + ".")]
-                if not hits:
-                    raise KeyError(f"no parameter named {item!r}; the model has: {', '.join(named)}")
-                out.update((k, named[k]) for k in hits)
-            elif isinstance(item, torch.Tensor) and id(item) in by_id:
-                out[by_id[id(item)]] = item
-            else:
-                raise TypeError("params entries must be parameter names or parameters of this model")
-    if not out:
-        raise ValueError("no parameters selected: the Hessian would be empty")
-    return out
+    return select(dict(model.named_parameters()), params, default=lambda k, p: p.requires_grad,
+                  is_leaf=lambda x: isinstance(x, torch.Tensor))
 
 
 def hessian(
