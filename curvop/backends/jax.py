@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from curvop.backends.base import Backend, check_deterministic
+from curvop.backends.base import Backend
+from curvop.backends.base import check_deterministic as assert_deterministic
 from curvop.backends.dataset import Dataset, batch_size, resolve_reduction
 
 __all__ = ["JaxBackend", "hessian", "hessian_of", "prepare_params"]
@@ -183,7 +184,7 @@ class JaxBackend(Backend):
             # GPU kernel is (scatter-add); the check also reports NaN/Inf. In cached mode it runs on
             # the linearized maps, so it costs no extra compilation.
             v = self.random(self.size, "gaussian", np.random.default_rng(0))
-            check_deterministic_fn(self.hvp, v, self.dtype)
+            assert_deterministic(self.hvp, v, self.dtype)
 
     # --- the contract ----------------------------------------------------------------------------
     def hvp(self, v: Array) -> Array:
@@ -244,8 +245,6 @@ class JaxBackend(Backend):
             acc = p if acc is None else acc + p
         return acc / total if self.dataset.reduction == "mean" else acc
 
-
-check_deterministic_fn = check_deterministic
 
 
 def _check_scalar_loss(loss: Callable[[Any, Any], Array], params: Any, batch: Any) -> None:

@@ -28,13 +28,13 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from curvop.backends.base import Backend, check_deterministic
+from curvop.backends.base import Backend
+from curvop.backends.base import check_deterministic as assert_deterministic
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.selection import select
 
 __all__ = ["TensorFlowBackend", "LossPrecisionError", "hessian", "hessian_of"]
 
-_check_deterministic = check_deterministic
 
 
 class LossPrecisionError(TypeError):
@@ -136,7 +136,7 @@ class TensorFlowBackend(Backend):
 
         if check_deterministic:
             v = self.random(self.size, "gaussian", np.random.default_rng(0))
-            _check_deterministic(self.hvp, v, self.dtype)
+            assert_deterministic(self.hvp, v, self.dtype)
 
     # --- the contract ----------------------------------------------------------------------------
     def hvp(self, v: tf.Tensor) -> tf.Tensor:

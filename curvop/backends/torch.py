@@ -20,10 +20,10 @@ Measured by ``benchmarks/peers.py`` on a 70k-parameter CNN (BatchNorm in eval mo
 ==========================  =============  ==========  =============
 mode                        time per HVP   setup       peak memory
 ==========================  =============  ==========  =============
-reverse, cached (auto)      2.0            ~1 HVP      2.7
-forward, cached             1.7            ~30 grads   6.8
-reverse, uncached           3.3            none        2.6
-forward, uncached           3.7            none        3.8
+reverse, cached (auto)      2.0 - 2.2      ~1 HVP      3.0
+forward, cached             1.7 - 1.8      ~30 grads   7.8
+reverse, uncached           3.3            none        3.0
+forward, uncached           3.7            none        4.0
 ==========================  =============  ==========  =============
 
 The forward cached mode (``torch.func.linearize``) is the cheapest per product, but its tracing
@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, linearize, vmap
 
-from curvop.backends.base import Backend, check_deterministic
+from curvop.backends.base import Backend
+from curvop.backends.base import check_deterministic as assert_deterministic
 from curvop.backends.dataset import Dataset, batch_size, resolve_reduction
 from curvop.backends.distributed import torch_collective
 from curvop.backends.faults import locate_nonfinite, nonfinite_error
@@ -140,7 +141,7 @@ class TorchBackend(Backend):
         self.batched = bool(batched)
         if check_deterministic:
             v = self.random(self.size, "gaussian", np.random.default_rng(0))
-            check_deterministic_fn(lambda u: self._finite(self._sum(u, self._fresh), u, False, fresh=True), v,
+            assert_deterministic(lambda u: self._finite(self._sum(u, self._fresh), u, False, fresh=True), v,
                                    self.dtype)
         self.cache = dataset.single if cache == "auto" else bool(cache)
         self._cached: list[tuple[Callable[[Tensor, bool], Tensor], int]] | None = None
@@ -290,8 +291,6 @@ class TorchBackend(Backend):
             return {k: self._to_device(b) for k, b in batch.items()}
         return batch
 
-
-check_deterministic_fn = check_deterministic
 
 
 def _zero_if_none(t: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
