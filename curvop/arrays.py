@@ -97,6 +97,14 @@ def to_numpy(x: Array) -> np.ndarray:
         return x.detach().cpu().numpy()
     if mod == "cupy":
         return x.get()
+    # Any other array-API array: DLPack, the standard's interchange protocol. It also reads arrays
+    # that refuse implicit conversion (array-api-strict off its CPU device has no __array__ path).
+    # numpy reads host memory only, so a device array (a JAX GPU array) fails here: np.asarray.
+    if hasattr(x, "__dlpack__"):
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            pass
     return np.asarray(x)
 
 

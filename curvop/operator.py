@@ -128,9 +128,10 @@ class HessianOperator(LinearOperator):
     def from_hvp(cls, hvp_fn: Any, x0: Any, *, matmat_fn: Any = None) -> "HessianOperator":
         """The operator of a user-supplied exact product ``hvp_fn(v) = H(x0) v``.
 
-        ``x0`` is a 1-D numpy or CuPy array: it gives n, the dtype and the device, and ``hvp_fn``
-        receives and must return vectors of the same type (a wrong shape or array type is an
-        error at the first product). ``matmat_fn(V)``, optional, multiplies an ``(n, k)`` block.
+        ``x0`` is a 1-D numpy or CuPy array (or another Array API array, e.g. array-api-strict's):
+        it gives n, the dtype and the device, and ``hvp_fn`` receives and must return vectors of the
+        same type (a wrong shape or array type is an error at the first product). ``matmat_fn(V)``,
+        optional, multiplies an ``(n, k)`` block.
 
         >>> import numpy as np, curvop
         >>> A = np.array([[2.0, 1.0], [1.0, 3.0]])

@@ -43,8 +43,10 @@ class Backend:
 
     def check(self, x: Array) -> None:
         """Raise a clear error if native ``x`` has the wrong dtype or device (shape is checked by the operator)."""
+        from curvop.backends.numpy import numpy_dtype
+
         dt = getattr(x, "dtype", None)
-        if dt is not None and np.dtype(str(dt).replace("torch.", "")) != self.dtype:
+        if dt is not None and numpy_dtype(dt) != self.dtype:
             raise TypeError(
                 f"vector has dtype {dt}, but the operator works in {self.dtype}; "
                 f"convert it first (e.g. x.astype / x.to(dtype))."

@@ -1,7 +1,9 @@
 """Backends for arrays without autodiff: a dense matrix, or a user-supplied product function.
 
 Generic over the framework of the arrays involved: numpy here, and any framework the array layer
-knows (a dense ``torch.Tensor`` or ``jax.Array`` works too). CuPy builds on this in ``cupy.py``.
+knows (a dense ``torch.Tensor`` or ``jax.Array`` works too, and any Array API array that
+``array_api_compat`` recognises: the tests run this path with array-api-strict). CuPy builds on
+this in ``cupy.py``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ Array = Any
 
 
 def numpy_dtype(dt: Any) -> np.dtype:
-    """The numpy dtype matching a framework dtype (``torch.float32``, ``tf.float64``, ...)."""
+    """The numpy dtype matching a framework dtype (``torch.float32``, ``tf.float64``, ...).
+
+    Dtypes that are not numpy's are matched by name without the module prefix
+    (``torch.float32``, ``array_api_strict.float64``).
+    """
     if hasattr(dt, "as_numpy_dtype"):  # tensorflow
         return np.dtype(dt.as_numpy_dtype)
-    return np.dtype(str(dt).replace("torch.", ""))
+    try:
+        return np.dtype(dt)
+    except TypeError:
+        return np.dtype(str(dt).rpartition(".")[2])
 
 
 class ArrayBackend(Backend):
@@ -153,7 +162,7 @@ def _checked(fn: Callable[[Array], Array], x0: Array, what: str) -> Callable[[Ar
         if tuple(out.shape) != (n,):
             raise ValueError(f"{what} returned shape {tuple(out.shape)}; it must return a vector of shape ({n},) like x0")
         if out.dtype != x0.dtype:
-            out = out.astype(x0.dtype)
+            out = arrays.namespace(out).astype(out, x0.dtype)  # the array API has xp.astype, no method
         return out
 
     return call
@@ -162,8 +171,9 @@ def _checked(fn: Callable[[Array], Array], x0: Array, what: str) -> Callable[[Ar
 def from_hvp(hvp_fn: Callable[[Array], Array], x0: Array, *, matmat_fn: Callable[[Array], Array] | None = None):
     """Backend for :meth:`curvop.HessianOperator.from_hvp`: the user computes ``H v`` exactly.
 
-    ``x0`` (a 1-D numpy or CuPy array) fixes n, the dtype and the device; ``hvp_fn(v)`` gets a
-    vector of the same type and must return one (checked at every product: shape and type).
+    ``x0`` (a 1-D numpy, CuPy or other Array API array) fixes n, the dtype and the device;
+    ``hvp_fn(v)`` gets a vector of the same type and must return one (checked at every product:
+    shape and type).
     """
     x0 = _check_x0(x0)
     if not callable(hvp_fn):
