@@ -37,12 +37,14 @@ forward mode on CPU. ``batched="auto"`` loops over columns on CPU, where ``vmap`
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, linearize, vmap
 
+from curvop.backends._torch_ops import Rewrites
 from curvop.backends.base import Backend
 from curvop.backends.base import check_deterministic as assert_deterministic
 from curvop.backends.dataset import Dataset, batch_size, resolve_reduction
@@ -83,6 +85,11 @@ class TorchBackend(Backend):
     check_finite : bool
         Check each product for NaN/Inf (one reduction and host sync per product); when it is not
         finite, recompute batch by batch and raise ``NonFiniteProductError`` naming the batch.
+    rewrite : bool
+        In reverse mode, build the loss with eval-mode BatchNorm as the affine map it is (folded
+        into a preceding ``conv2d``) and, on CPU, ``conv2d`` with faster second derivatives
+        (:mod:`curvop.backends._torch_ops`): the same function, products equal to rounding.
+        ``False`` keeps torch's own ops.
     """
 
     name = "torch"
@@ -100,6 +107,7 @@ class TorchBackend(Backend):
         process_group: Any = None,
         timeout: float | None = None,
         check_finite: bool = True,
+        rewrite: bool = True,
     ):
         if not params:
             raise ValueError("no parameters selected: the Hessian would be empty")
@@ -136,6 +144,7 @@ class TorchBackend(Backend):
         if hvp not in ("forward", "reverse"):
             raise ValueError(f"hvp must be 'forward', 'reverse' or 'auto', got {hvp!r}")
         self.mode = hvp
+        self.rewrite = bool(rewrite) and hvp == "reverse"
         if batched == "auto":
             batched = self.device.type == "cuda"
         self.batched = bool(batched)
@@ -240,10 +249,9 @@ class TorchBackend(Backend):
             grad_fn = grad(lambda p: self._loss(p, batch))
             one = lambda u: self._flat(jvp(grad_fn, (self._params,), (self._split(u),))[1])  # noqa: E731
             return vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
-        with torch.enable_grad():
-            p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
-            g = torch.autograd.grad(self._loss(p, batch), list(p.values()), create_graph=True, allow_unused=True)
-            return self._reverse_product(g, list(p.values()), v, batched, retain=False)
+        p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
+        g = self._graph(p, batch)
+        return self._reverse_product(g, list(p.values()), v, batched, retain=False)
 
     def _linear_map(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         """What stays fixed between products on ``batch``, as a function of the vector."""
@@ -253,11 +261,16 @@ class TorchBackend(Backend):
                 _, lin = linearize(grad(lambda p: self._loss(p, batch)), self._params)
             one = lambda u: self._flat(lin(self._split(u)))  # noqa: E731
             return lambda v, batched: vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
-        with torch.enable_grad():
-            p = [t.detach().requires_grad_(True) for t in self._params.values()]
-            g = torch.autograd.grad(self._loss(dict(zip(self._names, p)), batch), p, create_graph=True,
-                                    allow_unused=True)
+        p = [t.detach().requires_grad_(True) for t in self._params.values()]
+        g = self._graph(dict(zip(self._names, p)), batch)
         return lambda v, batched: self._reverse_product(g, p, v, batched, retain=True)
+
+    def _graph(self, p: dict[str, Tensor], batch: Any) -> tuple[Tensor | None, ...]:
+        """The gradient at ``p`` on ``batch``, with the graph that reverse-mode products differentiate."""
+        with torch.enable_grad(), (Rewrites(conv=self.device.type == "cpu") if self.rewrite else nullcontext()):
+            loss = self._loss(p, batch)
+        with torch.enable_grad():
+            return torch.autograd.grad(loss, list(p.values()), create_graph=True, allow_unused=True)
 
     def _reverse_product(self, g, p, v: Tensor, batched: bool, retain: bool) -> Tensor:
         live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
@@ -371,7 +384,7 @@ def hessian(
         (default ``"mean"``). Decides the weighting of batches (see :func:`curvop.hessian`).
     **options
         ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``process_group``, ``timeout``,
-        ``check_finite``: see :class:`TorchBackend`.
+        ``check_finite``, ``rewrite``: see :class:`TorchBackend`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")

@@ -1,0 +1,172 @@
+"""Exact rewrites of two torch ops whose built-in second derivatives are slow.
+
+A cached reverse-mode HVP is one backward pass through the graph of the gradient, so its cost is
+set by torch's *double-backward* formulas. Two of them dominate a CNN's product on CPU (measured
+with ``torch.profiler``, ``benchmarks/peers.py`` CNN, torch 2.13, 2 cores):
+
+* eval-mode BatchNorm goes through the general training-mode ``batch_norm_double_backward``
+  (about a third of the product) although in eval mode it is a per-channel affine map;
+* ``conv2d``'s double backward computes its weight term as a convolution with batch and channel
+  swapped and the whole output as kernel, a slow path.
+
+:class:`Rewrites` is a ``TorchFunctionMode`` active only while the loss (and so the gradient
+graph) is built. It computes eval-mode ``F.batch_norm`` as ``x * scale + shift`` (folded into the
+weights of a ``conv2d`` whose untouched output it normalises) and, on CPU, ``conv2d`` through
+three autograd functions - convolution, its input gradient and its weight gradient - whose
+derivatives are each other, so every order of derivative runs the fast convolution kernels. Both
+are the same function of the same tensors; products agree with torch's own to rounding
+(``tests/test_torch_rewrites.py`` checks them against the dense Hessian). Everything else passes
+through untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+from torch.overrides import TorchFunctionMode
+
+_aten = torch.ops.aten
+_BN = inspect.signature(F.batch_norm)
+_CONV = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: None)
+
+
+def _shape_only(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A tensor of ``shape`` that owns no memory: ``convolution_backward`` reads only its shape."""
+    return like.new_empty(()).expand(shape)
+
+
+def _conv(x, w, cfg):
+    return _aten.convolution(x, w, None, *cfg[:3], False, [0, 0], cfg[3])
+
+
+def _input_grad(g, w, xshape, cfg):
+    return _aten.convolution_backward(g, _shape_only(g, xshape), w, None, *cfg[:3], False, [0, 0], cfg[3],
+                                      [True, False, False])[0]
+
+
+def _weight_grad(x, g, wshape, cfg):
+    return _aten.convolution_backward(g, x, _shape_only(g, wshape), None, *cfg[:3], False, [0, 0], cfg[3],
+                                      [False, True, False])[1]
+
+
+class _Conv(Function):
+    """``conv2d(x, w)`` without bias; backward = (_InputGrad, _WeightGrad)."""
+
+    generate_vmap_rule = True  # products of several vectors at once (is_grads_batched)
+
+    @staticmethod
+    def forward(x, w, cfg):
+        return _conv(x, w, cfg)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, ctx.cfg = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = _InputGrad.apply(g, w, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
+        gw = _WeightGrad.apply(x, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+class _InputGrad(Function):
+    """``(g, w) -> d<g, conv(x, w)>/dx``, bilinear in ``g`` and ``w``."""
+
+    generate_vmap_rule = True  # products of several vectors at once (is_grads_batched)
+
+    @staticmethod
+    def forward(g, w, xshape, cfg):
+        return _input_grad(g, w, xshape, cfg)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, w, _, ctx.cfg = inputs
+        ctx.save_for_backward(g, w)
+
+    @staticmethod
+    def backward(ctx, gg):
+        g, w = ctx.saved_tensors
+        dg = _Conv.apply(gg, w, ctx.cfg) if ctx.needs_input_grad[0] else None
+        dw = _WeightGrad.apply(gg, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
+        return dg, dw, None, None
+
+
+class _WeightGrad(Function):
+    """``(x, g) -> d<g, conv(x, w)>/dw``, bilinear in ``x`` and ``g``."""
+
+    generate_vmap_rule = True  # products of several vectors at once (is_grads_batched)
+
+    @staticmethod
+    def forward(x, g, wshape, cfg):
+        return _weight_grad(x, g, wshape, cfg)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, g, _, ctx.cfg = inputs
+        ctx.save_for_backward(x, g)
+
+    @staticmethod
+    def backward(ctx, gg):
+        x, g = ctx.saved_tensors
+        dx = _InputGrad.apply(g, gg, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
+        dg = _Conv.apply(x, gg, ctx.cfg) if ctx.needs_input_grad[1] else None
+        return dx, dg, None, None
+
+
+def _pair(a: Any) -> list[int]:
+    return [int(i) for i in a] if isinstance(a, (tuple, list)) else [int(a), int(a)]
+
+
+def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``F.conv2d`` (4-D input, numeric padding) with fast derivatives of every order."""
+    y = _Conv.apply(x, w, (_pair(stride), _pair(padding), _pair(dilation), int(groups)))
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+class Rewrites(TorchFunctionMode):
+    """Within ``with Rewrites(conv=...)``: eval BatchNorm as an affine map, ``conv2d`` as above."""
+
+    def __init__(self, conv: bool = True):
+        super().__init__()
+        self.conv = conv
+        self._convs: dict[int, tuple[torch.Tensor, int, tuple]] = {}  # id(output) -> (output, version, args)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d and self.conv:
+            a = _CONV.bind(*args, **kwargs)
+            a.apply_defaults()
+            call = tuple(a.arguments.values())
+            if isinstance(call[0], torch.Tensor) and call[0].dim() == 4 and not isinstance(call[4], str):
+                out = conv2d(*call)
+                self._convs[id(out)] = (out, out._version, call)
+                return out
+        elif func is F.batch_norm:
+            a = _BN.bind(*args, **kwargs)
+            a.apply_defaults()
+            a = a.arguments
+            if not a["training"] and a["running_mean"] is not None and a["running_var"] is not None:
+                return self._affine_batch_norm(a)
+        return func(*args, **kwargs)
+
+    def _affine_batch_norm(self, a: dict) -> torch.Tensor:
+        x = a["input"]
+        scale = torch.rsqrt(a["running_var"] + a["eps"])
+        shift = -a["running_mean"] * scale
+        if a["weight"] is not None:
+            scale, shift = scale * a["weight"], shift * a["weight"]
+        if a["bias"] is not None:
+            shift = shift + a["bias"]
+        made = self._convs.get(id(x))
+        if made is not None and made[0] is x and made[1] == x._version and x.dim() == 4:
+            cx, w, b, stride, padding, dilation, groups = made[2]  # fold into the convolution's weights
+            shift = shift if b is None else shift + b * scale
+            return conv2d(cx, w * scale.view(-1, 1, 1, 1), shift, stride, padding, dilation, groups)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.view(view), x, scale.view(view))

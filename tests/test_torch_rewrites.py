@@ -1,0 +1,155 @@
+"""The exact op rewrites of curvop.backends._torch_ops, against torch's own ops and dense Hessians."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import curvop  # noqa: E402
+from curvop.backends._torch_ops import Rewrites, conv2d  # noqa: E402
+from torch_reference import dense_hessian  # noqa: E402
+
+CONV_CASES = [
+    dict(),
+    dict(padding=1),
+    dict(stride=2),
+    dict(stride=(2, 1), padding=(1, 0)),
+    dict(dilation=2, padding=2),
+    dict(groups=2, padding=1),
+]
+
+
+@pytest.mark.parametrize("kw", CONV_CASES, ids=str)
+def test_conv2d_first_and_second_derivatives(kw):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 2 // kw.get("groups", 1), 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(conv2d(x, w, b, **kw), torch.nn.functional.conv2d(x, w, b, **kw), rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w, b: conv2d(x, w, b, **kw), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w, b: conv2d(x, w, b, **kw), (x, w, b))
+    # third order: the derivatives of the derivatives are the same three functions again
+    assert torch.autograd.gradgradcheck(lambda x, w: torch.autograd.grad((conv2d(x, w, **kw) ** 2).sum(), (x, w),
+                                                                        create_graph=True), (x, w), fast_mode=True)
+
+
+def _bn2d(c):
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():  # non-trivial statistics and affine parameters
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+class Residual(nn.Module):
+    """The convolution's output is used twice: once normalised, once as a skip connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), _bn2d(2)
+        self.head = nn.Linear(2 * 16, 3)
+
+    def forward(self, x):
+        c = self.conv(x)
+        return self.head(torch.tanh(self.bn(c) + c).flatten(1))
+
+
+MODELS = {
+    "conv_bn": lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), _bn2d(3), nn.Tanh(), nn.Flatten(),
+                                     nn.Linear(48, 3)),
+    "conv_nobias_bn_relu_pool": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), _bn2d(4),
+                                                      nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 3)),
+    "inplace_relu_between": lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), _bn2d(3),
+                                                  nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)),
+    "grouped_strided": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), _bn2d(4),
+                                             nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
+    "bn_without_affine": lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding="same"), nn.BatchNorm2d(3, affine=False),
+                                               nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)),
+    "residual": Residual,
+}
+
+
+def make(name, n=10, seed=0):
+    torch.manual_seed(seed)
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = MODELS[name]().eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model, torch.randn(n, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rewritten_products_match_dense_hessian(name, cache):
+    model, x, y = make(name)
+    loss_fn = nn.CrossEntropyLoss()
+    H = curvop.hessian(model, loss_fn, (x, y), hvp="reverse", cache=cache)
+    assert H.backend.rewrite
+    D = dense_hessian(model, loss_fn, [(x, y)])
+    rng = np.random.default_rng(1)
+    v, V = rng.standard_normal(D.shape[0]), rng.standard_normal((D.shape[0], 3))
+    np.testing.assert_allclose(H @ v, D @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(H @ V, D @ V, rtol=1e-10, atol=1e-12)
+    Hb = curvop.hessian(model, loss_fn, (x, y), hvp="reverse", cache=cache, batched=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback from batched products to a loop warns
+        np.testing.assert_allclose(Hb @ V, D @ V, rtol=1e-10, atol=1e-12)
+
+
+def _nodes(t):
+    """Names of the autograd nodes behind ``t``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        todo.extend(nxt for nxt, _ in f.next_functions)
+    return {type(f).__name__ for f in seen}
+
+
+@pytest.mark.parametrize("name, folded", [("conv_bn", True), ("inplace_relu_between", False), ("residual", True)])
+def test_batchnorm_is_an_affine_map_folded_into_an_untouched_conv_output(name, folded):
+    model, x, _ = make(name)
+    x.requires_grad_(True)
+    with Rewrites():
+        out = model(x)
+    nodes = _nodes(out)
+    assert not any("BatchNorm" in n for n in nodes)
+    assert "_ConvBackward" in nodes and "ConvolutionBackward0" not in nodes
+    assert ("AddcmulBackward0" not in nodes) == folded  # the unfolded affine map is one addcmul
+    with torch.no_grad():
+        np.testing.assert_allclose(out.detach(), model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rewrite", [True, False])
+def test_the_gradient_graph_differentiates_the_rewritten_ops(rewrite):
+    model, x, y = make("conv_bn")
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), rewrite=rewrite)
+    assert H.backend.rewrite is rewrite
+    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
+    nodes = _nodes(g[0])  # the first convolution's weight gradient, a function of every parameter
+    assert ("NativeBatchNormBackwardBackward0" in nodes) is not rewrite
+    assert ("_WeightGradBackward" in nodes) is rewrite
+
+
+def test_float32_rewrite_is_as_accurate_as_torch_ops():
+    model, x, y = make("conv_nobias_bn_relu_pool", n=32)
+    D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
+    model, x = model.float(), x.float()
+    on = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    off = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), rewrite=False)
+    for seed in range(3):
+        v = np.random.default_rng(seed).standard_normal(D.shape[0]).astype(np.float32)
+        ref = D @ v.astype(np.float64)
+        err_on, err_off = (np.linalg.norm(H @ v - ref) / np.linalg.norm(ref) for H in (on, off))
+        assert err_on < 1e-5 and err_on < 2 * err_off + 1e-7
