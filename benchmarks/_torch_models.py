@@ -30,11 +30,11 @@ def mlp(sizes=(784, 64, 64, 10)) -> nn.Module:
     return nn.Sequential(*layers[:-1])
 
 
-def cnn_problem(width: int = 16, batch: int = 128, seed: int = 0):
+def cnn_problem(width: int = 16, batch: int = 128, seed: int = 0, batchnorm: bool = True):
     """(model in eval mode, loss, (x, y)) with random data of CIFAR shape."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = small_cnn(width)
+    model = small_cnn(width, batchnorm=batchnorm)
     # make BatchNorm statistics non-trivial, then freeze them
     model.train()
     with torch.no_grad():

@@ -74,6 +74,7 @@ CURVOP_MODES = {  # name -> curvop.hessian options
     "curvop forward uncached": dict(hvp="forward", cache=False),
     "curvop reverse cached": dict(hvp="reverse", cache=True),
     "curvop reverse uncached": dict(hvp="reverse", cache=False),
+    "curvop reverse cached, torch ops": dict(hvp="reverse", cache=True, rewrite=False),  # no op rewrites
 }
 CURVOP_DEFAULT = "curvop reverse cached"  # what hvp="auto", cache="auto" picks for one batch
 HVP_CONTENDERS = ("gradient", *CURVOP_MODES, "pyhessian", "curvlinops", "hessian-eigenthings",

@@ -14,24 +14,27 @@ and what may be kept between products, chosen with ``cache=``:
 * ``cache=False`` recomputes everything per product: no graph or activation outlives a product.
 
 ``"auto"`` is ``hvp="reverse"`` with ``cache=True`` for one batch and ``cache=False`` for several.
-Measured by ``benchmarks/peers.py`` on a 70k-parameter CNN (BatchNorm in eval mode, batch 128,
-2 CPU cores; one gradient = 1.0, peak memory of a gradient = 1.0):
+Reverse mode builds the gradient graph with two exact op rewrites (``rewrite=True``, see
+:mod:`curvop.backends._torch_ops`): eval-mode BatchNorm as the affine map it is, folded into the
+preceding convolution, and ``conv2d`` with fast higher derivatives on CPU. Measured by
+``benchmarks/peers.py`` on a 70k-parameter CNN (BatchNorm in eval mode, batch 128, 2 CPU cores;
+one gradient = 1.0, peak memory of a gradient = 1.0; docs/performance.md):
 
 ==========================  =============  ==========  =============
 mode                        time per HVP   setup       peak memory
 ==========================  =============  ==========  =============
-reverse, cached (auto)      2.0 - 2.2      ~1 HVP      3.0
-forward, cached             1.7 - 1.8      ~30 grads   7.8
-reverse, uncached           3.3            none        3.0
-forward, uncached           3.7            none        4.0
+reverse, cached (auto)      1.3 - 1.4      ~1 HVP      1.6
+forward, cached             1.8            ~20 grads   7.5
+reverse, uncached           2.5            none        1.3
+forward, uncached           3.7            none        4.1
 ==========================  =============  ==========  =============
 
-The forward cached mode (``torch.func.linearize``) is the cheapest per product, but its tracing
-costs about 30 gradients up front and it keeps every linearised intermediate, so it pays off
-only after roughly a hundred products on one batch: ask for it (``hvp="forward", cache=True``)
-for long runs. With several batches nothing is cached, and reverse mode measured faster than
-forward mode on CPU. ``batched="auto"`` loops over columns on CPU, where ``vmap`` measured about
-2x slower than a loop for convolutions, and vmaps on CUDA.
+With BatchNorm the default is the fastest mode and the leanest that caches. Without BatchNorm
+the rewrites gain little and the forward cached mode (``torch.func.linearize``) can be cheaper
+per product (1.7x against 2.0x a gradient on the demo's small CNN), but its tracing costs about
+twenty gradients up front and it keeps every linearised intermediate: ask for it
+(``hvp="forward", cache=True``) for long runs on one batch. ``batched="auto"`` loops over columns
+on CPU, where ``vmap`` measured slower than a loop for convolutions, and vmaps on CUDA.
 """
 
 from __future__ import annotations
