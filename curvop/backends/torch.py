@@ -23,16 +23,16 @@ one gradient = 1.0, peak memory of a gradient = 1.0; docs/performance.md):
 ==========================  =============  ==========  =============
 mode                        time per HVP   setup       peak memory
 ==========================  =============  ==========  =============
-reverse, cached (auto)      1.3 - 1.4      ~1 HVP      1.6
-forward, cached             1.8            ~20 grads   7.5
-reverse, uncached           2.5            none        1.3
-forward, uncached           3.7            none        4.1
+reverse, cached (auto)      1.4 - 1.75     ~1 HVP      1.5
+forward, cached             1.8 - 2.1      20-30 grads 7.6
+reverse, uncached           2.5 - 2.9      none        1.3
+forward, uncached           3.7 - 4.1      none        4.2
 ==========================  =============  ==========  =============
 
 With BatchNorm the default is the fastest mode and the leanest that caches. Without BatchNorm
-the rewrites gain little and the forward cached mode (``torch.func.linearize``) can be cheaper
-per product (1.7x against 2.0x a gradient on the demo's small CNN), but its tracing costs about
-twenty gradients up front and it keeps every linearised intermediate: ask for it
+only the convolution rewrite applies (1.28x to 1.11x a gradient in ``benchmarks/hvp.py``) and the
+forward cached mode (``torch.func.linearize``) can be as cheap per product (1.03x there), but its
+tracing costs 20-30 gradients up front and it keeps every linearised intermediate: ask for it
 (``hvp="forward", cache=True``) for long runs on one batch. ``batched="auto"`` loops over columns
 on CPU, where ``vmap`` measured slower than a loop for convolutions, and vmaps on CUDA.
 """
