@@ -1,5 +1,7 @@
 """A long spectral-density run that the test interrupts with SIGINT (tests/test_faults.py)."""
 
+import faulthandler
+import signal
 import sys
 import time
 
@@ -8,6 +10,7 @@ import torch
 
 import curvop
 
+faulthandler.register(signal.SIGUSR1)  # the test asks for a traceback if the run does not stop
 torch.manual_seed(0)
 A = torch.randn(300, 300, dtype=torch.float64)
 A = A @ A.T / 300

@@ -33,7 +33,14 @@ def test_sigint_stops_long_density_run_promptly(tmp_path):
         time.sleep(1.0)  # well inside the run (100,000 probes x 299 products)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # show where the worker is instead of a bare timeout
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            proc.kill()
+            out, _ = proc.communicate()
+            pytest.fail(f"the run did not stop within 60 s of SIGINT; worker output and stack:\n{out}")
         waited = time.monotonic() - sent
     finally:
         proc.kill()
