@@ -41,6 +41,7 @@ __all__ = [
     "orthonormalize",
     "project_out",
     "project_out_each",
+    "stack_blocks",
     "sqrt",
     "random_probes",
 ]
@@ -199,12 +200,13 @@ def project_out(v: Array, basis: Array) -> Array:
     return v - xp.matmul(basis, xp.matmul(_t(xp, basis), v))
 
 
-def project_out_each(w: Array, blocks: Sequence[Array]) -> Array:
+def project_out_each(w: Array, blocks: Sequence[Array] | Array) -> Array:
     """Column-wise :func:`project_out` for ``p`` independent runs sharing one ``(n, p)`` array.
 
     Column ``i`` of ``w`` loses its components along column ``i`` of every block in ``blocks``
     (for each ``i`` those columns must be orthonormal). Two batched matrix products, whatever ``p``:
-    this is the reorthogonalisation of ``p`` Lanczos runs advanced in lockstep.
+    this is the reorthogonalisation of ``p`` Lanczos runs advanced in lockstep. ``blocks`` may also
+    be the stacked ``(p, n, j)`` array :func:`stack_blocks` returns (build it once, use it twice).
 
     >>> import numpy as np
     >>> from curvop import arrays
@@ -215,9 +217,17 @@ def project_out_each(w: Array, blocks: Sequence[Array]) -> Array:
            [1., 1.]])
     """
     xp = namespace(w)
-    B = xp.stack([_t(xp, b) for b in blocks], axis=2)  # (p, n, j): run i's basis is B[i]
+    B = stack_blocks(blocks) if isinstance(blocks, (list, tuple)) else blocks  # (p, n, j)
     wt = _t(xp, w)[:, :, None]  # (p, n, 1)
     return _t(xp, (wt - xp.matmul(B, xp.matmul(_t(xp, B), wt)))[:, :, 0])
+
+
+def stack_blocks(blocks: Sequence[Array], onto: Array | None = None) -> Array:
+    """The ``(n, p)`` blocks as one ``(p, n, j)`` array (run ``i``'s basis is ``[i]``), optionally
+    appended to an earlier result ``onto``: one copy per Lanczos step instead of a restack."""
+    xp = namespace(blocks[0])
+    new = xp.stack([_t(xp, b) for b in blocks], axis=2)
+    return new if onto is None else xp.concat([onto, new], axis=2)
 
 
 def sqrt(x: Array) -> Array:

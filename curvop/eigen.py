@@ -23,6 +23,7 @@ from curvop.arrays import (
     norm,
     project_out,
     project_out_each,
+    stack_blocks,
     stack,
 )
 from curvop.operator import HessianOperator, aslinearoperator
@@ -169,7 +170,7 @@ def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray,
     n, p = V0.shape
     steps = min(int(steps), n)
     V = V0 * asarray_like(1.0 / np.sqrt(column_dots(V0, V0)), V0)
-    basis = [V]
+    basis = stack_blocks([V])  # (p, n, j), grown by one column per step
     alphas, betas = np.zeros((steps, p)), np.zeros((steps, p))
     length = np.full(p, steps)
     active = np.ones(p, dtype=bool)
@@ -187,7 +188,7 @@ def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray,
             break
         betas[j] = np.where(active, beta, 0.0)
         V = W * asarray_like(np.where(active, 1.0 / np.where(active, beta, 1.0), 0.0), W)
-        basis.append(V)
+        basis = stack_blocks([V], onto=basis)
     return [(alphas[: length[i], i], betas[: length[i] - 1, i]) for i in range(p)]
 
 

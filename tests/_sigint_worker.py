@@ -11,6 +11,9 @@ import torch
 import curvop
 
 faulthandler.register(signal.SIGUSR1)  # the test asks for a traceback if the run does not stop
+# A process started in the background of a non-interactive shell (`bash .ci/run &`) inherits SIGINT
+# as *ignored*, and Python then installs no KeyboardInterrupt handler: restore Ctrl-C explicitly.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 torch.manual_seed(0)
 A = torch.randn(300, 300, dtype=torch.float64)
 A = A @ A.T / 300

@@ -97,3 +97,21 @@ def test_progress_bar_counts_every_product(capsys):
     sd = curvop.spectral_density(A, num_steps=10, num_probes=2, progress=True, seed=0)
     err = capsys.readouterr().err
     assert "trace (xtrace)" in err and "12/12" in err and "20/20" in err and sd.num_matvecs == 20
+
+
+def test_stacked_basis_grown_step_by_step_equals_the_list_form():
+    from curvop import arrays
+
+    rng = np.random.default_rng(0)
+    blocks = [np.linalg.qr(rng.standard_normal((30, 4)))[0] for _ in range(3)]
+    blocks = [np.stack([b[:, i] for b in blocks], axis=1) for i in range(3)]  # 3 steps of (n, p=3)
+    grown = arrays.stack_blocks(blocks[:1])
+    for b in blocks[1:]:
+        grown = arrays.stack_blocks([b], onto=grown)
+    assert grown.shape == (3, 30, 3)
+    np.testing.assert_array_equal(grown, arrays.stack_blocks(blocks))
+    w = rng.standard_normal((30, 3))
+    np.testing.assert_allclose(arrays.project_out_each(w, grown), arrays.project_out_each(w, blocks), atol=1e-14)
+    for i in range(3):  # column i is orthogonal to run i's basis
+        np.testing.assert_allclose(np.stack([b[:, i] for b in blocks], 1).T @ arrays.project_out_each(w, grown)[:, i],
+                                   0, atol=1e-12)
