@@ -40,7 +40,7 @@ def flat_table(n: int, budget: int, seeds: range) -> list[tuple[str, str, float]
          _median_error(lambda s: curvop.eigenvalues(A, which="LM", method="power", max_matvecs=budget,
                                                     seed=s).eigenvalues[0], top, seeds)),
     ]
-    for method in ("hutchinson", "hutch++", "xtrace", "xnystrace"):
+    for method in ("auto", "hutchinson", "hutch++", "xtrace", "xnystrace"):
         rows.append(("trace", method, _median_error(
             lambda s: curvop.trace(A, method=method, num_matvecs=budget, seed=s).estimate, tr, seeds)))
     for probes in (1, 2):
@@ -57,7 +57,7 @@ def decaying_table(n: int, budget: int, seeds: range) -> list[tuple[str, str, fl
     A = (Q * lam) @ Q.T
     return [("trace", method, _median_error(
         lambda s: curvop.trace(A, method=method, num_matvecs=budget, seed=s).estimate, lam.sum(), seeds))
-        for method in ("hutchinson", "hutch++", "xtrace", "xnystrace")]
+        for method in ("auto", "hutchinson", "hutch++", "xtrace", "xnystrace")]
 
 
 def _print(title: str, rows, reference: bool) -> None:

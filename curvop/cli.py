@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--device", default="cpu", help="torch device for model and data (default: cpu)")
     spec.add_argument("--steps", type=int, default=80, help="Lanczos steps per density probe (default: 80)")
     spec.add_argument("--probes", type=int, default=2, help="density probes (default: 2)")
-    spec.add_argument("--trace-matvecs", type=int, default=99, help="products for the XTrace trace estimate (default: 99)")
+    spec.add_argument("--trace-matvecs", type=int, default=99, help="products for the trace estimate (default: 99)")
     spec.set_defaults(func=_spectrum)
 
     study = sub.add_parser("study", help="run a study", description="Run one of curvop's studies.")

@@ -19,10 +19,13 @@ from curvop._progress import progress_bar
 from curvop.arrays import column_dots, gram, orthonormalize, project_out
 from curvop.operator import HessianOperator, aslinearoperator
 
-__all__ = ["TraceResult", "trace", "exchangeable_basis"]
+__all__ = ["TraceResult", "trace", "exchangeable_basis", "deflation_gain"]
 
-_METHODS = ("hutchinson", "hutch++", "xtrace", "xnystrace")
-_MIN_MATVECS = {"hutchinson": 2, "hutch++": 3, "xtrace": 4, "xnystrace": 2}
+_METHODS = ("auto", "hutchinson", "hutch++", "xtrace", "xnystrace")
+_MIN_MATVECS = {"auto": 6, "hutchinson": 2, "hutch++": 3, "xtrace": 4, "xnystrace": 2}
+# "auto" runs XTrace when the deflated samples vary less than this fraction of the plain ones
+# (calibrated on synthetic spectra: XTrace wins below ~0.3, Hutchinson above; module notes below).
+_AUTO_VARIANCE_RATIO = 0.3
 
 
 @dataclass(frozen=True)
@@ -115,13 +118,17 @@ def exchangeable_basis(Y: Any) -> tuple[Any, np.ndarray, np.ndarray]:
 def _xtrace(H, m, probes, rng, bar):
     """XTrace: average over i of ``tr(H P₋ᵢ) + ωᵢᵀ(I−P₋ᵢ)H(I−P₋ᵢ)ωᵢ`` with ``P₋ᵢ`` the projector on
     ``span{Hω_j : j ≠ i}``, all from ``Y = HΩ`` and ``Z = HQ`` (``m/2`` products each)."""
-    n = H.shape[0]
-    s = m // 2
-    Om = H.random((n, s), probes, seed=rng)
+    Om = H.random((H.shape[0], m // 2), probes, seed=rng)
     Y = H.matmat(Om)
-    Q, R, S = exchangeable_basis(Y)
+    bar.update(m // 2)
+    return _xtrace_finish(H, Om, Y, exchangeable_basis(Y), bar)
+
+
+def _xtrace_finish(H, Om, Y, basis, bar):
+    """XTrace's second half: ``Z = HQ`` and the exchangeable estimates, given ``Y = HΩ``."""
+    Q, R, S = basis
     Z = H.matmat(Q)
-    bar.update(2 * s)
+    bar.update(Om.shape[1])
     M = gram(Q, Z)
     M = (M + M.T) / 2  # QᵀHQ
     W = gram(Q, Om)  # QᵀΩ
@@ -135,6 +142,43 @@ def _xtrace(H, m, probes, rng, bar):
     cross = np.einsum("ji,ji->i", S, R - M @ W)  # sᵢᵀQᵀHω̃ᵢ
     samples = low_rank + tt + 2 * c * cross + c**2 * sMs
     return samples, 0.0
+
+
+def deflation_gain(Om: Any, Y: Any, basis: tuple[Any, np.ndarray, np.ndarray]) -> float:
+    """How much deflating by the sketch ``Y = HΩ`` shrinks the per-probe variance, from ``Y`` alone.
+
+    ``ωᵢᵀHωᵢ`` are plain Hutchinson samples; ``ωᵢᵀ(I−P₋ᵢ)Hωᵢ`` are unbiased samples of the
+    deflated remainder (``P₋ᵢ`` is independent of ``ωᵢ``), and equal ``(sᵢᵀQᵀωᵢ)(sᵢᵀRe_i)``,
+    with ``sᵢᵀRe_i = 1/‖R⁻ᵀe_i‖``, so no product is spent. Returns the ratio of their sample
+    variances: near 1 or above on a flat spectrum (deflation removes nothing), near 0 when a few
+    directions carry the trace.
+    """
+    Q, R, S = basis
+    d = column_dots(Om, Y)
+    try:
+        scale = np.linalg.norm(np.linalg.inv(R).T, axis=0)
+    except np.linalg.LinAlgError:
+        scale = np.linalg.norm(np.linalg.pinv(R).T, axis=0)
+    e = np.einsum("ji,ji->i", S, gram(Q, Om)) / scale
+    vd = float(np.var(d, ddof=1))
+    return float(np.var(e, ddof=1)) / vd if vd > 0 else float("inf")
+
+
+def _auto(H, m, probes, rng, bar):
+    """Sketch ``Y = HΩ`` with half the budget, then finish as XTrace if deflation pays
+    (:func:`deflation_gain` below ``_AUTO_VARIANCE_RATIO``), else spend the rest on more
+    Hutchinson probes and average them with the ``ωᵢᵀHωᵢ`` already in hand."""
+    n, s = H.shape[0], m // 2
+    Om = H.random((n, s), probes, seed=rng)
+    Y = H.matmat(Om)
+    bar.update(s)
+    basis = exchangeable_basis(Y)
+    if deflation_gain(Om, Y, basis) < _AUTO_VARIANCE_RATIO:
+        return (*_xtrace_finish(H, Om, Y, basis, bar), "xtrace")
+    Z = H.random((n, m - s), probes, seed=rng)
+    samples = np.concatenate([column_dots(Om, Y), column_dots(Z, H.matmat(Z))])
+    bar.update(m - s)
+    return samples, 0.0, "hutchinson"
 
 
 def _xnystrace(H, m, probes, rng, bar):
@@ -160,7 +204,7 @@ def _xnystrace(H, m, probes, rng, bar):
 def trace(
     H: Any,
     *,
-    method: str = "xtrace",
+    method: str = "auto",
     num_matvecs: int = 60,
     rtol: float | None = None,
     probes: str = "rademacher",
@@ -173,7 +217,11 @@ def trace(
     ----------
     H : operator-like
         Anything :func:`curvop.aslinearoperator` accepts.
-    method : {"hutchinson", "hutch++", "xtrace", "xnystrace"}
+    method : {"auto", "hutchinson", "hutch++", "xtrace", "xnystrace"}
+        ``"auto"`` (default): half the budget sketches ``Y = HΩ``; if deflating by that sketch
+        shrinks the per-probe variance below 0.3 of Hutchinson's (:func:`deflation_gain`, computed
+        from ``Y`` without further products) it finishes as XTrace, else it spends the rest on
+        Hutchinson probes and averages all of them. ``TraceResult.method`` names what ran.
         ``"hutchinson"``: the mean of ``zᵀHz`` over ``num_matvecs`` probes; best for flat spectra.
         ``"hutch++"``: a third of the budget sketches the range (``Q = orth(HS)``), a third computes
         ``tr(QᵀHQ)`` exactly, the rest runs Hutchinson on the deflated remainder.
@@ -182,9 +230,10 @@ def trace(
         ``"xnystrace"``: for positive semi-definite ``H`` only; Nyström approximation with every
         probe left out in turn; uses all of the budget on one block ``HΩ``.
         Hutch++, XTrace and XNysTrace beat Hutchinson by orders of magnitude on decaying spectra.
-        The default is XTrace: in ``benchmarks/accuracy.py`` it is more accurate than Hutch++ at
-        the same budget on both flat and decaying spectra, and on flat spectra it stays within a
-        small factor of Hutchinson, where Hutch++ loses more (its deflation has nothing to remove).
+        XTrace is more accurate than Hutch++ at the same budget on flat and decaying spectra
+        (``benchmarks/accuracy.py``), but on a flat spectrum it is 2-3x less accurate than
+        Hutchinson (its deflation removes nothing and it has half the probes); ``"auto"`` picks
+        between the two.
     num_matvecs : int
         Products to use (an upper bound with ``rtol``; XTrace uses the largest even number below).
     rtol : float, optional
@@ -201,10 +250,14 @@ def trace(
     Examples
     --------
     >>> import numpy as np, curvop
-    >>> A = np.diag(1.0 / np.arange(1, 201) ** 2)
-    >>> r = curvop.trace(A, method="xtrace", num_matvecs=40, seed=0)
-    >>> bool(abs(r.estimate - np.trace(A)) < 1e-2), r.num_matvecs
-    (True, 40)
+    >>> U, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((200, 200)))
+    >>> A = (U / np.arange(1, 201) ** 2) @ U.T          # a decaying spectrum, trace 1.64
+    >>> r = curvop.trace(A, num_matvecs=40, seed=0)
+    >>> bool(abs(r.estimate - np.trace(A)) < 1e-2), r.num_matvecs, r.method
+    (True, 40, 'xtrace')
+    >>> B = (U * np.linspace(1.0, 2.0, 200)) @ U.T      # a flat one: deflation would not pay
+    >>> curvop.trace(B, num_matvecs=40, seed=0).method
+    'hutchinson'
     """
     H = aslinearoperator(H)
     if method not in _METHODS:
@@ -217,10 +270,13 @@ def trace(
         raise ValueError(f"method={method!r} needs num_matvecs >= {need}, got {num_matvecs}")
     rng = np.random.default_rng(seed)
     start = H.num_matvecs
-    total = 2 * (num_matvecs // 2) if method == "xtrace" else num_matvecs
+    total = 2 * (num_matvecs // 2) if method == "xtrace" else num_matvecs  # auto may use one fewer
     bar = progress_bar(progress, total, f"trace ({method})")
     try:
-        if method == "hutchinson":
+        ran = method
+        if method == "auto":
+            samples, base, ran = _auto(H, num_matvecs, probes, rng, bar)
+        elif method == "hutchinson":
             samples, base = _hutchinson(H, num_matvecs, probes, rng, rtol, bar)
         elif method == "hutch++":
             samples, base = _hutchpp(H, num_matvecs, probes, rng, bar)
@@ -236,7 +292,7 @@ def trace(
         estimate=float(est),
         stderr=err,
         num_matvecs=H.num_matvecs - start,
-        method=method,
+        method=ran,
         num_probes=int(np.size(samples)),
         converged=rtol is None or err <= rtol * abs(est),
     )

@@ -186,7 +186,7 @@ CASES = [
          ValueError, r"which must be one of"),
     Case("zero-matvecs", "`trace(H, num_matvecs=0)`",
          lambda: curvop.trace(curvop.aslinearoperator(np.eye(3)), num_matvecs=0),
-         ValueError, r"needs num_matvecs >= 4"),
+         ValueError, r"needs num_matvecs >= 6"),
     Case("zero-steps", "`spectral_density(H, num_steps=0)`",
          lambda: curvop.spectral_density(curvop.aslinearoperator(np.eye(3)), num_steps=0),
          ValueError, r"num_steps and num_probes must be >= 1"),
