@@ -96,7 +96,7 @@ def test_progress_bar_counts_every_product(capsys):
     curvop.diagonal(A, num_matvecs=6, progress=True, seed=0)
     sd = curvop.spectral_density(A, num_steps=10, num_probes=2, progress=True, seed=0)
     err = capsys.readouterr().err
-    assert "trace (xtrace)" in err and "12/12" in err and "20/20" in err and sd.num_matvecs == 20
+    assert "trace (auto)" in err and "12/12" in err and "20/20" in err and sd.num_matvecs == 20
 
 
 def test_stacked_basis_grown_step_by_step_equals_the_list_form():

@@ -117,7 +117,9 @@ def measure(H: Any, *, k: int = 5, trace_matvecs: int = 99, steps: int = 80, pro
         return out
 
     eig = run("eigenvalues", lambda: curvop.eigenvalues(H, k=k, tol=tol, seed=seed, progress=progress))
-    tr = run("trace", lambda: curvop.trace(H, num_matvecs=trace_matvecs, seed=seed, progress=progress))
+    # XTrace explicitly (not the "auto" default): the committed demo and study outputs were made with it
+    tr = run("trace", lambda: curvop.trace(H, method="xtrace", num_matvecs=trace_matvecs, seed=seed,
+                                           progress=progress))
     sd = run("density", lambda: curvop.spectral_density(H, num_steps=steps, num_probes=probes, seed=seed,
                                                         progress=progress))
     order = np.argsort(eig.eigenvalues)[::-1]
