@@ -39,7 +39,7 @@ def _shape_only(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return like.new_empty(()).expand(shape)
 
 
-def _conv(x, w, cfg):
+def _conv(x, w, shape, cfg):
     return _aten.convolution(x, w, None, *cfg[:3], False, [0, 0], cfg[3])
 
 
@@ -53,70 +53,42 @@ def _weight_grad(x, g, wshape, cfg):
                                       [False, True, False])[1]
 
 
-class _Conv(Function):
-    """``conv2d(x, w)`` without bias; backward = (_InputGrad, _WeightGrad)."""
+def _bilinear(name: str, kernel, d_first, d_second) -> type[Function]:
+    """An autograd function ``kernel(a, b, shape, cfg)``, bilinear in ``a`` and ``b``, whose
+    derivatives ``d_first(a, b, gg, cfg)`` / ``d_second(a, b, gg, cfg)`` are again such functions."""
 
-    generate_vmap_rule = True  # products of several vectors at once (is_grads_batched)
+    def forward(a, b, shape, cfg):
+        return kernel(a, b, shape, cfg)
 
-    @staticmethod
-    def forward(x, w, cfg):
-        return _conv(x, w, cfg)
-
-    @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, ctx.cfg = inputs
-        ctx.save_for_backward(x, w)
+        a, b, _, ctx.cfg = inputs
+        ctx.save_for_backward(a, b)
 
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        gx = _InputGrad.apply(g, w, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
-        gw = _WeightGrad.apply(x, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
-        return gx, gw, None
-
-
-class _InputGrad(Function):
-    """``(g, w) -> d<g, conv(x, w)>/dx``, bilinear in ``g`` and ``w``."""
-
-    generate_vmap_rule = True  # products of several vectors at once (is_grads_batched)
-
-    @staticmethod
-    def forward(g, w, xshape, cfg):
-        return _input_grad(g, w, xshape, cfg)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        g, w, _, ctx.cfg = inputs
-        ctx.save_for_backward(g, w)
-
-    @staticmethod
     def backward(ctx, gg):
-        g, w = ctx.saved_tensors
-        dg = _Conv.apply(gg, w, ctx.cfg) if ctx.needs_input_grad[0] else None
-        dw = _WeightGrad.apply(gg, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
-        return dg, dw, None, None
+        a, b = ctx.saved_tensors
+        da = d_first(a, b, gg, ctx.cfg) if ctx.needs_input_grad[0] else None
+        db = d_second(a, b, gg, ctx.cfg) if ctx.needs_input_grad[1] else None
+        return da, db, None, None
+
+    return type(name, (Function,), {
+        "__doc__": f"{kernel.__name__.lstrip('_')} with derivatives of every order (see _bilinear)",
+        "generate_vmap_rule": True,  # vmap: products of several vectors at once (is_grads_batched)
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
 
 
-class _WeightGrad(Function):
-    """``(x, g) -> d<g, conv(x, w)>/dw``, bilinear in ``x`` and ``g``."""
-
-    generate_vmap_rule = True  # products of several vectors at once (is_grads_batched)
-
-    @staticmethod
-    def forward(x, g, wshape, cfg):
-        return _weight_grad(x, g, wshape, cfg)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, g, _, ctx.cfg = inputs
-        ctx.save_for_backward(x, g)
-
-    @staticmethod
-    def backward(ctx, gg):
-        x, g = ctx.saved_tensors
-        dx = _InputGrad.apply(g, gg, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
-        dg = _Conv.apply(x, gg, ctx.cfg) if ctx.needs_input_grad[1] else None
-        return dx, dg, None, None
+# The three bilinear maps of a convolution and their derivatives, each one of the three again:
+# conv(x, w); input_grad(g, w) = d<g, conv(x, w)>/dx; weight_grad(x, g) = d<g, conv(x, w)>/dw.
+_Conv = _bilinear("_Conv", _conv,
+                  lambda x, w, gg, cfg: _InputGrad.apply(gg, w, x.shape, cfg),
+                  lambda x, w, gg, cfg: _WeightGrad.apply(x, gg, w.shape, cfg))
+_InputGrad = _bilinear("_InputGrad", _input_grad,
+                       lambda g, w, gg, cfg: _Conv.apply(gg, w, None, cfg),
+                       lambda g, w, gg, cfg: _WeightGrad.apply(gg, g, w.shape, cfg))
+_WeightGrad = _bilinear("_WeightGrad", _weight_grad,
+                        lambda x, g, gg, cfg: _InputGrad.apply(g, gg, x.shape, cfg),
+                        lambda x, g, gg, cfg: _Conv.apply(x, gg, None, cfg))
 
 
 def _pair(a: Any) -> list[int]:
@@ -125,7 +97,7 @@ def _pair(a: Any) -> list[int]:
 
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``F.conv2d`` (4-D input, numeric padding) with fast derivatives of every order."""
-    y = _Conv.apply(x, w, (_pair(stride), _pair(padding), _pair(dilation), int(groups)))
+    y = _Conv.apply(x, w, None, (_pair(stride), _pair(padding), _pair(dilation), int(groups)))
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
