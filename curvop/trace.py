@@ -11,7 +11,7 @@ estimation" (SIMAX 2024).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -115,25 +115,40 @@ def exchangeable_basis(Y: Any) -> tuple[Any, np.ndarray, np.ndarray]:
     return Q, R, S
 
 
+class _Sketch(NamedTuple):
+    """``Y = HΩ`` and what XTrace and :func:`deflation_gain` read off it (host arrays are float64)."""
+
+    Om: Any  # Ω, native (n, s)
+    Y: Any  # HΩ, native (n, s)
+    Q: Any  # orthonormal basis of Y, native (n, s)
+    R: np.ndarray  # QᵀY
+    S: np.ndarray  # leave-one-out vectors (exchangeable_basis)
+    W: np.ndarray  # QᵀΩ
+    d: np.ndarray  # ωᵢᵀHωᵢ, the plain Hutchinson samples
+
+
+def _sketch(H, s, probes, rng, bar) -> _Sketch:
+    Om = H.random((H.shape[0], s), probes, seed=rng)
+    Y = H.matmat(Om)
+    bar.update(s)
+    Q, R, S = exchangeable_basis(Y)
+    return _Sketch(Om, Y, Q, R, S, gram(Q, Om), column_dots(Om, Y))
+
+
 def _xtrace(H, m, probes, rng, bar):
     """XTrace: average over i of ``tr(H P₋ᵢ) + ωᵢᵀ(I−P₋ᵢ)H(I−P₋ᵢ)ωᵢ`` with ``P₋ᵢ`` the projector on
     ``span{Hω_j : j ≠ i}``, all from ``Y = HΩ`` and ``Z = HQ`` (``m/2`` products each)."""
-    Om = H.random((H.shape[0], m // 2), probes, seed=rng)
-    Y = H.matmat(Om)
-    bar.update(m // 2)
-    return _xtrace_finish(H, Om, Y, exchangeable_basis(Y), bar)
+    return _xtrace_finish(H, _sketch(H, m // 2, probes, rng, bar), bar)
 
 
-def _xtrace_finish(H, Om, Y, basis, bar):
-    """XTrace's second half: ``Z = HQ`` and the exchangeable estimates, given ``Y = HΩ``."""
-    Q, R, S = basis
+def _xtrace_finish(H, sk: _Sketch, bar):
+    """XTrace's second half: ``Z = HQ`` and the exchangeable estimates, given the sketch."""
+    Om, _, Q, R, S, W, d = sk
     Z = H.matmat(Q)
     bar.update(Om.shape[1])
     M = gram(Q, Z)
     M = (M + M.T) / 2  # QᵀHQ
-    W = gram(Q, Om)  # QᵀΩ
     T = gram(Z, Om)  # ZᵀΩ = QᵀHΩ
-    d = column_dots(Om, Y)  # ωᵢᵀHωᵢ
     sMs = np.einsum("ji,jk,ki->i", S, M, S)
     low_rank = np.trace(M) - sMs  # tr(H P₋ᵢ)
     c = np.einsum("ji,ji->i", S, W)  # s_iᵀ Qᵀ ω_i
@@ -144,40 +159,36 @@ def _xtrace_finish(H, Om, Y, basis, bar):
     return samples, 0.0
 
 
+def _variance_ratio(sk: _Sketch) -> float:
+    # (I−P₋ᵢ)Hωᵢ = Q sᵢ (sᵢᵀRe_i), so ωᵢᵀ(I−P₋ᵢ)Hωᵢ = (sᵢᵀWe_i)(sᵢᵀRe_i)
+    e = np.einsum("ji,ji->i", sk.S, sk.W) * np.einsum("ji,ji->i", sk.S, sk.R)
+    vd = float(np.var(sk.d, ddof=1))
+    return float(np.var(e, ddof=1)) / vd if vd > 0 else float("inf")
+
+
 def deflation_gain(Om: Any, Y: Any, basis: tuple[Any, np.ndarray, np.ndarray]) -> float:
     """How much deflating by the sketch ``Y = HΩ`` shrinks the per-probe variance, from ``Y`` alone.
 
     ``ωᵢᵀHωᵢ`` are plain Hutchinson samples; ``ωᵢᵀ(I−P₋ᵢ)Hωᵢ`` are unbiased samples of the
-    deflated remainder (``P₋ᵢ`` is independent of ``ωᵢ``), and equal ``(sᵢᵀQᵀωᵢ)(sᵢᵀRe_i)``,
-    with ``sᵢᵀRe_i = 1/‖R⁻ᵀe_i‖``, so no product is spent. Returns the ratio of their sample
-    variances: near 1 or above on a flat spectrum (deflation removes nothing), near 0 when a few
-    directions carry the trace.
+    deflated remainder (``P₋ᵢ`` is independent of ``ωᵢ``), and equal ``(sᵢᵀQᵀωᵢ)(sᵢᵀRe_i)``
+    (``basis = (Q, R, S)`` from :func:`exchangeable_basis`), so no product is spent. Returns the
+    ratio of their sample variances: near 1 or above on a flat spectrum (deflation removes
+    nothing), near 0 when a few directions carry the trace.
     """
     Q, R, S = basis
-    d = column_dots(Om, Y)
-    try:
-        scale = np.linalg.norm(np.linalg.inv(R).T, axis=0)
-    except np.linalg.LinAlgError:
-        scale = np.linalg.norm(np.linalg.pinv(R).T, axis=0)
-    e = np.einsum("ji,ji->i", S, gram(Q, Om)) / scale
-    vd = float(np.var(d, ddof=1))
-    return float(np.var(e, ddof=1)) / vd if vd > 0 else float("inf")
+    return _variance_ratio(_Sketch(Om, Y, Q, R, S, gram(Q, Om), column_dots(Om, Y)))
 
 
 def _auto(H, m, probes, rng, bar):
     """Sketch ``Y = HΩ`` with half the budget, then finish as XTrace if deflation pays
     (:func:`deflation_gain` below ``_AUTO_VARIANCE_RATIO``), else spend the rest on more
     Hutchinson probes and average them with the ``ωᵢᵀHωᵢ`` already in hand."""
-    n, s = H.shape[0], m // 2
-    Om = H.random((n, s), probes, seed=rng)
-    Y = H.matmat(Om)
-    bar.update(s)
-    basis = exchangeable_basis(Y)
-    if deflation_gain(Om, Y, basis) < _AUTO_VARIANCE_RATIO:
-        return (*_xtrace_finish(H, Om, Y, basis, bar), "xtrace")
-    Z = H.random((n, m - s), probes, seed=rng)
-    samples = np.concatenate([column_dots(Om, Y), column_dots(Z, H.matmat(Z))])
-    bar.update(m - s)
+    sk = _sketch(H, m // 2, probes, rng, bar)
+    if _variance_ratio(sk) < _AUTO_VARIANCE_RATIO:
+        return (*_xtrace_finish(H, sk, bar), "xtrace")
+    Z = H.random((H.shape[0], m - m // 2), probes, seed=rng)
+    samples = np.concatenate([sk.d, column_dots(Z, H.matmat(Z))])
+    bar.update(m - m // 2)
     return samples, 0.0, "hutchinson"
 
 
