@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from curvop._progress import progress_bar
-from curvop.eigen import array_summary
 from curvop.arrays import asarray_like, lincomb, sqrt, stack, sum
+from curvop.eigen import array_summary
 from curvop.operator import aslinearoperator
-from curvop.trace import _require_finite, exchangeable_basis, unit_blocks
+from curvop.trace import _require_finite, _unit_blocks, exchangeable_basis
 
 __all__ = ["DiagonalResult", "diagonal"]
 
@@ -84,7 +84,7 @@ def _xdiag(H, m, rng):
 def _exact(H):
     """``diag(H)`` from ``n`` products with unit vectors (block ``E``: ``Σ_columns E ⊙ HE``)."""
     d = None
-    for _, E, Y in unit_blocks(H):
+    for _, E, Y in _unit_blocks(H):
         part = sum(E * Y, axis=1)
         d = part if d is None else d + part
     return d

@@ -40,18 +40,33 @@ class ConvergenceWarning(UserWarning):
 
     The result is still returned (with ``converged=False``); turn the warning into an error with
     ``warnings.simplefilter("error", curvop.ConvergenceWarning)``.
+
+    >>> import warnings, numpy as np, curvop
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     r = curvop.eigenvalues(np.diag(np.linspace(1.0, 2.0, 300)), max_matvecs=10, seed=0)
+    >>> r.converged, caught[0].category.__name__
+    (False, 'ConvergenceWarning')
     """
 
 
 def array_summary(x: Any) -> str:
-    """``<torch.Tensor (100, 3) float32>``: an array's type, shape and dtype, not its contents."""
+    """``<torch.Tensor (100, 3) float32>``: an array's type, shape and dtype, not its contents.
+
+    Used by the results' reprs, so printing a result never prints a model-sized vector.
+
+    >>> import numpy as np
+    >>> array_summary(np.zeros((100, 3)))
+    '<numpy.ndarray (100, 3) float64>'
+    """
     t = type(x)
     dtype = str(getattr(x.dtype, "name", None) or x.dtype).split(".")[-1]
     return f"<{t.__module__.split('.')[0]}.{t.__name__} {tuple(int(d) for d in x.shape)} {dtype}>"
 
 
 def _values(a: np.ndarray) -> str:
-    return np.array2string(np.asarray(a), precision=6, threshold=8, edgeitems=3, separator=", ")
+    return np.array2string(np.asarray(a, dtype=np.float64), threshold=8, edgeitems=3, separator=", ",
+                           formatter={"float_kind": lambda v: f"{v:.6g}"})
 
 
 @dataclass(frozen=True, eq=False)

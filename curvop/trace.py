@@ -10,6 +10,7 @@ estimation" (SIMAX 2024).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -61,11 +62,25 @@ class TraceResult:
 
 
 class IndefiniteOperatorError(ValueError):
-    """``method="xnystrace"`` was asked of an operator that is not positive semi-definite."""
+    """``method="xnystrace"`` was asked of an operator that is not positive semi-definite.
+
+    >>> import numpy as np, curvop
+    >>> try:
+    ...     curvop.trace(np.diag(np.linspace(-1.0, 1.0, 50)), method="xnystrace", seed=0, num_matvecs=10)
+    ... except curvop.IndefiniteOperatorError:
+    ...     print("use method='auto' or 'xtrace'")
+    use method='auto' or 'xtrace'
+    """
 
 
 def _require_finite(values: Any, where: str) -> None:
-    """Raise :class:`~curvop.backends.faults.NonFiniteProductError` unless every value is finite."""
+    """Raise :class:`~curvop.backends.faults.NonFiniteProductError` unless every value is finite.
+
+    ``values`` are host numbers already computed (no extra synchronisation); a tuple of floats
+    takes a fast path, as this runs once per Lanczos step.
+    """
+    if isinstance(values, tuple) and all(map(math.isfinite, values)):
+        return
     if not np.all(np.isfinite(values)):
         from curvop.backends.faults import NonFiniteProductError
 
@@ -76,7 +91,7 @@ def _require_finite(values: Any, where: str) -> None:
         )
 
 
-def unit_blocks(H: HessianOperator, chunk: int = 64):
+def _unit_blocks(H: HessianOperator, chunk: int = 64):
     """``(j, E, HE)`` for the unit-vector blocks ``E = I[:, j:j+k]`` of ``n`` products in all.
 
     Used instead of a randomized estimate when the budget reaches ``n``: the exact answer then
@@ -94,7 +109,7 @@ def unit_blocks(H: HessianOperator, chunk: int = 64):
 def _exact(H, bar):
     """``tr(H) = Σ_j e_jᵀHe_j`` from ``n`` products with unit vectors."""
     d = []
-    for _, E, Y in unit_blocks(H):
+    for _, E, Y in _unit_blocks(H):
         d.append(column_dots(E, Y))
         bar.update(E.shape[1])
     return np.concatenate(d)
@@ -268,7 +283,7 @@ def _xnystrace(H, m, probes, rng, bar):
             "any symmetric H."
         ) from None
     Cinv = scipy.linalg.solve_triangular(C, np.eye(m))
-    F = lincomb(Y + Om * nu, Cinv)  # Y_ν C⁻¹
+    F = lincomb(Y + Om * float(nu), Cinv)  # Y_ν C⁻¹
     B = gram(F, F)
     B = (B + B.T) / 2
     r2 = np.einsum("ij,ij->i", Cinv, Cinv)  # ‖rᵢ‖² = (G_ν⁻¹)ᵢᵢ
@@ -346,6 +361,8 @@ def trace(
     >>> B = (U * np.linspace(1.0, 2.0, 200)) @ U.T      # a flat one: deflation would not pay
     >>> curvop.trace(B, num_matvecs=40, seed=0).method
     'hutchinson'
+    >>> curvop.trace(np.diag([1.0, 2.0, 4.0]))          # budget >= n: the exact trace
+    TraceResult(estimate=7.0, stderr=0.0, num_matvecs=3, method='exact', num_probes=3, converged=True)
     """
     H = aslinearoperator(H)
     if method not in _METHODS:

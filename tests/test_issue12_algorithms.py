@@ -217,7 +217,7 @@ def test_issue12_item17_results_have_short_reprs(kind):
         text = repr(obj)
         assert "\n" not in text and len(text) < 250, text
         assert str(obj) == text
-    assert "eigenvalues=[500., 499., 498.]" in repr(ev) and "(500, 3) float64" in repr(ev)
+    assert "eigenvalues=[500, 499, 498]" in repr(ev) and "(500, 3) float64" in repr(ev)
     assert "(500,)" in repr(dg) and "num_matvecs=10" in repr(dg)
     assert "n=500, num_probes=2, nodes per probe=97" in repr(sd)
     big = curvop.eigenvalues(np.diag(np.arange(1.0, 501.0)), k=30, seed=0)
