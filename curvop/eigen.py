@@ -134,9 +134,10 @@ def _expand(H: HessianOperator, Q: Array) -> tuple[Array, float, float]:
     q = Q[:, Q.shape[1] - 1]
     w = H.matvec(q)
     alpha = dot(q, w)
+    _require_finite((alpha,), "curvop Lanczos")
     w = project_out(project_out(w, Q), Q)
     beta = norm(w)
-    _require_finite((alpha, beta), "curvop Lanczos")
+    _require_finite((beta,), "curvop Lanczos")
     return w, alpha, beta
 
 
@@ -359,8 +360,9 @@ def _power(H, k, which, tol, max_matvecs, rng, bar):
             used += 1
             bar.update(1)
             lam = dot(v, Hv)
+            _require_finite((lam,), "curvop.eigenvalues(method='power')")
             r = norm(Hv - v * lam)
-            _require_finite((lam, r), "curvop.eigenvalues(method='power')")
+            _require_finite((r,), "curvop.eigenvalues(method='power')")
             u = v  # the vector lam and r belong to (v moves on below)
             PHv = project_out(project_out(Hv, E), E) if E is not None else Hv
             ok = (r if E is None else norm(PHv - v * lam)) <= tol * abs(lam)

@@ -130,6 +130,7 @@ def _hutchinson(H, m, probes, rng, rtol, bar):
         Z = H.random((n, b), probes, seed=rng)
         samples = np.concatenate([samples, column_dots(Z, H.matmat(Z))])
         bar.update(b)
+        _require_finite(samples, "curvop.trace(method='hutchinson')")
         if rtol is not None and samples.size >= 2:
             est, err = _mean_stderr(samples)
             if err <= rtol * abs(est):
@@ -187,8 +188,10 @@ def _sketch(H, s, probes, rng, bar) -> _Sketch:
     Om = H.random((H.shape[0], s), probes, seed=rng)
     Y = H.matmat(Om)
     bar.update(s)
+    d = column_dots(Om, Y)
+    _require_finite(d, "curvop.trace")
     Q, R, S = exchangeable_basis(Y)
-    return _Sketch(Om, Y, Q, R, S, gram(Q, Om), column_dots(Om, Y))
+    return _Sketch(Om, Y, Q, R, S, gram(Q, Om), d)
 
 
 def _xtrace(H, m, probes, rng, bar):

@@ -105,9 +105,9 @@ def test_issue12_item6_xnystrace_still_unbiased_with_honest_errors():
 
 
 # --- item 7: NaN products raise, never converged=True -------------------------------------------
-def _nan_matrix(n=20):
+def _nan_matrix(n=20, bad=np.nan):
     A = np.eye(n)
-    A[3, 3] = np.nan
+    A[3, 3] = bad
     return A
 
 
@@ -120,6 +120,12 @@ def test_issue12_item7_trace_of_nan_products_raises(kind, method):
             curvop.trace(H, method=method, num_matvecs=budget, seed=0)
     with pytest.raises(NonFiniteProductError):
         curvop.trace(H, method="hutchinson", num_matvecs=8, rtol=1e-3, seed=0)
+    # Inf products: the same one error, before any numpy warning from the estimator's arithmetic
+    H = operator(_nan_matrix(bad=np.inf), kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(NonFiniteProductError):
+            curvop.trace(H, method=method, num_matvecs=8, seed=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -136,6 +142,12 @@ def test_issue12_item7_every_algorithm_raises_one_curvop_error_on_nan(kind):
     for call in calls:
         with pytest.raises(NonFiniteProductError, match="NaN or Inf"):
             call()
+    H = operator(_nan_matrix(bad=np.inf), kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for call in calls[:2] + calls[3:]:  # calls[2] multiplies inf by the zeros of unit vectors
+            with pytest.raises(NonFiniteProductError):
+                call()
 
 
 # --- item 11: to_dense(chunk=...) is validated ----------------------------------------------------
