@@ -253,7 +253,8 @@ def _auto(H, m, probes, rng, bar):
 
 def _xnystrace(H, m, probes, rng, bar):
     """XNysTrace for PSD ``H``: leave-one-out Nyström approximations ``Â₋ᵢ`` plus Hutchinson on
-    ``H − Â₋ᵢ`` with probe ``ωᵢ``, computed stably as in Epperly, Tropp & Webber (2024, §2.2).
+    ``H − Â₋ᵢ`` with probe ``ωᵢ``, with the shifted (stable) Nyström approximation that
+    Epperly, Tropp & Webber recommend for XNysTrace.
 
     With ``Y = HΩ``, a tiny shift ``ν = √n·eps·‖Y‖`` makes ``Y_ν = Y + νΩ = (H + νI)Ω`` and
     ``G_ν = ΩᵀY_ν`` positive definite for any PSD ``H`` (also of rank below ``m``); ``G_ν = CᵀC``
