@@ -29,7 +29,7 @@ from curvop.arrays import (
 from curvop.operator import HessianOperator, aslinearoperator
 from curvop.trace import _require_finite
 
-__all__ = ["EigenResult", "ConvergenceWarning", "eigenvalues", "lanczos_tridiag", "lanczos_tridiag_batch"]
+__all__ = ["EigenResult", "ConvergenceWarning", "eigenvalues", "lanczos_tridiag", "lanczos_tridiag_batch", "array_summary"]
 
 Array = Any
 _WHICH = ("LA", "SA", "LM")
