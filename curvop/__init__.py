@@ -6,8 +6,8 @@
 from curvop import arrays, backends
 from curvop.factory import hessian, hessian_of
 from curvop.operator import MAX_DENSE_SIZE, HessianOperator, aslinearoperator
-from curvop.eigen import EigenResult, eigenvalues
-from curvop.trace import TraceResult, trace
+from curvop.eigen import ConvergenceWarning, EigenResult, eigenvalues
+from curvop.trace import IndefiniteOperatorError, TraceResult, trace
 from curvop.diagonal import DiagonalResult, diagonal
 from curvop.density import SpectralDensity, spectral_density
 
@@ -21,6 +21,8 @@ __all__ = [
     "backends",
     "hessian",
     "hessian_of",
+    "ConvergenceWarning",
+    "IndefiniteOperatorError",
     "EigenResult",
     "eigenvalues",
     "TraceResult",

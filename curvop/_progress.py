@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -16,7 +17,8 @@ class _NoBar:
 def progress_bar(enabled: bool, total: int | None, desc: str) -> Any:
     """A tqdm bar counting Hessian-vector products when ``enabled``, else a no-op object.
 
-    Both have ``update(n)`` and ``close()``. In a data-parallel run only the main process (rank 0)
+    Both have ``update(n)`` and ``close()``; ``close()`` ends the bar at the products counted so
+    far (an early stop then reads as complete). In a data-parallel run only the main process (rank 0)
     draws a bar (:func:`curvop.backends.distributed.is_main_process`).
     """
     from curvop.backends.distributed import is_main_process
@@ -25,4 +27,15 @@ def progress_bar(enabled: bool, total: int | None, desc: str) -> Any:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="HVP")
+    class _Bar(tqdm):
+        def close(self) -> None:
+            # an algorithm that stops early (converged, or a budget it did not need) ends at the
+            # products it used, "21/21 100%", not at "21/200 10%", which reads as aborted; a run
+            # stopped by an exception (Ctrl-C) keeps its honest "21/200"
+            stopped = sys.exc_info()[0] is not None
+            if not stopped and not self.disable and self.total is not None and self.n < self.total:
+                self.total = self.n
+                self.refresh()
+            super().close()
+
+    return _Bar(total=total, desc=desc, unit="HVP")

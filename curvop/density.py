@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from curvop._progress import progress_bar
-from curvop.eigen import lanczos_tridiag_batch
+from curvop.eigen import array_summary, lanczos_tridiag_batch
 from curvop.operator import aslinearoperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -44,6 +44,17 @@ class SpectralDensity:
     n: int
     num_matvecs: int
 
+    def __repr__(self) -> str:
+        steps = sorted({int(np.size(x)) for x in self.nodes})
+        span = ""
+        if self.nodes:
+            x, _ = self._flat()
+            span = f", nodes in [{x.min():.4g}, {x.max():.4g}]"
+        return (
+            f"SpectralDensity(n={self.n}, num_probes={len(self.nodes)}, nodes per probe="
+            f"{steps[0] if len(steps) == 1 else steps}{span}, num_matvecs={self.num_matvecs})"
+        )
+
     def _flat(self) -> tuple[np.ndarray, np.ndarray]:
         p = len(self.nodes)
         return np.concatenate(self.nodes), np.concatenate(self.weights) / p
@@ -51,9 +62,12 @@ class SpectralDensity:
     def default_sigma(self) -> float:
         """``0.01 ×`` the spread of the nodes (1e-3·max(1, |θ|) if all nodes coincide).
 
-        With 1 % of the spectral width each Gaussian is narrow enough to resolve the bulk and
-        isolated outliers of a typical Hessian spectrum on a linear axis, and wide enough that a
-        few probes × ~100 nodes give a smooth curve.
+        The one default kernel width of curvop: :meth:`density`, :meth:`plot` and
+        :mod:`curvop.plot` all use it, so one density draws one curve. With 1 % of the spectral
+        width each Gaussian is narrow enough to resolve the bulk and isolated outliers of a
+        typical Hessian spectrum on a linear axis, and wide enough that a few probes × ~100 nodes
+        give a smooth curve; unlike PyHessian's width (:func:`curvop.plot.pyhessian_sigma`) it
+        scales with the spectrum, so the default grids resolve it at any scale.
         """
         x, _ = self._flat()
         width = float(x.max() - x.min())

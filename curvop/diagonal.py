@@ -13,8 +13,9 @@ import numpy as np
 
 from curvop._progress import progress_bar
 from curvop.arrays import asarray_like, lincomb, sqrt, stack, sum
+from curvop.eigen import array_summary
 from curvop.operator import aslinearoperator
-from curvop.trace import exchangeable_basis
+from curvop.trace import _require_finite, _unit_blocks, exchangeable_basis
 
 __all__ = ["DiagonalResult", "diagonal"]
 
@@ -36,6 +37,7 @@ class DiagonalResult:
         probes); for XDiag the leave-one-out estimates are exchangeable but correlated.
     num_matvecs : int
     method : str
+        ``"exact"`` when the budget reached ``n`` (``stderr`` is then zero).
     num_probes : int
     """
 
@@ -44,6 +46,12 @@ class DiagonalResult:
     num_matvecs: int
     method: str
     num_probes: int
+
+    def __repr__(self) -> str:
+        return (
+            f"DiagonalResult(estimate={array_summary(self.estimate)}, stderr={array_summary(self.stderr)}, "
+            f"num_matvecs={self.num_matvecs}, method={self.method!r}, num_probes={self.num_probes})"
+        )
 
 
 def _row_mean_stderr(E: Array) -> tuple[Array, Array]:
@@ -73,6 +81,15 @@ def _xdiag(H, m, rng):
     return stack([base] * s, axis=1) - QS * ZS + Om * QS * asarray_like(c, QS)
 
 
+def _exact(H):
+    """``diag(H)`` from ``n`` products with unit vectors (block ``E``: ``Σ_columns E ⊙ HE``)."""
+    d = None
+    for _, E, Y in _unit_blocks(H):
+        part = sum(E * Y, axis=1)
+        d = part if d is None else d + part
+    return d
+
+
 def diagonal(
     H: Any,
     *,
@@ -92,7 +109,9 @@ def diagonal(
         ``"xdiag"``: low-rank part ``diag(QQᵀH)`` plus a Hutchinson correction, every probe left
         out of the sketch in turn; much better when the spectrum decays.
     num_matvecs : int
-        Products to use (XDiag uses the largest even number below).
+        Products to use (XDiag uses the largest even number below). When it is at least ``n``,
+        the exact diagonal is computed instead from ``n`` products with unit vectors
+        (``method="exact"``, ``stderr`` zero): no more products, and no random error.
     seed : int, numpy Generator or None
     progress : bool
 
@@ -111,16 +130,24 @@ def diagonal(
     H = aslinearoperator(H)
     if method not in _MIN_MATVECS:
         raise ValueError(f"method must be 'hutchinson' or 'xdiag', got {method!r}")
-    num_matvecs = int(num_matvecs)
-    if num_matvecs < _MIN_MATVECS[method]:
+    num_matvecs, n = int(num_matvecs), H.shape[0]
+    if num_matvecs < min(_MIN_MATVECS[method], n):
         raise ValueError(f"method={method!r} needs num_matvecs >= {_MIN_MATVECS[method]}, got {num_matvecs}")
     rng = np.random.default_rng(seed)
     start = H.num_matvecs
-    bar = progress_bar(progress, num_matvecs, f"diagonal ({method})")
+    exact = num_matvecs >= n
+    bar = progress_bar(progress, n if exact else num_matvecs, f"diagonal ({'exact' if exact else method})")
     try:
-        E = _hutchinson(H, num_matvecs, rng) if method == "hutchinson" else _xdiag(H, num_matvecs, rng)
+        if exact:
+            E = _exact(H)
+        else:
+            E = _hutchinson(H, num_matvecs, rng) if method == "hutchinson" else _xdiag(H, num_matvecs, rng)
         bar.update(H.num_matvecs - start)
     finally:
         bar.close()
+    # one sum per column (or of the exact diagonal) comes to the host: NaN/Inf anywhere shows there
+    _require_finite(H.to_numpy(sum(E, axis=0)), f"curvop.diagonal(method={method!r})")
+    if exact:
+        return DiagonalResult(E, E * 0, H.num_matvecs - start, "exact", n)
     mean, err = _row_mean_stderr(E)
     return DiagonalResult(mean, err, H.num_matvecs - start, method, int(E.shape[1]))

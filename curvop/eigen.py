@@ -27,11 +27,46 @@ from curvop.arrays import (
     stack,
 )
 from curvop.operator import HessianOperator, aslinearoperator
+from curvop.trace import _require_finite
 
-__all__ = ["EigenResult", "eigenvalues", "lanczos_tridiag", "lanczos_tridiag_batch"]
+__all__ = ["EigenResult", "ConvergenceWarning", "eigenvalues", "lanczos_tridiag", "lanczos_tridiag_batch", "array_summary"]
 
 Array = Any
 _WHICH = ("LA", "SA", "LM")
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative method stopped on its budget before meeting its tolerance.
+
+    The result is still returned (with ``converged=False``); turn the warning into an error with
+    ``warnings.simplefilter("error", curvop.ConvergenceWarning)``.
+
+    >>> import warnings, numpy as np, curvop
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     r = curvop.eigenvalues(np.diag(np.linspace(1.0, 2.0, 300)), max_matvecs=10, seed=0)
+    >>> r.converged, caught[0].category.__name__
+    (False, 'ConvergenceWarning')
+    """
+
+
+def array_summary(x: Any) -> str:
+    """``<torch.Tensor (100, 3) float32>``: an array's type, shape and dtype, not its contents.
+
+    Used by the results' reprs, so printing a result never prints a model-sized vector.
+
+    >>> import numpy as np
+    >>> array_summary(np.zeros((100, 3)))
+    '<numpy.ndarray (100, 3) float64>'
+    """
+    t = type(x)
+    dtype = str(getattr(x.dtype, "name", None) or x.dtype).split(".")[-1]
+    return f"<{t.__module__.split('.')[0]}.{t.__name__} {tuple(int(d) for d in x.shape)} {dtype}>"
+
+
+def _values(a: np.ndarray) -> str:
+    return np.array2string(np.asarray(a, dtype=np.float64), threshold=8, edgeitems=3, separator=", ",
+                           formatter={"float_kind": lambda v: f"{v:.6g}"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +100,15 @@ class EigenResult:
     method: str = "lanczos"
     which: str = "LA"
 
+    def __repr__(self) -> str:
+        res = float(np.max(self.residual_norms)) if np.size(self.residual_norms) else 0.0
+        return (
+            f"EigenResult(eigenvalues={_values(self.eigenvalues)}, "
+            f"eigenvectors={array_summary(self.eigenvectors)}, max_residual={res:.3g}, "
+            f"num_matvecs={self.num_matvecs}, converged={self.converged}, method={self.method!r}, "
+            f"which={self.which!r})"
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # the Lanczos core (also used by stochastic Lanczos quadrature)
@@ -90,8 +134,11 @@ def _expand(H: HessianOperator, Q: Array) -> tuple[Array, float, float]:
     q = Q[:, Q.shape[1] - 1]
     w = H.matvec(q)
     alpha = dot(q, w)
+    _require_finite((alpha,), "curvop Lanczos")
     w = project_out(project_out(w, Q), Q)
-    return w, alpha, norm(w)
+    beta = norm(w)
+    _require_finite((beta,), "curvop Lanczos")
+    return w, alpha, beta
 
 
 def lanczos_tridiag(
@@ -177,6 +224,7 @@ def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray,
     for j in range(steps):
         W = H.matmat(V)
         alphas[j] = column_dots(V, W)
+        _require_finite(alphas[j], "curvop Lanczos")
         if j == steps - 1:
             break
         W = project_out_each(project_out_each(W, basis), basis)  # full reorthogonalisation, twice
@@ -312,14 +360,17 @@ def _power(H, k, which, tol, max_matvecs, rng, bar):
             used += 1
             bar.update(1)
             lam = dot(v, Hv)
+            _require_finite((lam,), "curvop.eigenvalues(method='power')")
             r = norm(Hv - v * lam)
+            _require_finite((r,), "curvop.eigenvalues(method='power')")
+            u = v  # the vector lam and r belong to (v moves on below)
             PHv = project_out(project_out(Hv, E), E) if E is not None else Hv
             ok = (r if E is None else norm(PHv - v * lam)) <= tol * abs(lam)
             if ok:
                 break
             v = PHv / norm(PHv)
         lams.append(lam)
-        vecs.append(v)
+        vecs.append(u)
         res.append(r)
         conv.append(ok)
     return np.asarray(lams), stack(vecs, axis=1), np.asarray(res), bool(all(conv))
@@ -360,10 +411,11 @@ def eigenvalues(
         Relative residual: converged when ``‖Hv − λv‖ ≤ tol · max(|λ|, sqrt(eps)·‖T‖)``
         (``‖T‖`` the largest Ritz value magnitude; power iteration uses ``tol·|λ|``). Default 1e-6.
     max_matvecs : int, optional
-        Products the iteration may use (default ``max(200, 40 k)``); at least ``k``.
+        Products this call may use in all (default ``max(200, 40 k)``), the ``k`` verification
+        products included; at least ``k`` (``2k`` for Lanczos with ``verify=True``).
     verify : bool
         Lanczos only: recompute the residuals explicitly with one block product of ``k`` columns
-        (``k`` extra products, counted in ``num_matvecs``) and judge ``converged`` on them.
+        (``k`` products of the budget, counted in ``num_matvecs``) and judge ``converged`` on them.
     seed : int, numpy Generator or None
         Start vectors are generated on the host from it, so every backend gets the same ones.
     progress : bool
@@ -372,6 +424,8 @@ def eigenvalues(
     Returns
     -------
     EigenResult
+        Eigenvalues ordered by ``which`` (for both methods). When the budget ran out before every
+        pair met ``tol``, a :class:`ConvergenceWarning` is issued and ``converged`` is False.
 
     Examples
     --------
@@ -395,8 +449,12 @@ def eigenvalues(
             "pass which='LM', or use method='lanczos' for 'LA'/'SA'"
         )
     max_matvecs = max(200, 40 * k) if max_matvecs is None else int(max_matvecs)
-    if max_matvecs < k:
-        raise ValueError(f"max_matvecs={max_matvecs} is too small for k={k} eigenpairs (need >= {k})")
+    checks = k if method == "lanczos" and verify else 0  # verification products, in the budget
+    if max_matvecs < k + checks:
+        raise ValueError(
+            f"max_matvecs={max_matvecs} is too small for k={k} eigenpairs (need >= {k + checks}"
+            + (f": {k} Lanczos steps and {k} verification products; or pass verify=False)" if checks else ")")
+        )
     ncv = min(n, max(2 * k + 1, 20)) if ncv is None else int(ncv)
     if not k < ncv <= n:
         raise ValueError(f"ncv must satisfy k < ncv <= n, got ncv={ncv} (k={k}, n={n})")
@@ -405,15 +463,29 @@ def eigenvalues(
     bar = progress_bar(progress, max_matvecs, f"eigenvalues ({method})")
     try:
         if method == "lanczos":
-            lam, V, res, scale, _ = _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar)
+            lam, V, res, scale, _ = _lanczos(H, k, which, tol, max_matvecs - checks, ncv, rng, bar)
             if verify:
                 R = H.matmat(V) - V * H.from_numpy(lam)
+                bar.update(k)
                 res = np.sqrt(np.maximum(column_dots(R, R), 0.0))
             converged = bool(np.all(res <= tol * scale))
         else:
             lam, V, res, converged = _power(H, k, which, tol, max_matvecs, rng, bar)
+            order = _order(lam, which)  # sorted as Lanczos's are
+            lam, res, V = lam[order], res[order], stack([V[:, int(i)] for i in order], axis=1)
     finally:
         bar.close()
+    if not converged:
+        import warnings
+
+        warnings.warn(
+            f"curvop.eigenvalues(method={method!r}): "
+            f"{'the eigenpair has not' if k == 1 else f'not all {k} eigenpairs'} met tol={tol:g} within "
+            f"max_matvecs={max_matvecs} products (largest residual ‖Hv − λv‖ = {float(np.max(res)):.3g}); "
+            "the result has converged=False. Raise max_matvecs (or ncv), or loosen tol.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
     return EigenResult(
         eigenvalues=np.asarray(lam, dtype=np.float64),
         eigenvectors=V,

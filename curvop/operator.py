@@ -203,9 +203,15 @@ class HessianOperator(LinearOperator):
         """The explicit ``(n, n)`` matrix as numpy (n products, in blocks of ``chunk`` columns).
 
         Refuses ``n > max_size`` (default :data:`MAX_DENSE_SIZE`): the matrix would need
-        ``8 n**2`` bytes and ``n`` products. Raise ``max_size`` if you really want it.
+        ``8 n**2`` bytes and ``n`` products. Raise ``max_size`` if you really want it. ``chunk``
+        must be a positive integer.
         """
         n = self.shape[0]
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise ValueError(
+                f"to_dense(chunk={chunk!r}): chunk is the number of columns computed per block "
+                "product and must be a positive integer (e.g. the default 64)"
+            )
         if n > max_size:
             raise ValueError(
                 f"to_dense() refuses n={n} > max_size={max_size}: the matrix would take "

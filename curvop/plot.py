@@ -1,8 +1,9 @@
 """Plots of Hessian spectral densities (matplotlib is imported inside the functions).
 
-The default kernel width is PyHessian's: Gaussians of variance ``1e-5 · max(1, λmax − λmin)``
-around each Ritz value, drawn on a logarithmic density axis, so that a curvop figure reads like the
-figures of the PyHessian paper. Pass ``sigma`` (a standard deviation) to choose another width.
+The default kernel width is the density's own (:meth:`curvop.SpectralDensity.default_sigma`, 1 %
+of the spread of the Ritz values), so a plot draws the same curve as ``density.density()``; the
+density axis is logarithmic, as in the figures of the PyHessian paper. Pass ``sigma`` (a standard
+deviation) to choose another width, e.g. ``sigma=pyhessian_sigma(density)`` for PyHessian's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ FLOOR = 1e-7
 
 
 def pyhessian_sigma(density: Any) -> float:
-    """PyHessian's kernel width (as a standard deviation): ``sqrt(1e-5 · max(1, spread of nodes))``."""
+    """PyHessian's kernel width (as a standard deviation): ``sqrt(1e-5 · max(1, spread of nodes))``.
+
+    Not the default (that is :meth:`curvop.SpectralDensity.default_sigma`); pass it as ``sigma=``
+    to draw a figure with PyHessian's smoothing.
+    """
     x = np.concatenate(density.nodes)
     return float(np.sqrt(1e-5 * max(1.0, float(x.max() - x.min()))))
 
@@ -30,7 +35,7 @@ def density_curve(density: Any, sigma: float | None = None, num: int = 4000,
     ``span`` is the ``(left, right)`` range of the grid; default the nodes' range widened by a
     tenth of its width on each side (at least 1), the margin PyHessian's plots have.
     """
-    sigma = pyhessian_sigma(density) if sigma is None else float(sigma)
+    sigma = density.default_sigma() if sigma is None else float(sigma)
     if span is None:
         x = np.concatenate(density.nodes)
         pad = max(1.0, 0.1 * float(x.max() - x.min()))
@@ -54,7 +59,7 @@ def plot_density(density: Any, *, top: Sequence[float] | None = None, sigma: flo
     top : sequence of float, optional
         Eigenvalues to mark (dashed red lines, labelled in the legend).
     sigma : float, optional
-        Kernel width (standard deviation); default :func:`pyhessian_sigma`.
+        Kernel width (standard deviation); default ``density.default_sigma()``.
     ax : matplotlib Axes, optional
     title : str, optional
     path : str, optional
@@ -99,7 +104,7 @@ def compare_densities(densities: Mapping[str, Any], *, top: Mapping[str, float] 
     top : mapping name -> float, optional
         The top eigenvalue of each, marked with a dashed line and written in the panel title.
     sigma : float, optional
-        One kernel width for all panels; default each panel's :func:`pyhessian_sigma`.
+        One kernel width for all panels; default each panel's ``default_sigma()``.
     path : str, optional
         Save the figure there.
     columns : int

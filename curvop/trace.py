@@ -10,16 +10,17 @@ estimation" (SIMAX 2024).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from curvop._progress import progress_bar
-from curvop.arrays import column_dots, gram, orthonormalize, project_out
+from curvop.arrays import column_dots, gram, lincomb, norm, orthonormalize, project_out
 from curvop.operator import HessianOperator, aslinearoperator
 
-__all__ = ["TraceResult", "trace", "exchangeable_basis", "deflation_gain"]
+__all__ = ["TraceResult", "trace", "exchangeable_basis", "deflation_gain", "IndefiniteOperatorError"]
 
 _METHODS = ("auto", "hutchinson", "hutch++", "xtrace", "xnystrace")
 _MIN_MATVECS = {"auto": 6, "hutchinson": 2, "hutch++": 3, "xtrace": 4, "xnystrace": 2}
@@ -44,9 +45,10 @@ class TraceResult:
     num_matvecs : int
         Products this call used.
     method : str
+        The method that ran: ``"exact"`` when the budget reached ``n`` (then ``stderr`` is 0).
     num_probes : int
         Number of per-probe estimates averaged (Hutchinson probes, Hutch++ residual probes,
-        XTrace/XNysTrace test vectors).
+        XTrace/XNysTrace test vectors; ``n`` unit vectors for ``"exact"``).
     converged : bool
         ``stderr <= rtol·|estimate|`` when ``rtol`` was given (always True otherwise).
     """
@@ -57,6 +59,60 @@ class TraceResult:
     method: str
     num_probes: int
     converged: bool = True
+
+
+class IndefiniteOperatorError(ValueError):
+    """``method="xnystrace"`` was asked of an operator that is not positive semi-definite.
+
+    >>> import numpy as np, curvop
+    >>> try:
+    ...     curvop.trace(np.diag(np.linspace(-1.0, 1.0, 50)), method="xnystrace", seed=0, num_matvecs=10)
+    ... except curvop.IndefiniteOperatorError:
+    ...     print("use method='auto' or 'xtrace'")
+    use method='auto' or 'xtrace'
+    """
+
+
+def _require_finite(values: Any, where: str) -> None:
+    """Raise :class:`~curvop.backends.faults.NonFiniteProductError` unless every value is finite.
+
+    ``values`` are host numbers already computed (no extra synchronisation); a tuple of floats
+    takes a fast path, as this runs once per Lanczos step.
+    """
+    if isinstance(values, tuple) and all(map(math.isfinite, values)):
+        return
+    if not np.all(np.isfinite(values)):
+        from curvop.backends.faults import NonFiniteProductError
+
+        raise NonFiniteProductError(
+            f"{where}: the Hessian-vector products contain NaN or Inf, so no result can be computed; "
+            "check the loss on your data (NaN or Inf inputs, log of zero, overflow in float32) or "
+            "the operator's product function"
+        )
+
+
+def _unit_blocks(H: HessianOperator, chunk: int = 64):
+    """``(j, E, HE)`` for the unit-vector blocks ``E = I[:, j:j+k]`` of ``n`` products in all.
+
+    Used instead of a randomized estimate when the budget reaches ``n``: the exact answer then
+    costs no more products than the estimate would.
+    """
+    n = H.shape[0]
+    for j in range(0, n, chunk):
+        k = min(chunk, n - j)
+        e = np.zeros((n, k))
+        e[np.arange(j, j + k), np.arange(k)] = 1.0
+        E = H.from_numpy(e)
+        yield j, E, H.matmat(E)
+
+
+def _exact(H, bar):
+    """``tr(H) = Σ_j e_jᵀHe_j`` from ``n`` products with unit vectors."""
+    d = []
+    for _, E, Y in _unit_blocks(H):
+        d.append(column_dots(E, Y))
+        bar.update(E.shape[1])
+    return np.concatenate(d)
 
 
 def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
@@ -74,6 +130,7 @@ def _hutchinson(H, m, probes, rng, rtol, bar):
         Z = H.random((n, b), probes, seed=rng)
         samples = np.concatenate([samples, column_dots(Z, H.matmat(Z))])
         bar.update(b)
+        _require_finite(samples, "curvop.trace(method='hutchinson')")
         if rtol is not None and samples.size >= 2:
             est, err = _mean_stderr(samples)
             if err <= rtol * abs(est):
@@ -131,8 +188,10 @@ def _sketch(H, s, probes, rng, bar) -> _Sketch:
     Om = H.random((H.shape[0], s), probes, seed=rng)
     Y = H.matmat(Om)
     bar.update(s)
+    d = column_dots(Om, Y)
+    _require_finite(d, "curvop.trace")
     Q, R, S = exchangeable_basis(Y)
-    return _Sketch(Om, Y, Q, R, S, gram(Q, Om), column_dots(Om, Y))
+    return _Sketch(Om, Y, Q, R, S, gram(Q, Om), d)
 
 
 def _xtrace(H, m, probes, rng, bar):
@@ -194,21 +253,45 @@ def _auto(H, m, probes, rng, bar):
 
 def _xnystrace(H, m, probes, rng, bar):
     """XNysTrace for PSD ``H``: leave-one-out Nyström approximations ``Â₋ᵢ`` plus Hutchinson on
-    ``H − Â₋ᵢ`` with probe ``ωᵢ``. With ``G = ΩᵀHΩ``, ``K = YᵀY`` and ``C = G⁻¹`` the i-th
-    estimate is ``tr(CK) − cᵢᵀKcᵢ / Cᵢᵢ + 1 / Cᵢᵢ`` (``cᵢ`` the i-th column of ``C``)."""
+    ``H − Â₋ᵢ`` with probe ``ωᵢ``, with the shifted (stable) Nyström approximation that
+    Epperly, Tropp & Webber recommend for XNysTrace.
+
+    With ``Y = HΩ``, a tiny shift ``ν = √n·eps·‖Y‖`` makes ``Y_ν = Y + νΩ = (H + νI)Ω`` and
+    ``G_ν = ΩᵀY_ν`` positive definite for any PSD ``H`` (also of rank below ``m``); ``G_ν = CᵀC``
+    (Cholesky) and ``F = Y_ν C⁻¹`` give the Nyström approximation ``FFᵀ`` of ``H + νI``. With
+    ``rᵢ`` the ``i``-th row of ``C⁻¹`` the ``i``-th estimate of ``tr(H + νI)`` is
+    ``‖F‖² − ‖Frᵢ‖²/‖rᵢ‖² + 1/‖rᵢ‖²``; subtracting ``ν‖ωᵢ‖²`` removes the shift exactly. A
+    Cholesky failure means ``ΩᵀHΩ`` has a negative eigenvalue below rounding: ``H`` is not PSD,
+    and :class:`IndefiniteOperatorError` says so (never a silently wrong estimate).
+    """
+    import scipy.linalg
+
     n = H.shape[0]
     Om = H.random((n, m), probes, seed=rng)
     Y = H.matmat(Om)
     bar.update(m)
     G = gram(Om, Y)
-    G = (G + G.T) / 2
-    K = gram(Y, Y)
-    # a tiny shift keeps the Gram matrix invertible when H has rank < m
-    G = G + np.eye(m) * (np.finfo(np.float64).eps * np.trace(G))
-    C = np.linalg.inv(G)
-    C = (C + C.T) / 2
-    dC = np.diag(C)
-    samples = np.trace(C @ K) - np.einsum("ji,jk,ki->i", C, K, C) / dC + 1.0 / dC
+    _require_finite(G, "curvop.trace(method='xnystrace')")
+    dt = np.dtype(H.dtype) if np.dtype(H.dtype).kind == "f" else np.dtype(np.float64)
+    nu = np.sqrt(n) * np.finfo(dt).eps * norm(Y)
+    om2 = column_dots(Om, Om)
+    G = (G + G.T) / 2 + nu * gram(Om, Om)
+    try:
+        C = np.linalg.cholesky(G).T  # upper triangular, CᵀC = G_ν
+    except np.linalg.LinAlgError:
+        lam = np.linalg.eigvalsh(G)
+        raise IndefiniteOperatorError(
+            "method='xnystrace' needs a positive semi-definite operator, but ΩᵀHΩ for the probes is "
+            f"not (its eigenvalues range from {lam[0]:.4g} to {lam[-1]:.4g}): H is indefinite, as a "
+            "Hessian away from a minimum usually is. Use method='auto' or 'xtrace', which work for "
+            "any symmetric H."
+        ) from None
+    Cinv = scipy.linalg.solve_triangular(C, np.eye(m))
+    F = lincomb(Y + Om * float(nu), Cinv)  # Y_ν C⁻¹
+    B = gram(F, F)
+    B = (B + B.T) / 2
+    r2 = np.einsum("ij,ij->i", Cinv, Cinv)  # ‖rᵢ‖² = (G_ν⁻¹)ᵢᵢ
+    samples = np.trace(B) - np.einsum("ij,jk,ik->i", Cinv, B, Cinv) / r2 + 1.0 / r2 - nu * om2
     return samples, 0.0
 
 
@@ -239,7 +322,8 @@ def trace(
         ``"xtrace"``: half the budget on ``Y = HΩ``, half on ``HQ``; every probe serves both as
         sketch and as Hutchinson probe (exchangeable leave-one-out estimates).
         ``"xnystrace"``: for positive semi-definite ``H`` only; Nyström approximation with every
-        probe left out in turn; uses all of the budget on one block ``HΩ``.
+        probe left out in turn; uses all of the budget on one block ``HΩ``. Raises
+        :class:`IndefiniteOperatorError` when ``ΩᵀHΩ`` shows that ``H`` is not PSD.
         Hutch++, XTrace and XNysTrace beat Hutchinson by orders of magnitude on decaying spectra.
         XTrace is more accurate than Hutch++ at the same budget on flat and decaying spectra
         (``benchmarks/accuracy.py``), but on a flat spectrum it is 2-3x less accurate than
@@ -247,6 +331,11 @@ def trace(
         between the two.
     num_matvecs : int
         Products to use (an upper bound with ``rtol``; XTrace uses the largest even number below).
+        When it is at least ``n``, every method computes the exact trace instead, from ``n``
+        products with unit vectors: ``method="exact"``, ``stderr=0``. That costs no more than the
+        estimate would and is better than any estimate (XTrace's sketch would span the whole
+        space; Hutchinson would still have a random error). With ``rtol`` the exact trace can cost
+        more than adaptive stopping would have; pass ``num_matvecs < n`` to keep that.
     rtol : float, optional
         Hutchinson only: stop as soon as ``stderr <= rtol·|estimate|`` (checked every 10 probes).
     probes : {"rademacher", "gaussian", "sphere"}
@@ -257,6 +346,13 @@ def trace(
     Returns
     -------
     TraceResult
+
+    Raises
+    ------
+    curvop.backends.faults.NonFiniteProductError
+        If the products contain NaN or Inf.
+    IndefiniteOperatorError
+        ``method="xnystrace"`` on an operator that is not positive semi-definite.
 
     Examples
     --------
@@ -269,6 +365,8 @@ def trace(
     >>> B = (U * np.linspace(1.0, 2.0, 200)) @ U.T      # a flat one: deflation would not pay
     >>> curvop.trace(B, num_matvecs=40, seed=0).method
     'hutchinson'
+    >>> curvop.trace(np.diag([1.0, 2.0, 4.0]))          # budget >= n: the exact trace
+    TraceResult(estimate=7.0, stderr=0.0, num_matvecs=3, method='exact', num_probes=3, converged=True)
     """
     H = aslinearoperator(H)
     if method not in _METHODS:
@@ -276,16 +374,20 @@ def trace(
     if rtol is not None and method != "hutchinson":
         raise ValueError("rtol (adaptive stopping) is supported for method='hutchinson' only")
     num_matvecs = int(num_matvecs)
+    n = H.shape[0]
     need = _MIN_MATVECS[method]
-    if num_matvecs < need:
+    if num_matvecs < min(need, n):
         raise ValueError(f"method={method!r} needs num_matvecs >= {need}, got {num_matvecs}")
     rng = np.random.default_rng(seed)
     start = H.num_matvecs
-    total = 2 * (num_matvecs // 2) if method == "xtrace" else num_matvecs  # auto may use one fewer
-    bar = progress_bar(progress, total, f"trace ({method})")
+    exact = num_matvecs >= n
+    total = n if exact else 2 * (num_matvecs // 2) if method == "xtrace" else num_matvecs
+    bar = progress_bar(progress, total, f"trace ({'exact' if exact else method})")
     try:
         ran = method
-        if method == "auto":
+        if exact:
+            samples, base, ran = _exact(H, bar), 0.0, "exact"
+        elif method == "auto":
             samples, base, ran = _auto(H, num_matvecs, probes, rng, bar)
         elif method == "hutchinson":
             samples, base = _hutchinson(H, num_matvecs, probes, rng, rtol, bar)
@@ -297,8 +399,13 @@ def trace(
             samples, base = _xnystrace(H, num_matvecs, probes, rng, bar)
     finally:
         bar.close()
-    mean, err = _mean_stderr(np.asarray(samples, dtype=np.float64))
-    est = base + mean
+    samples = np.asarray(samples, dtype=np.float64)
+    _require_finite(np.append(samples, base), f"curvop.trace(method={method!r})")
+    if ran == "exact":
+        est, err = float(samples.sum()), 0.0
+    else:
+        mean, err = _mean_stderr(samples)
+        est = base + mean
     return TraceResult(
         estimate=float(est),
         stderr=err,
