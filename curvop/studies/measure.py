@@ -29,8 +29,8 @@ def slq_trace(sd: Any) -> tuple[float, float | None]:
 
     >>> import numpy as np, curvop
     >>> sd = curvop.spectral_density(np.diag([1.0, 2.0, 3.0]), num_steps=3, num_probes=2, seed=0)
-    >>> [round(x, 8) for x in slq_trace(sd)]
-    [6.0, 0.0]
+    >>> tuple(round(x, 8) for x in slq_trace(sd))
+    (6.0, 0.0)
     """
     samples = np.array([sd.n * float(np.dot(w, x)) for x, w in zip(sd.nodes, sd.weights)])
     stderr = float(samples.std(ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else None

@@ -42,6 +42,13 @@ def as_script(module: str) -> Iterator[None]:
     ``sys.argv == [FILE]``; for a module name, the working directory goes first and
     ``sys.argv == [MODULE]``. A module that parses its command line at import therefore sees an
     empty one, not curvop's. Both are restored on exit.
+
+    >>> import sys
+    >>> with as_script("exp/model.py"):
+    ...     sys.argv == ["exp/model.py"] and sys.path[0].endswith("exp")
+    True
+    >>> "exp/model.py" in sys.argv
+    False
     """
     path, argv = list(sys.path), sys.argv
     folder = str(pathlib.Path(module).resolve().parent) if _is_path(module) else os.getcwd()
