@@ -127,6 +127,12 @@ def test_issue12_item15_file_module_is_a_real_module(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
 
 
+def test_issue12_item15_file_with_dots_or_dashes_in_its_name_imports(tmp_path, capsys):
+    f = _write(tmp_path / "my-exp.v2.py", BODY)
+    code = main(["spectrum", f"{f}:make", *FAST, "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+
+
 def test_issue12_item15_spectrum_out_is_a_file_fails_before_any_work(tmp_path, capsys):
     marker = tmp_path / "factory-was-called"
     f = _write(tmp_path / "m.py", BODY + f"\ndef marked():\n    open({str(marker)!r}, 'w').close()\n"

@@ -14,6 +14,7 @@ import os
 import pathlib
 import pkgutil
 import random
+import re
 import sys
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -84,8 +85,10 @@ def _import_file(module: str) -> str:
     path = pathlib.Path(module)
     if not path.is_file():
         raise InputError(f"no such file: {module}")
-    name = f"_curvop_user_{path.stem}"
+    name = "_curvop_user_" + re.sub(r"\W", "_", path.stem)  # a valid module name, whatever the file's
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        raise InputError(f"cannot import {module}: not a Python source file (expected a .py file)")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     try:
