@@ -61,8 +61,10 @@ def test_demo_quick_writes_what_it_prints(tmp_path, capsys):
     assert (out / "density.png").stat().st_size > 10_000
     assert len(results["eigenvalues"]) == 5
     assert results["eigenvalues"] == sorted(results["eigenvalues"], reverse=True)
-    for value in [*results["eigenvalues"], results["trace"], results["density_trace"]]:
+    for value in [*results["eigenvalues"], results["trace"], results["trace_stderr"]]:
         assert fmt(value) in printed
+    assert results["density_trace_stderr"] is None  # --quick: one SLQ probe, so its trace is not printed
+    assert fmt(results["density_trace"]) not in printed
     for step, n in results["num_matvecs"].items():
         assert n > 0, step
 

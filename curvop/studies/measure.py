@@ -12,12 +12,29 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Measurement", "measure", "fmt"]
+__all__ = ["Measurement", "measure", "fmt", "slq_trace"]
 
 
 def fmt(x: float) -> str:
     """The one number format of the printed tables (and so of what tests compare with JSON)."""
     return f"{x:.6g}"
+
+
+def slq_trace(sd: Any) -> tuple[float, float | None]:
+    """The SLQ trace of a :class:`curvop.SpectralDensity` and its standard error across probes.
+
+    Each probe's quadrature gives ``n Σ_j w_j θ_j``, which is exactly ``zᵀHz`` for its Rademacher
+    probe ``z`` (Gauss quadrature is exact for ``f(x) = x``): a Hutchinson sample. The mean is
+    ``sd.trace()``; the standard error is the samples' ``std / sqrt(probes)``, ``None`` with one probe.
+
+    >>> import numpy as np, curvop
+    >>> sd = curvop.spectral_density(np.diag([1.0, 2.0, 3.0]), num_steps=3, num_probes=2, seed=0)
+    >>> tuple(round(x, 8) for x in slq_trace(sd))
+    (6.0, 0.0)
+    """
+    samples = np.array([sd.n * float(np.dot(w, x)) for x, w in zip(sd.nodes, sd.weights)])
+    stderr = float(samples.std(ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else None
+    return float(samples.mean()), stderr
 
 
 @dataclass(frozen=True)
@@ -42,7 +59,7 @@ class Measurement:
     trace, trace_stderr : float
         XTrace estimate of ``tr H`` and its standard error.
     density : curvop.SpectralDensity
-        The SLQ nodes and weights.
+        The SLQ nodes and weights (its trace, with a standard error: :func:`slq_trace`).
     steps : dict
         ``"eigenvalues"``, ``"trace"``, ``"density"`` -> :class:`Step`.
     """
@@ -56,28 +73,37 @@ class Measurement:
     steps: dict[str, Step] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready numbers (the density as its SLQ trace and per-probe nodes and weights)."""
+        """JSON-ready numbers (the density as its SLQ trace ± stderr and per-probe nodes and weights)."""
         sd = self.density
+        density_trace, density_stderr = slq_trace(sd)
         return {
             "num_parameters": self.n,
             "eigenvalues": [float(v) for v in self.eigenvalues],
             "eigenvalues_converged": self.eigen_converged,
             "trace": self.trace,
             "trace_stderr": self.trace_stderr,
-            "density_trace": sd.trace(),
+            "density_trace": density_trace,
+            "density_trace_stderr": density_stderr,
             "density": {"nodes": [a.tolist() for a in sd.nodes], "weights": [a.tolist() for a in sd.weights]},
             "num_matvecs": {k: s.num_matvecs for k, s in self.steps.items()},
             "seconds": {k: round(s.seconds, 3) for k, s in self.steps.items()},
         }
 
     def table(self) -> str:
-        """A fixed-width table: one row per quantity, with products used and seconds."""
+        """A fixed-width table: one row per quantity, with products used and seconds.
+
+        Both traces carry their standard errors; with one SLQ probe there is none, so the density
+        row shows no trace (its job is the shape, drawn in ``density.png``).
+        """
         s = self.steps
         rows = [(f"eigenvalue {i + 1}", fmt(v), "", "") for i, v in enumerate(self.eigenvalues)]
         rows[0] = (*rows[0][:2], str(s["eigenvalues"].num_matvecs), f"{s['eigenvalues'].seconds:.1f}")
         rows.append(("trace (XTrace)", f"{fmt(self.trace)} ± {fmt(self.trace_stderr)}",
                      str(s["trace"].num_matvecs), f"{s['trace'].seconds:.1f}"))
-        rows.append(("trace (SLQ density)", fmt(self.density.trace()),
+        slq, slq_err = slq_trace(self.density)
+        probes = len(self.density.nodes)
+        rows.append((f"trace (SLQ, {probes} probes)" if slq_err is not None else "density (SLQ, 1 probe)",
+                     f"{fmt(slq)} ± {fmt(slq_err)}" if slq_err is not None else "(no error bar: not shown)",
                      str(s["density"].num_matvecs), f"{s['density'].seconds:.1f}"))
         head = ("quantity", "value", "matvecs", "seconds")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
