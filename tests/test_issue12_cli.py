@@ -298,3 +298,17 @@ def test_issue12_item16_own_algorithm_estimator_runs_on_jax_and_tensorflow_array
         ran += 1
     if not ran:
         pytest.skip("neither JAX nor TensorFlow is installed")
+
+
+def test_issue12_item5_measure_labels_an_exact_trace_as_exact():
+    # n = 10 < the 99-product budget: the trace is computed exactly (issue 12 item 5), and the
+    # table must not call it an XTrace estimate
+    import numpy as np
+
+    import curvop
+    from curvop.studies.measure import measure
+
+    A = np.diag(np.arange(1.0, 11.0))
+    m = measure(curvop.aslinearoperator(A), k=2, steps=5, probes=2, seed=0)
+    assert m.trace_method == "exact" and m.trace == 55.0 and m.trace_stderr == 0.0
+    assert "trace (exact)" in m.table() and "trace (XTrace)" not in m.table()

@@ -57,7 +57,8 @@ class Measurement:
         The ``k`` largest eigenvalues, in decreasing order.
     eigen_converged : bool
     trace, trace_stderr : float
-        XTrace estimate of ``tr H`` and its standard error.
+        XTrace estimate of ``tr H`` and its standard error (the exact trace, error 0, when the
+        budget reaches n: ``trace_method`` is then ``"exact"``).
     density : curvop.SpectralDensity
         The SLQ nodes and weights (its trace, with a standard error: :func:`slq_trace`).
     steps : dict
@@ -71,6 +72,7 @@ class Measurement:
     trace_stderr: float
     density: Any
     steps: dict[str, Step] = field(default_factory=dict)
+    trace_method: str = "xtrace"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready numbers (the density as its SLQ trace ± stderr and per-probe nodes and weights)."""
@@ -98,7 +100,8 @@ class Measurement:
         s = self.steps
         rows = [(f"eigenvalue {i + 1}", fmt(v), "", "") for i, v in enumerate(self.eigenvalues)]
         rows[0] = (*rows[0][:2], str(s["eigenvalues"].num_matvecs), f"{s['eigenvalues'].seconds:.1f}")
-        rows.append(("trace (XTrace)", f"{fmt(self.trace)} ± {fmt(self.trace_stderr)}",
+        label = "trace (exact)" if self.trace_method == "exact" else "trace (XTrace)"
+        rows.append((label, f"{fmt(self.trace)} ± {fmt(self.trace_stderr)}",
                      str(s["trace"].num_matvecs), f"{s['trace'].seconds:.1f}"))
         slq, slq_err = slq_trace(self.density)
         probes = len(self.density.nodes)
@@ -151,4 +154,4 @@ def measure(H: Any, *, k: int = 5, trace_matvecs: int = 99, steps: int = 80, pro
     order = np.argsort(eig.eigenvalues)[::-1]
     return Measurement(n=int(H.shape[0]), eigenvalues=np.asarray(eig.eigenvalues)[order],
                        eigen_converged=bool(eig.converged), trace=float(tr.estimate),
-                       trace_stderr=float(tr.stderr), density=sd, steps=timed)
+                       trace_stderr=float(tr.stderr), density=sd, steps=timed, trace_method=str(tr.method))
