@@ -114,7 +114,7 @@ def diagonal(
     num_matvecs = int(num_matvecs)
     if num_matvecs < _MIN_MATVECS[method]:
         raise ValueError(f"method={method!r} needs num_matvecs >= {_MIN_MATVECS[method]}, got {num_matvecs}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
     start = H.num_matvecs
     bar = progress_bar(progress, num_matvecs, f"diagonal ({method})")
     try:

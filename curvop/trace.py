@@ -279,7 +279,7 @@ def trace(
     need = _MIN_MATVECS[method]
     if num_matvecs < need:
         raise ValueError(f"method={method!r} needs num_matvecs >= {need}, got {num_matvecs}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
     start = H.num_matvecs
     total = 2 * (num_matvecs // 2) if method == "xtrace" else num_matvecs  # auto may use one fewer
     bar = progress_bar(progress, total, f"trace ({method})")
