@@ -155,6 +155,35 @@ def dtype_mismatch(rank, world, out):
         return _error(err)
 
 
+def cuda_gloo(rank, world, out):
+    """Both ranks on the one GPU, gloo with CUDA tensors: start-up check, seeds and products on the device."""
+    model, batches = model_and_data()
+    dev = torch.device("cuda")
+    model = model.to(dev)
+    batches = [(x.to(dev), y.to(dev)) for x, y in batches]
+    loss = nn.CrossEntropyLoss()
+    H = curvop.hessian(model, loss, batches[rank * 3:(rank + 1) * 3], timeout=60)
+    full = curvop.hessian(model, loss, batches, process_group=False)
+    v = np.random.default_rng(5).standard_normal(H.shape[0])
+    t = curvop.trace(H, method="hutchinson", num_matvecs=100, seed=None)
+    return {"diff": float(np.abs(H @ v - full @ v).max()), "trace": [t.estimate, t.stderr],
+            "trace_true": float(np.trace(full.to_dense())),
+            "eig": [float(x) for x in curvop.eigenvalues(H, 2, seed=None).eigenvalues.tolist()],
+            "random": H.to_numpy(H.random(5, "gaussian", seed=np.random.default_rng(rank))).tolist()}
+
+
+def device_mismatch(rank, world, out):
+    """Rank 0 on CUDA, rank 1 on the CPU (gloo carries both): the start-up check names the device types."""
+    model, batches = model_and_data()
+    dev = torch.device("cuda" if rank == 0 else "cpu")
+    try:
+        curvop.hessian(model.to(dev), nn.CrossEntropyLoss(), [(x.to(dev), y.to(dev)) for x, y in batches[:3]],
+                       timeout=30)
+        return {"error": None}
+    except Exception as err:  # noqa: BLE001 - the test checks the type
+        return _error(err)
+
+
 def main():
     scenario, prefix = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -171,11 +200,15 @@ def main():
         res = rank0_only(rank, world, prefix, timeout=None)
     elif scenario == "dtype":
         res = dtype_mismatch(rank, world, prefix)
+    elif scenario == "cuda_gloo":
+        res = cuda_gloo(rank, world, prefix)
+    elif scenario == "device":
+        res = device_mismatch(rank, world, prefix)
     else:
         res = fault(rank, world, prefix, scenario)
     with open(f"{prefix}.{rank}.json", "w") as f:
         json.dump(res, f)
-    if scenario in ("agree", "seeds", "dtype"):
+    if scenario in ("agree", "seeds", "dtype", "cuda_gloo", "device"):
         dist.destroy_process_group()
     else:
         os._exit(0)  # the group is broken; do not wait in destroy_process_group

@@ -90,3 +90,38 @@ def test_issue12_item14_start_up_signature_names_dtype_and_device():
     assert sig != _signature(torch.float32, torch.device("meta"))
     assert _describe_signature(sig) == "float32 on cpu"
     assert _describe_signature(_signature(torch.bfloat16, torch.device("cuda", 1))) == "bfloat16 on cuda"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not _cuda_available(), reason="no CUDA device visible to torch")
+def test_issue12_item8_cuda_ranks_agree_on_seed_none(tmp_path):
+    procs = _launch("cuda_gloo", tmp_path)
+    outs = _finish(procs, 200)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    r0, r1 = _result(tmp_path, 0), _result(tmp_path, 1)
+    assert r0 == r1  # the agreed seed's table and the products went through CUDA tensors
+    assert r0["diff"] < 1e-10
+    est, err = r0["trace"]
+    assert abs(est - r0["trace_true"]) < 5 * err + 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not _cuda_available(), reason="no CUDA device visible to torch")
+def test_issue12_item14_device_type_mismatch_across_ranks_fails_clearly(tmp_path):
+    procs = _launch("device", tmp_path)
+    outs = _finish(procs, 90)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    for rank in (0, 1):
+        r = _result(tmp_path, rank)
+        assert r["error"] is not None and r["type"] == "DistributedError", r
+        assert "on cuda" in r["error"] and "on cpu" in r["error"], r["error"]
