@@ -164,7 +164,7 @@ def spectral_density(
         raise ValueError(f"num_steps and num_probes must be >= 1, got {num_steps} and {num_probes}")
     n, num_probes = H.shape[0], int(num_probes)
     block_size = num_probes if block_size is None else max(1, int(block_size))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
     start = H.num_matvecs
     nodes, weights = [], []
     bar = progress_bar(progress, num_probes * min(num_steps, n), "spectral density (SLQ)")

@@ -133,7 +133,7 @@ def diagonal(
     num_matvecs, n = int(num_matvecs), H.shape[0]
     if num_matvecs < min(_MIN_MATVECS[method], n):
         raise ValueError(f"method={method!r} needs num_matvecs >= {_MIN_MATVECS[method]}, got {num_matvecs}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
     start = H.num_matvecs
     exact = num_matvecs >= n
     bar = progress_bar(progress, n if exact else num_matvecs, f"diagonal ({'exact' if exact else method})")

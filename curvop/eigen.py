@@ -458,7 +458,7 @@ def eigenvalues(
     ncv = min(n, max(2 * k + 1, 20)) if ncv is None else int(ncv)
     if not k < ncv <= n:
         raise ValueError(f"ncv must satisfy k < ncv <= n, got ncv={ncv} (k={k}, n={n})")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
     start = H.num_matvecs
     bar = progress_bar(progress, max_matvecs, f"eigenvalues ({method})")
     try:

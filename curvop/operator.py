@@ -196,8 +196,12 @@ class HessianOperator(LinearOperator):
         return x if isinstance(x, np.ndarray) else self.backend.to_numpy(x)
 
     def random(self, shape: int | tuple[int, ...], kind: str = "rademacher", seed: Any = None) -> Any:
-        """Native random probes (``"rademacher"``, ``"gaussian"`` or ``"sphere"``) from a seed."""
-        return self.backend.random(shape, kind, np.random.default_rng(seed))
+        """Native random probes (``"rademacher"``, ``"gaussian"`` or ``"sphere"``) from a seed.
+
+        On a data-parallel operator every rank gets the same probes, whatever the seed
+        (:meth:`Backend.agree_seed`: rank 0's draw for ``None`` or a Generator).
+        """
+        return self.backend.random(shape, kind, np.random.default_rng(self.backend.agree_seed(seed)))
 
     def to_dense(self, *, max_size: int = MAX_DENSE_SIZE, chunk: int = 64) -> np.ndarray:
         """The explicit ``(n, n)`` matrix as numpy (n products, in blocks of ``chunk`` columns).

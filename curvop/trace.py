@@ -378,7 +378,7 @@ def trace(
     need = _MIN_MATVECS[method]
     if num_matvecs < min(need, n):
         raise ValueError(f"method={method!r} needs num_matvecs >= {need}, got {num_matvecs}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
     start = H.num_matvecs
     exact = num_matvecs >= n
     total = n if exact else 2 * (num_matvecs // 2) if method == "xtrace" else num_matvecs

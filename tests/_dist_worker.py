@@ -89,17 +89,126 @@ def fault(rank, world, out, how):
         return {"error": str(err), "type": type(err).__name__, "elapsed": time.monotonic() - start}
 
 
+def _error(err):
+    return {"type": type(err).__name__, "error": str(err)}
+
+
+def seeds(rank, world, out):
+    """Issue 12 item 8: randomness agrees across ranks by construction, whatever the seed argument."""
+    model, batches = model_and_data()
+    shard = batches[rank * 3:(rank + 1) * 3]
+    loss = nn.CrossEntropyLoss()
+    H = curvop.hessian(model, loss, shard, timeout=30)
+    full = curvop.hessian(model, loss, batches, process_group=False)
+    dense = full.to_dense()
+    n = H.shape[0]
+    res = {"n": n, "trace_true": float(np.trace(dense)), "eig_true": np.linalg.eigvalsh(dense)[::-1][:2].tolist()}
+    for tag, seed in (("none", None), ("none_again", None), ("generator", np.random.default_rng(100 + rank))):
+        t = curvop.trace(H, method="hutchinson", num_matvecs=200, seed=seed)
+        res[tag] = {
+            "trace": [t.estimate, t.stderr],
+            "trace_auto": curvop.trace(H, num_matvecs=20, seed=seed).estimate,
+            "eig": curvop.eigenvalues(H, 2, seed=seed).eigenvalues.tolist(),
+            "diag": curvop.diagonal(H, num_matvecs=6, seed=seed).estimate.tolist(),
+            "density": np.concatenate(curvop.spectral_density(H, num_steps=8, num_probes=2, seed=seed).nodes).tolist(),
+            "random": H.to_numpy(H.random(5, "gaussian", seed=seed)).tolist(),
+        }
+    # the same int seed: the result of a single-process operator with that seed, probes included
+    res["int"] = {"dist": curvop.trace(H, method="hutchinson", num_matvecs=10, seed=7).estimate,
+                  "single": curvop.trace(full, method="hutchinson", num_matvecs=10, seed=7).estimate}
+    for tag, seed in (("int_differs", rank), ("int_vs_none", 3 if rank else None)):
+        try:
+            curvop.trace(H, method="hutchinson", num_matvecs=4, seed=seed)
+            res[tag] = None
+        except DistributedError as err:
+            res[tag] = _error(err)
+    res["after"] = curvop.trace(H, method="hutchinson", num_matvecs=4, seed=1).estimate  # still usable
+    return res
+
+
+def rank0_only(rank, world, out, timeout):
+    """Issue 12 item 14: an operator built on rank 0 only."""
+    model, batches = model_and_data()
+    if rank != 0:
+        time.sleep(40)  # never calls curvop; the test kills this process
+        return {}
+    start = time.monotonic()
+    try:
+        curvop.hessian(model, nn.CrossEntropyLoss(), batches[:3], timeout=timeout)
+        return {"error": None}
+    except Exception as err:  # noqa: BLE001 - the test checks the type
+        return dict(_error(err), elapsed=time.monotonic() - start)
+
+
+def dtype_mismatch(rank, world, out):
+    """Issue 12 item 14: float64 on rank 0, float32 on rank 1, with the same values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    if rank == 0:
+        model, x = model.double(), x.double()  # float32 -> float64 is exact: the checksums agree
+    try:
+        H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), timeout=20)
+        H @ np.ones(H.shape[0])
+        return {"error": None}
+    except Exception as err:  # noqa: BLE001 - the test checks the type
+        return _error(err)
+
+
+def cuda_gloo(rank, world, out):
+    """Both ranks on the one GPU, gloo with CUDA tensors: start-up check, seeds and products on the device."""
+    model, batches = model_and_data()
+    dev = torch.device("cuda")
+    model = model.to(dev)
+    batches = [(x.to(dev), y.to(dev)) for x, y in batches]
+    loss = nn.CrossEntropyLoss()
+    H = curvop.hessian(model, loss, batches[rank * 3:(rank + 1) * 3], timeout=60)
+    full = curvop.hessian(model, loss, batches, process_group=False)
+    v = np.random.default_rng(5).standard_normal(H.shape[0])
+    t = curvop.trace(H, method="hutchinson", num_matvecs=100, seed=None)
+    return {"diff": float(np.abs(H @ v - full @ v).max()), "trace": [t.estimate, t.stderr],
+            "trace_true": float(np.trace(full.to_dense())),
+            "eig": [float(x) for x in curvop.eigenvalues(H, 2, seed=None).eigenvalues.tolist()],
+            "random": H.to_numpy(H.random(5, "gaussian", seed=np.random.default_rng(rank))).tolist()}
+
+
+def device_mismatch(rank, world, out):
+    """Rank 0 on CUDA, rank 1 on the CPU (gloo carries both): the start-up check names the device types."""
+    model, batches = model_and_data()
+    dev = torch.device("cuda" if rank == 0 else "cpu")
+    try:
+        curvop.hessian(model.to(dev), nn.CrossEntropyLoss(), [(x.to(dev), y.to(dev)) for x, y in batches[:3]],
+                       timeout=30)
+        return {"error": None}
+    except Exception as err:  # noqa: BLE001 - the test checks the type
+        return _error(err)
+
+
 def main():
     scenario, prefix = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    group_timeout = 5 if scenario == "rank0only_group_timeout" else 60
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=group_timeout))
     if scenario == "agree":
         res = agree(rank, world, prefix)
+    elif scenario == "seeds":
+        res = seeds(rank, world, prefix)
+    elif scenario == "rank0only":
+        res = rank0_only(rank, world, prefix, timeout=4)
+    elif scenario == "rank0only_group_timeout":
+        res = rank0_only(rank, world, prefix, timeout=None)
+    elif scenario == "dtype":
+        res = dtype_mismatch(rank, world, prefix)
+    elif scenario == "cuda_gloo":
+        res = cuda_gloo(rank, world, prefix)
+    elif scenario == "device":
+        res = device_mismatch(rank, world, prefix)
     else:
         res = fault(rank, world, prefix, scenario)
     with open(f"{prefix}.{rank}.json", "w") as f:
         json.dump(res, f)
-    if scenario == "agree":
+    if scenario in ("agree", "seeds", "dtype", "cuda_gloo", "device"):
         dist.destroy_process_group()
     else:
         os._exit(0)  # the group is broken; do not wait in destroy_process_group

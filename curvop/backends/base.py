@@ -64,6 +64,16 @@ class Backend:
         """Native random probes. Default: generated on the host by numpy, then moved over."""
         return self.from_numpy(arrays.random_probes(rng, shape, kind, dtype=self.dtype))
 
+    def agree_seed(self, seed: Any) -> Any:
+        """The seed to draw probes from; the algorithms call it once, where they make their generator.
+
+        Default: ``seed`` itself. A backend whose products are reduced across processes overrides
+        it so that every process draws the same probes (torch: rank 0's draw for ``None``, a fixed
+        seed checked to be the same on every rank). An own algorithm should draw its probes with
+        :meth:`HessianOperator.random` or ``np.random.default_rng(H.backend.agree_seed(seed))``.
+        """
+        return seed
+
     def describe(self) -> str:
         return f"{self.name} backend, n={self.size}, dtype={self.dtype}"
 

@@ -6,15 +6,20 @@ The weighting rule of :mod:`curvop.backends.dataset` extends across ranks. Each 
 ``sum_r S_r / sum_r N_r``, the product with the Hessian of the mean loss over the whole data set,
 also when shards have different sizes. For a sum-reduced loss only ``S_r`` is all-reduced.
 
-Every rank then holds the same product, so the algorithms (same seeds, probes drawn on the host
-from the seed) run identically everywhere and return identical results; only the main process
-shows progress bars (:func:`is_main_process`).
+Every rank then holds the same product. Randomness agrees by construction: the algorithms make
+their generator from ``Backend.agree_seed(seed)``, which here is one small collective
+(:meth:`TorchCollective.agree_seed`): rank 0's draw when ``seed`` is ``None`` or a Generator, the
+seed itself when it is fixed and the same on every rank (a :class:`DistributedError` when fixed
+seeds differ). So the algorithms run identically everywhere and return identical results; only
+the main process shows progress bars (:func:`is_main_process`).
 
 Faults: with ``timeout=`` curvop runs its collectives on its own process group created with that
 timeout, so a rank that dies makes the others fail at once (gloo: connection closed) and a rank
 that hangs makes them fail after ``timeout`` seconds, with a :class:`DistributedError` instead of
-a hang. The group is checked when the operator is built (a monitored barrier on gloo, which names
-missing ranks, and a comparison of the parameters' size and checksum across ranks).
+a hang. The group is checked when the operator is built: a monitored barrier on gloo, with the
+given timeout or the group's own, which names the ranks that never built the operator; then a
+comparison across ranks of the dtype and device type (a mismatch would kill a rank inside gloo),
+the parameter count and a checksum of the parameters.
 
 This module imports no framework at import time.
 """
@@ -23,10 +28,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 from typing import Any
 
-__all__ = ["DistributedError", "TorchCollective", "is_main_process", "torch_collective",
+import numpy as np
+
+__all__ = ["AgreedGenerator", "DistributedError", "TorchCollective", "is_main_process", "torch_collective",
            "jax_data_parallel"]
 
 
@@ -85,17 +93,37 @@ class TorchCollective:
                 "passed to curvop; build the operator only on the group's ranks, or pass a group that "
                 "contains every rank that builds it"
             )
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.dist = dist
         self.timeout = timeout
         self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self._startup_barrier()
         if timeout is not None:
-            if timeout <= 0:
-                raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
             ranks = None if group is None else dist.get_process_group_ranks(group)
-            self.group = dist.new_group(ranks=ranks, timeout=datetime.timedelta(seconds=float(timeout)))
+            try:
+                self.group = dist.new_group(ranks=ranks, timeout=datetime.timedelta(seconds=float(timeout)))
+            except Exception as err:  # DistStoreError: a rank never came to create the group
+                raise DistributedError(_not_built_everywhere(self.rank, self.world, f"{timeout:g} s", err)) from err
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
         self.backend = str(dist.get_backend(self.group))
+
+    def _startup_barrier(self) -> None:
+        """Every rank is here: a monitored barrier (gloo), which names the ranks that are not."""
+        if str(self.dist.get_backend(self.group)) != "gloo":
+            return  # NCCL has no monitored barrier; the first collective waits for the group's timeout
+        seconds = self.timeout if self.timeout is not None else _group_timeout(self.group)
+        kwargs: dict[str, Any] = {"wait_all_ranks": True}
+        if seconds is not None:  # without it torch waits its 30-minute default, not the group's timeout
+            kwargs["timeout"] = datetime.timedelta(seconds=float(seconds))
+        try:
+            self.dist.monitored_barrier(group=self.group, **kwargs)
+        except Exception as err:
+            limit = f"{seconds:g} s" if seconds is not None else "the process group's timeout"
+            raise DistributedError(_not_built_everywhere(self.rank, self.world, limit, err)) from err
 
     # --- collectives, each turning a failure into a DistributedError ----------------------------------
     def _run(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -107,7 +135,7 @@ class TorchCollective:
                 f"rank {self.rank} of {self.world}: the {what} of a data-parallel Hessian-vector product "
                 f"failed ({type(err).__name__}: {_first_line(err)}). Another rank probably died, hung "
                 f"longer than {limit}, or stopped calling the same products (every rank must run the same "
-                "algorithm with the same seed). The operator is not usable after this."
+                "algorithms in the same order). The operator is not usable after this."
             ) from err
 
     def all_reduce(self, t: Any) -> Any:
@@ -134,38 +162,151 @@ class TorchCollective:
         return [int(x) for x in t.tolist()]
 
     def check_consistent(self, size: int, params: dict[str, Any], device: Any) -> None:
-        """All ranks present, and the same parameters (count and checksum) on every rank."""
+        """The same dtype, device type, parameter count and checksum on every rank.
+
+        (Every rank is present: the constructor ran a monitored barrier on gloo.) A dtype mismatch
+        would otherwise pass and then kill a rank inside gloo (products of different byte sizes).
+        """
         import torch
 
-        if self.backend == "gloo" and device.type == "cpu":
-            kwargs = {"wait_all_ranks": True}
-            if self.timeout is not None:
-                kwargs["timeout"] = datetime.timedelta(seconds=float(self.timeout))
-            self._run("start-up barrier (monitored)", self.dist.monitored_barrier, **kwargs)
+        dtype = next(iter(params.values())).dtype
         with torch.no_grad():
             local = torch.stack([
+                torch.tensor(float(_signature(dtype, device)), dtype=torch.float64, device=device),
                 torch.tensor(float(size), dtype=torch.float64, device=device),
                 sum(p.detach().double().sum() for p in params.values()),
                 sum((p.detach().double() ** 2).sum() for p in params.values()),
             ])
-        mine = local.clone()
-        table = torch.zeros(self.world, 3, dtype=torch.float64, device=device)
+        mine = local.cpu().tolist()
+        table = torch.zeros(self.world, 4, dtype=torch.float64, device=device)
         table[self.rank] = local
         self.all_reduce(table)
-        for r, row in enumerate(table.cpu().tolist()):
-            if int(row[0]) != size:
+        rows = table.cpu().tolist()
+        for r, row in enumerate(rows):
+            if row[0] != mine[0]:
                 raise DistributedError(
-                    f"rank {r} has {int(row[0])} parameters but rank {self.rank} has {size}: every rank must "
+                    f"rank {r} computes in {_describe_signature(int(row[0]))} but rank {self.rank} in "
+                    f"{_describe_signature(int(mine[0]))}: every rank must build the operator with the "
+                    "same dtype and device type (e.g. model.double() or model.to(device) on every rank)"
+                )
+        for r, row in enumerate(rows):
+            if int(row[1]) != size:
+                raise DistributedError(
+                    f"rank {r} has {int(row[1])} parameters but rank {self.rank} has {size}: every rank must "
                     "build the operator from the same model and the same params= selection"
                 )
-            ref = mine.cpu().tolist()
-            if any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in zip(row[1:], ref[1:])):
+        for r, row in enumerate(rows):
+            if any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in zip(row[2:], mine[2:])):
                 raise DistributedError(
                     f"the parameters on rank {r} differ from those on rank {self.rank} (checksums "
-                    f"{row[1]:.6g} vs {ref[1]:.6g}): data-parallel products need the same point on every "
+                    f"{row[2]:.6g} vs {mine[2]:.6g}): data-parallel products need the same point on every "
                     "rank; seed the model identically, load the same checkpoint, or broadcast the "
                     "parameters from rank 0 (DistributedDataParallel does this when it wraps the model)"
                 )
+
+    def agree_seed(self, seed: Any, device: Any) -> AgreedGenerator:
+        """A generator that draws the same numbers on every rank: rank 0's draw, or the fixed seed.
+
+        One collective (all ranks call it, in the same order, as they call the algorithms), except
+        for an :class:`AgreedGenerator`, which is returned as it is. ``None`` draws fresh entropy and
+        a ``Generator`` (or BitGenerator) gives one draw on every rank; all ranks then use rank 0's
+        draw. A fixed seed (int, sequence of ints, SeedSequence), once every rank is seen to pass
+        the same one, gives the stream of ``np.random.default_rng(seed)``, so a distributed run
+        reproduces a single-process one; differing seeds raise :class:`DistributedError` on every
+        rank, before any product.
+        """
+        import torch
+
+        if isinstance(seed, AgreedGenerator):
+            return seed
+        fixed = seed is not None and not isinstance(seed, (np.random.Generator, np.random.BitGenerator))
+        problem = None
+        try:
+            if fixed:
+                ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+                words = ss.generate_state(2, np.uint32)
+                value = (int(words[0]) << 30) ^ int(words[1])  # a 62-bit fingerprint of the seed
+            else:
+                value = int(np.random.default_rng(seed).integers(2**62))
+            kind = _FIXED if fixed else _DRAWN
+        except (TypeError, ValueError) as err:  # an invalid seed: raised after the exchange
+            kind, value, problem = _INVALID, 0, err
+        table = torch.zeros(self.world, 2, dtype=torch.int64, device=device)
+        table[self.rank, 0], table[self.rank, 1] = kind, value
+        self.all_reduce(table)
+        rows = [tuple(row) for row in table.cpu().tolist()]
+        if problem is not None and all(k == _INVALID for k, _ in rows):
+            raise problem
+        if all(k == _DRAWN for k, _ in rows):
+            return AgreedGenerator(np.random.PCG64(rows[0][1]))
+        if all(k == _FIXED for k, _ in rows) and len({v for _, v in rows}) == 1:
+            return AgreedGenerator(np.random.PCG64(seed))  # the stream of np.random.default_rng(seed)
+        what = {_FIXED: "a fixed seed", _DRAWN: "seed=None or a Generator", _INVALID: "an invalid seed"}
+        odd = next(r for r, row in enumerate(rows) if row != rows[0])
+        detail = (f"rank 0 and rank {odd} pass different fixed seeds" if rows[odd][0] == rows[0][0]
+                  else f"rank 0 passes {what[rows[0][0]]}, rank {odd} {what[rows[odd][0]]}")
+        raise DistributedError(
+            f"the seed differs across ranks ({detail}): with a data-parallel operator every rank must "
+            "draw the same probes, so every rank must pass the same seed (the same int on every rank, "
+            "or None / a Generator on every rank: rank 0's draw is then used everywhere)"
+        )
+
+
+class AgreedGenerator(np.random.Generator):
+    """A numpy ``Generator`` that draws the same numbers on every rank of a data-parallel operator.
+
+    Made by :meth:`TorchCollective.agree_seed` (through ``Backend.agree_seed``); passed as a seed
+    again, it is used as it is, without another collective.
+    """
+
+    __slots__ = ()
+
+_FIXED, _DRAWN, _INVALID = 1, 2, 3
+
+_DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128", "float8_e4m3fn",
+           "float8_e5m2")
+_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "meta", "privateuseone", "xla")
+
+
+def _signature(dtype: Any, device: Any) -> int:
+    """dtype and device type as one small integer (exact in float64), for the start-up check."""
+    name, kind = str(dtype).replace("torch.", ""), str(getattr(device, "type", device))
+    d = _DTYPES.index(name) if name in _DTYPES else len(_DTYPES)
+    t = _DEVICES.index(kind) if kind in _DEVICES else len(_DEVICES)
+    return 64 * d + t
+
+
+def _describe_signature(code: int) -> str:
+    d, t = divmod(int(code), 64)
+    dtype = _DTYPES[d] if d < len(_DTYPES) else "another dtype"
+    device = _DEVICES[t] if t < len(_DEVICES) else "another device type"
+    return f"{dtype} on {device}"
+
+
+def _group_timeout(group: Any) -> float | None:
+    """The timeout a process group was created with, in seconds (None where torch hides it)."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        pg = group if group is not None else dist.group.WORLD
+        return float(pg._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+    except Exception:  # a private API: fall back to torch's default
+        return None
+
+
+def _not_built_everywhere(rank: int, world: int, limit: str, err: BaseException) -> str:
+    text = _first_line(err)
+    missing = re.search(r"Ranks? ([\d, ]+) failed", text)
+    ranks = [r for r in re.split(r"[, ]+", missing.group(1)) if r] if missing else []
+    who = (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)} did not arrive" if ranks
+           else "not every rank arrived")
+    return (
+        f"rank {rank} of {world}: curvop.hessian is a collective call and {who} within {limit} "
+        f"({type(err).__name__}: {text}). Every rank must build the operator: call curvop.hessian "
+        "with the same model and params= on every rank of the group, not only on rank 0 (or pass "
+        "process_group=False for an operator over this rank's data alone)"
+    )
 
 
 def torch_collective(process_group: Any, timeout: float | None) -> TorchCollective | None:

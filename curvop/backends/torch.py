@@ -205,6 +205,9 @@ class TorchBackend(Backend):
             a = a.copy()
         return torch.from_numpy(a).to(device=self.device, dtype=self.torch_dtype)
 
+    def agree_seed(self, seed: Any) -> Any:
+        return seed if self._dist is None else self._dist.agree_seed(seed, self.device)
+
     def describe(self) -> str:
         cache = "cached" if self._cached is not None else "uncached"
         ranks = f", data-parallel over {self._dist.world} ranks" if self._dist is not None else ""
