@@ -286,3 +286,10 @@ def test_issue11_item5_nnx_training_mode_and_bad_filter_are_clear_errors():
     model.eval()
     with pytest.raises(TypeError, match="params= must be an NNX filter"):
         curvop.hessian(model, mse, batch, params=42)
+
+
+def test_issue11_item5_linen_module_without_variables_is_a_clear_error():
+    linen = pytest.importorskip("flax.linen")
+    model = linen.Dense(3)
+    with pytest.raises(TypeError, match=r"linen module \(Dense\).*\(module.apply, variables\)"):
+        curvop.hessian(model, mse, (jnp.ones((4, 2)), jnp.zeros((4, 3))))

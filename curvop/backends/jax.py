@@ -308,7 +308,12 @@ def hessian(
     >>> curvop.hessian(model, lambda out, t: jnp.mean((out - t) ** 2), (x, y)).shape
     (8, 8)
     """
-    if _is_nnx_module(model):
+    if _is_module(model, "flax.linen"):
+        raise TypeError(
+            f"a Flax linen module ({type(model).__name__}) holds no parameters: pass "
+            "model=(module.apply, variables), with variables = module.init(key, inputs)"
+        )
+    if _is_module(model, "flax.nnx"):
         apply_fn, model_params = _split_nnx(model, params)
         params = None  # for NNX, params= is the filter that chose model_params
     elif isinstance(model, tuple) and len(model) == 2 and callable(model[0]):
@@ -331,9 +336,9 @@ def hessian(
     return JaxBackend(loss, p, Dataset(data, resolve_reduction(loss_fn, reduction)), **options)
 
 
-def _is_nnx_module(model: Any) -> bool:
+def _is_module(model: Any, package: str) -> bool:
     # by the class names, so that no Flax import happens for other models
-    return any(c.__module__.startswith("flax.nnx") and c.__name__ == "Module" for c in type(model).__mro__)
+    return any(c.__module__.startswith(package) and c.__name__ == "Module" for c in type(model).__mro__)
 
 
 def _split_nnx(model: Any, what: Any) -> tuple[Callable[[Any, Any], Any], Any]:
