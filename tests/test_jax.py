@@ -184,3 +184,112 @@ def test_float64_numpy_params_without_x64_is_refused():
             curvop.hessian_of(lambda w: jnp.sum(w**2), np.ones(3), backend="jax")
     finally:
         jax.config.update("jax_enable_x64", True)
+
+
+# --- Flax NNX modules, accepted directly (issue 11, item 5) ----------------------------------------
+def _nnx_mlp(nnx, bn: bool = True):
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            f64 = dict(param_dtype=jnp.float64, dtype=jnp.float64)
+            self.l1 = nnx.Linear(4, 5, rngs=rngs, **f64)
+            self.bn = nnx.BatchNorm(5, rngs=rngs, **f64) if bn else None
+            self.drop = nnx.Dropout(0.3, rngs=rngs)
+            self.l2 = nnx.Linear(5, 3, rngs=rngs, **f64)
+
+        def __call__(self, x):
+            h = jnp.tanh(self.l1(x))
+            return self.l2(self.drop(self.bn(h) if self.bn is not None else h))
+
+    return MLP(nnx.Rngs(0))
+
+
+def _by_name(tree):
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _nnx_mlp_dense(nnx, model, x, y):
+    """jax.hessian of the same MLP written out by hand (eval mode: BatchNorm on running statistics)."""
+    flat, unravel = ravel_pytree(nnx.state(model, nnx.Param))  # only for the order of the entries
+    eps = model.bn.epsilon
+    mean, var = model.bn.mean[...], model.bn.var[...]
+
+    def loss(theta):
+        p = {k.replace(".value", ""): v for k, v in _by_name(unravel(theta)).items()}
+        h = jnp.tanh(x @ p["['l1']['kernel']"] + p["['l1']['bias']"])
+        h = (h - mean) / jnp.sqrt(var + eps) * p["['bn']['scale']"] + p["['bn']['bias']"]
+        return mse(h @ p["['l2']['kernel']"] + p["['l2']['bias']"], y)
+
+    return np.asarray(jax.hessian(loss)(flat))
+
+
+@pytest.fixture(scope="module")
+def nnx_mlp():
+    nnx = pytest.importorskip("flax.nnx")
+    model = _nnx_mlp(nnx)
+    # running statistics away from 0 and 1, so that using them (not the batch's) shows in the
+    # Hessian; float64 (NNX makes them float32 whatever param_dtype says, which costs 8 digits)
+    model.bn.mean = nnx.BatchStat(jnp.linspace(-0.2, 0.3, 5))
+    model.bn.var = nnx.BatchStat(jnp.linspace(0.5, 2.0, 5))
+    model.eval()
+    key = jax.random.PRNGKey(5)
+    x, y = jax.random.normal(key, (9, 4)), jax.random.normal(jax.random.fold_in(key, 1), (9, 3))
+    return nnx, model, (x, y), _nnx_mlp_dense(nnx, model, x, y)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()) or "auto")
+def test_issue11_item5_nnx_module_accepted_directly(nnx_mlp, mode):
+    nnx, model, batch, D = nnx_mlp
+    H = curvop.hessian(model, mse, batch, **mode)  # no split/merge, no backend=
+    assert H.backend.name == "jax" and H.shape == D.shape
+    V = np.random.default_rng(4).standard_normal((D.shape[0], 3))
+    np.testing.assert_allclose(H.matmat(V), D @ V, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(H @ V[:, 0], D @ V[:, 0], rtol=1e-12, atol=1e-13)
+
+
+def test_issue11_item5_nnx_same_loss_convention_as_apply_fn(nnx_mlp):
+    # loss_fn(outputs, targets), as for (apply_fn, params) and Flax linen's module.apply
+    nnx, model, batch, D = nnx_mlp
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+    by_hand = curvop.hessian((lambda q, x: nnx.merge(graphdef, q, rest)(x), p), mse, batch)
+    direct = curvop.hessian(model, mse, batch)
+    v = np.random.default_rng(5).standard_normal(D.shape[0])
+    np.testing.assert_allclose(direct @ v, by_hand @ v, rtol=1e-13, atol=1e-14)
+
+
+def test_issue11_item5_nnx_module_left_unchanged(nnx_mlp):
+    nnx, model, batch, D = nnx_mlp
+    before = jax.tree_util.tree_leaves(nnx.state(model))  # immutable arrays: same objects = same state
+    H = curvop.hessian(model, mse, batch)
+    sla.eigsh(H, k=1, which="LA")
+    after = jax.tree_util.tree_leaves(nnx.state(model))
+    assert len(before) == len(after) and all(a is b for a, b in zip(before, after))
+    assert model.drop.deterministic is True and model.bn.use_running_average is True
+
+
+def test_issue11_item5_nnx_params_filter_holds_the_rest_fixed(nnx_mlp):
+    nnx, model, batch, D = nnx_mlp
+    H = curvop.hessian(model, mse, batch, params=nnx.All(nnx.Param, nnx.PathContains("l2")))
+    # the l2 block of the full Hessian: l2.bias, l2.kernel come last in the flattened order
+    assert H.shape == (5 * 3 + 3,) * 2
+    np.testing.assert_allclose(H.to_dense(), D[-18:, -18:], rtol=1e-12, atol=1e-13)
+
+
+def test_issue11_item5_nnx_training_mode_and_bad_filter_are_clear_errors():
+    nnx = pytest.importorskip("flax.nnx")
+    model = _nnx_mlp(nnx)  # training mode: dropout active, BatchNorm on batch statistics
+    batch = (jnp.ones((4, 4)), jnp.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"'bn'.*training mode.*model.eval\(\)"):
+        curvop.hessian(model, mse, batch)
+    model = _nnx_mlp(nnx, bn=False)
+    with pytest.raises(ValueError, match=r"dropout layer 'drop'.*model.eval\(\)"):
+        curvop.hessian(model, mse, batch)
+    model.eval()
+    with pytest.raises(TypeError, match="params= must be an NNX filter"):
+        curvop.hessian(model, mse, batch, params=42)
+
+
+def test_issue11_item5_linen_module_without_variables_is_a_clear_error():
+    linen = pytest.importorskip("flax.linen")
+    model = linen.Dense(3)
+    with pytest.raises(TypeError, match=r"linen module \(Dense\).*\(module.apply, variables\)"):
+        curvop.hessian(model, mse, (jnp.ones((4, 2)), jnp.zeros((4, 3))))

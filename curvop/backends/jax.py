@@ -1,7 +1,8 @@
 """JAX backend: Hessian-vector products of a loss of a parameter pytree.
 
 The operator acts on the parameters flattened in pytree order (:func:`jax.flatten_util.ravel_pytree`),
-so any model whose parameters are a pytree works: plain dicts/lists of arrays, Flax ``params``,
+so any model whose parameters are a pytree works: plain dicts/lists of arrays, Flax linen
+``variables`` with ``module.apply``, Flax NNX modules directly (their ``nnx.Param`` variables),
 Equinox modules (pass the filtered array part, e.g. ``eqx.partition(model, eqx.is_array)[0]``).
 
 How a product is computed, chosen with ``hvp=``:
@@ -279,20 +280,43 @@ def hessian(
 
     Parameters
     ----------
-    model : ``(apply_fn, params)`` or ``apply_fn``
-        ``apply_fn(params, inputs)`` returns the model outputs (Flax: ``module.apply`` with
+    model : ``(apply_fn, params)``, ``apply_fn``, or a Flax NNX module
+        ``apply_fn(params, inputs)`` returns the model outputs (Flax linen: ``module.apply`` with
         ``params = variables`` or ``{"params": ...}``). With a bare ``apply_fn`` pass ``params=``.
+        An ``nnx.Module`` is called as ``model(inputs)`` (``model(*inputs)`` for a tuple,
+        ``model(**inputs)`` for a dict) on its ``nnx.Param`` variables; its other state (batch
+        statistics, RNG keys) is held fixed, and the module itself is never modified. Call
+        ``model.eval()`` first if it has dropout or BatchNorm.
     loss_fn : callable
-        ``loss_fn(outputs, targets)`` -> scalar.
+        ``loss_fn(outputs, targets)`` -> scalar, for every kind of ``model``.
     data : batch ``(inputs, targets)`` or a re-iterable of batches
     params : pytree, optional
         The parameters (when ``model`` is a bare ``apply_fn``), or overriding those in ``model``.
+        For an NNX module, an NNX filter choosing the variables (default ``nnx.Param``), e.g.
+        ``nnx.All(nnx.Param, nnx.PathContains("head"))``; the others are held fixed.
     reduction : {"mean", "sum"}, optional
         How ``loss_fn`` reduces over samples (read from ``loss_fn.reduction``, default mean).
     **options
         ``hvp``, ``cache``, ``batched``, ``check_deterministic``: see :class:`JaxBackend`.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, curvop
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 2))
+    >>> curvop.hessian(model, lambda out, t: jnp.mean((out - t) ** 2), (x, y)).shape
+    (8, 8)
     """
-    if isinstance(model, tuple) and len(model) == 2 and callable(model[0]):
+    if _is_module(model, "flax.linen"):
+        raise TypeError(
+            f"a Flax linen module ({type(model).__name__}) holds no parameters: pass "
+            "model=(module.apply, variables), with variables = module.init(key, inputs)"
+        )
+    if _is_module(model, "flax.nnx"):
+        apply_fn, model_params = _split_nnx(model, params)
+        params = None  # for NNX, params= is the filter that chose model_params
+    elif isinstance(model, tuple) and len(model) == 2 and callable(model[0]):
         apply_fn, model_params = model
     elif callable(model):
         apply_fn, model_params = model, None
@@ -310,6 +334,51 @@ def hessian(
         return loss_fn(apply_fn(q, inputs), targets)
 
     return JaxBackend(loss, p, Dataset(data, resolve_reduction(loss_fn, reduction)), **options)
+
+
+def _is_module(model: Any, package: str) -> bool:
+    # by the class names, so that no Flax import happens for other models
+    return any(c.__module__.startswith(package) and c.__name__ == "Module" for c in type(model).__mro__)
+
+
+def _split_nnx(model: Any, what: Any) -> tuple[Callable[[Any, Any], Any], Any]:
+    """``(apply_fn, params)`` for an NNX module: ``nnx.split`` once, ``nnx.merge`` inside the loss."""
+    from flax import nnx
+
+    _check_nnx_eval(model, nnx)
+    try:
+        graphdef, params, rest = nnx.split(model, nnx.Param if what is None else what, ...)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"for a Flax NNX module, params= must be an NNX filter choosing the variables to differentiate "
+            f"(a Variable type such as nnx.Param, nnx.PathContains('name'), nnx.All(...)), got {what!r}"
+        ) from err
+
+    def apply_fn(p: Any, inputs: Any) -> Any:
+        m = nnx.merge(graphdef, p, rest)  # a fresh copy per trace: the user's module is untouched
+        if isinstance(inputs, dict):
+            return m(**inputs)
+        return m(*inputs) if isinstance(inputs, (tuple, list)) else m(inputs)
+
+    return apply_fn, params
+
+
+def _check_nnx_eval(model: Any, nnx: Any) -> None:
+    # like the torch backend: a module in training mode would differentiate a random dropout mask
+    # (the same key every product) or the batch statistics, which is rarely what was meant
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.Dropout) and m.deterministic is False and m.rate > 0:
+            kind = "dropout"
+        elif isinstance(m, nnx.BatchNorm) and m.use_running_average is False:
+            kind = "BatchNorm"
+        else:
+            continue
+        name = ".".join(map(str, path)) or type(m).__name__
+        raise ValueError(
+            f"{kind} layer {name!r} of the NNX module is in training mode, so products would "
+            f"{'use batch statistics' if kind == 'BatchNorm' else 'use one random dropout mask'}; "
+            "call model.eval() before building the Hessian"
+        )
 
 
 def hessian_of(f: Callable[..., Array], params: Any, data: Any = None, *, reduction: str = "mean",
