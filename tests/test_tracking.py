@@ -183,3 +183,19 @@ def test_issue14_item2_keras_callback_does_not_change_training():
     tracker = b[3]
     assert [m.step for m in tracker.history] == [0, 3, 6]  # 4 batches per epoch, 2 epochs
     assert b[4]["sharpness"][-1] == tracker.history[-1].value and a[4]["loss"] == b[4]["loss"]
+
+
+def test_issue14_item2_loader_that_draws_from_torch_rng_leaves_it_untouched():
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    ds = TensorDataset(torch.randn(40, 3, dtype=torch.float64), torch.randn(40, 1, dtype=torch.float64))
+    loader = DataLoader(ds, batch_size=10, shuffle=True)  # every pass draws from the global torch RNG
+    tracker = curvop.SharpnessTracker(model, torch.nn.MSELoss(), loader)
+    state = torch.get_rng_state()
+    m = tracker(0)
+    assert torch.equal(torch.get_rng_state(), state)
+    dense = np.linalg.eigvalsh(curvop.hessian(model, torch.nn.MSELoss(), loader).to_dense())[-1]
+    assert m.value == pytest.approx(dense, rel=1e-6)
