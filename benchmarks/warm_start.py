@@ -90,12 +90,12 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
     print(f"digits CNN (n = {sum(p.numel() for p in model.parameters())}), SGD lr={lr}, {steps} steps, "
           f"top-{k} eigenvalue(s) to tol=1e-3 every {every} steps on {measure_size} images "
           f"({len(rows['cold'])} solves, {seconds:.0f} s)")
-    print("| start | mean products | warm / cold | first half | second half | max rel. error vs tol=1e-8 | all converged |")
-    print("|---|---|---|---|---|---|---|")
     moved = np.array(moved)
     print(f"between measurements the top eigenvector's angle to the previous top-1 span has mean sine "
           f"{moved[:, 0].mean():.3f}, to the previous top-3 span {moved[:, 1].mean():.3f}")
     out = {"moved": moved.mean(axis=0).tolist()}
+    print("| start | mean products | warm / cold | first half | second half | max rel. error vs tol=1e-8 | all converged |")
+    print("|---|---|---|---|---|---|---|")
     for name, vals in rows.items():
         mv = np.array([m for m, _, _ in vals], dtype=float)
         errs = np.array([e for _, e, _ in vals])

@@ -171,7 +171,7 @@ def _keras_run(track: bool):
     callbacks = [tracker.keras_callback(every=3)] if track else []
     hist = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=callbacks)
     weights = [np.array(w) for w in model.get_weights()]
-    opt_vars = [np.array(v) for v in model.optimizer.variables]
+    opt_vars = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
     return weights, opt_vars, np.random.get_state()[1].copy(), tracker, hist.history
 
 
