@@ -81,3 +81,10 @@ def test_issue14_item1_foreign_framework_v0_is_a_clear_error():
     with pytest.raises(TypeError, match="v0 must be"):
         curvop.eigenvalues(operator(with_spectrum(LAM), "numpy"), seed=0,
                            v0=torch.ones(N, dtype=torch.float64).to("meta"))
+
+
+def test_issue14_item1_native_v0_of_another_dtype_is_a_clear_error():
+    torch = pytest.importorskip("torch")
+    H = operator(with_spectrum(LAM), "torch")  # float64
+    with pytest.raises(TypeError, match="v0: vector has dtype torch.float32"):
+        curvop.eigenvalues(H, seed=0, v0=torch.ones(N, dtype=torch.float32))
