@@ -10,6 +10,7 @@ from curvop.eigen import ConvergenceWarning, EigenResult, eigenvalues
 from curvop.trace import IndefiniteOperatorError, TraceResult, trace
 from curvop.diagonal import DiagonalResult, diagonal
 from curvop.density import SpectralDensity, spectral_density
+from curvop.tracking import Measurement, SharpnessTracker
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,6 @@ __all__ = [
     "diagonal",
     "SpectralDensity",
     "spectral_density",
+    "Measurement",
+    "SharpnessTracker",
 ]

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bn, "curvop-study", "data split, weights, probes")
     bn.add_argument("--quick", action="store_true", help="a short run (smaller models, fewer epochs)")
     bn.set_defaults(func=_bn_residual)
+    eos = studies.add_parser("edge-of-stability", help="full-batch GD at three step sizes: does sharpness settle at 2/eta?",
+                             description="Cohen et al.'s edge of stability on scikit-learn's digits: full-batch "
+                                         "gradient descent at three step sizes, lambda_max tracked; writes "
+                                         "results.json, sharpness.png and report.md.")
+    _common(eos, "curvop-eos", 1)
+    eos.add_argument("--quick", action="store_true", help="larger step sizes, fewer steps (a few minutes)")
+    eos.set_defaults(func=_edge_of_stability)
     return parser
 
 
@@ -116,6 +123,14 @@ def _bn_residual(args: argparse.Namespace) -> None:
     command = "curvop study bn-residual" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
     _emit(args, bn_residual.run(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet,
                                 command=command, say=_say(args)))
+
+
+def _edge_of_stability(args: argparse.Namespace) -> None:
+    from curvop.studies import edge_of_stability
+
+    command = "curvop study edge-of-stability" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
+    _emit(args, edge_of_stability.run(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet,
+                                      command=command, say=_say(args)))
 
 
 def _spectrum(args: argparse.Namespace) -> None:
