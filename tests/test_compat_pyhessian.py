@@ -40,7 +40,7 @@ CURVOP = "from curvop.compat.pyhessian import hessian"
 
 
 def _model(seed: int = 0, batchnorm: bool = True):
-    """A small MLP (with BatchNorm) on digits, briefly trained: 64 -> 12 -> 10, 956 parameters."""
+    """A small MLP (with BatchNorm) on digits, briefly trained: 64 -> 12 -> 10, 934 parameters."""
     torch.manual_seed(seed)
     layers = [torch.nn.Flatten(), torch.nn.Linear(64, 12)]
     layers += [torch.nn.BatchNorm1d(12)] if batchnorm else []
