@@ -303,3 +303,30 @@ def test_issue16_item1_density_generate_is_pyhessians_curve():
     np.testing.assert_allclose(density, ref, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="equal-length"):
         density_generate([[1.0, 2.0]], [[1.0]])
+
+
+@pytest.mark.gpu
+def test_issue16_item1_cuda_true_on_a_gpu_matches_pyhessian(setup):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("pyhessian")
+    from pyhessian import hessian as PyHessian
+    from pyhessian.utils import hessian_vector_product
+
+    model, x, y, dense = setup
+    gpu = copy.deepcopy(model).cuda()
+    torch.manual_seed(3)
+    v = [torch.randn_like(p) for p in gpu.parameters()]
+    ref = PyHessian(copy.deepcopy(gpu), torch.nn.CrossEntropyLoss(), data=(x, y), cuda=True)
+    expected = hessian_vector_product(ref.gradsH, ref.params, v)
+    hc = hessian(gpu, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=True)  # data moved to the GPU
+    _, got = hc.dataloader_hv_product(v)
+    for g, e in zip(got, expected):
+        assert g.is_cuda
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    values, vectors = hc.eigenvalues(top_n=2)
+    exact = np.linalg.eigvalsh(dense)
+    np.testing.assert_allclose(values, exact[np.argsort(-np.abs(exact))[:2]], rtol=1e-3)
+    assert all(t.is_cuda for t in vectors[0])
+    with pytest.raises(ValueError, match="call model.cuda"):
+        hessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=True)  # model left on the CPU
