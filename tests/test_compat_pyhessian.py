@@ -330,3 +330,55 @@ def test_issue16_item1_cuda_true_on_a_gpu_matches_pyhessian(setup):
     assert all(t.is_cuda for t in vectors[0])
     with pytest.raises(ValueError, match="call model.cuda"):
         hessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=True)  # model left on the CPU
+
+
+def products_table(seeds: int = 5) -> str:
+    """PyHessian 0.1 against the compat layer at PyHessian's defaults: products and relative errors.
+
+    The table of docs/pyhessian.md: ``PYTHONPATH=. python tests/test_compat_pyhessian.py``.
+    """
+    import pyhessian  # noqa: F401
+
+    module = sys.modules["pyhessian.hessian"]
+    count = {"n": 0}
+    hvp = module.hessian_vector_product
+
+    def counted(*a, **k):
+        count["n"] += 1
+        return hvp(*a, **k)
+
+    module.hessian_vector_product = counted
+    model, (x, y) = _model(), _data()
+    dense = _dense(model, x, y)
+    exact = np.linalg.eigvalsh(dense)
+    top, tr = exact[np.argsort(-np.abs(exact))[:2]], np.trace(dense)
+    rows: dict = {}
+    for name, cls in (("PyHessian 0.1", module.hessian), ("curvop.compat.pyhessian", hessian)):
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                hc = cls(copy.deepcopy(model), torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+            used = (lambda: count["n"]) if cls is module.hessian else (lambda: hc.operator.num_matvecs)  # noqa: B023
+            for key, call in (("eigenvalues()", lambda: hc.eigenvalues()),  # noqa: B023
+                              ("eigenvalues(top_n=2)", lambda: hc.eigenvalues(top_n=2)),  # noqa: B023
+                              ("trace()", lambda: hc.trace())):  # noqa: B023
+                before = used()
+                out = call()
+                if key == "trace()":
+                    err = abs(np.mean(out) - tr) / abs(tr)
+                else:
+                    k = len(out[0])
+                    err = float(np.max(np.abs(np.asarray(out[0]) - top[:k]) / np.abs(top[:k])))
+                rows.setdefault((name, key), []).append((used() - before, err))
+    module.hessian_vector_product = hvp
+    lines = ["| library | call | products: mean (range) | max relative error |", "|---|---|---|---|"]
+    for (name, key), values in rows.items():
+        a = np.asarray(values)
+        lines.append(f"| {name} | `{key}` | {a[:, 0].mean():.1f} ({int(a[:, 0].min())}-{int(a[:, 0].max())}) "
+                     f"| {a[:, 1].max():.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(products_table())

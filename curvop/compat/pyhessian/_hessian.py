@@ -129,6 +129,7 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
             if not isinstance(data, (tuple, list)) or len(data) != 2:
                 raise ValueError("data must be one batch (inputs, targets)")
             data = tuple(data)
+            self.inputs, self.targets = data
         self._seeds = np.random.SeedSequence(torch.initial_seed() if seed is None else int(seed))
         # PyHessian weights the batches of a loader by their size whatever the criterion's reduction
         options.setdefault("reduction", "mean")
