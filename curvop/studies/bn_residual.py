@@ -200,7 +200,7 @@ def run(out: str, *, quick: bool = False, seed: int = 0, quiet: bool = False, co
                        "verdict": verdict(list(tests.values()))})
     path = pathlib.Path(out)
     path.mkdir(parents=True, exist_ok=True)
-    plot_densities(densities, path=str(path / "densities.png"),
+    plot_densities(densities, labels=[f"seed {s}" for s in seeds], path=str(path / "densities.png"),
                    title=f"Hessian spectral densities at training loss {scale.target_loss} ({len(seeds)} seeds each)")
     results = {"command": command, "seed": seed, "seeds": seeds, "scale": asdict(scale), "networks": networks,
                "claims": claims, "total_seconds": round(time.perf_counter() - start, 1),
@@ -211,14 +211,15 @@ def run(out: str, *, quick: bool = False, seed: int = 0, quiet: bool = False, co
     return results
 
 
-def plot_densities(densities: dict[str, list[tuple[float, Any]]], *, path: str | None = None,
-                   title: str | None = None, columns: int = 2) -> Any:
+def plot_densities(densities: dict[str, list[tuple[float, Any]]], *, labels: Sequence[str] | None = None,
+                   path: str | None = None, title: str | None = None, columns: int = 2) -> Any:
     """One panel per network, the density of every seed overlaid, in PyHessian's style.
 
     PyHessian's style: each Ritz value a Gaussian of variance ``1e-5 · max(1, spectral width)``,
     a logarithmic density axis floored at 1e-7 of the peak, and the top eigenvalue of each seed
     marked (dashed, in the seed's colour). ``densities`` maps a network's name to
-    ``[(top eigenvalue, curvop.SpectralDensity), ...]``, one per seed. Returns the matplotlib Figure.
+    ``[(top eigenvalue, curvop.SpectralDensity), ...]``, one per seed; ``labels`` names the seeds in
+    the legend. Returns the matplotlib Figure.
     """
     from matplotlib.figure import Figure
 
@@ -235,7 +236,7 @@ def plot_densities(densities: dict[str, list[tuple[float, Any]]], *, path: str |
         for i, (top, sd) in enumerate(densities[name]):
             _, values = sd.density(grid=grid, sigma=sigma)
             ax.semilogy(grid, np.maximum(values, 1e-7 * values.max()), color=f"C{i}", lw=0.9, alpha=0.8,
-                        label=f"seed {i}")
+                        label=labels[i] if labels else f"run {i}")
             ax.axvline(top, color=f"C{i}", ls="--", lw=0.7, alpha=0.7)
         ax.set_title(name, fontsize="medium")
         ax.set_xlabel("eigenvalue")
