@@ -282,7 +282,8 @@ def report(res: dict[str, Any]) -> str:
         f"({', '.join(map(str, res['seeds']))}: initial weights, batch order and probes) with Adam "
         f"(learning rate {s['lr']:g}, batches of 64) until the mean cross-entropy of the model in eval mode "
         f"on the first {s['hessian_images']} training images reached **{s['target_loss']:g}** (checked every "
-        f"epoch, then every {_steps(s['check_every'])} once below twice the target; at most {s['max_epochs']} "
+        f"epoch, then every {_steps(s['check_every'])} once it or the mini-batch loss was below twice the target; at "
+        f"most {s['max_epochs']} "
         f"epochs). The Hessian is the one of that same loss, so every network is measured at the same "
         f"loss. Top eigenvalue by Lanczos, trace by XTrace ({s['trace_matvecs']} products), density by SLQ "
         f"({s['probes']} probe x {s['steps']} steps). Values are mean ± standard error over the seeds.", "",
@@ -295,7 +296,12 @@ def report(res: dict[str, Any]) -> str:
                      f"{'yes' if r['residual'] else 'no'} | {r['num_parameters']:,} | {loss} | "
                      f"{r['epochs']:.1f} | {100 * r['test_accuracy']:.1f} ± {100 * r['test_accuracy_se']:.1g} % | "
                      f"{_pm(r['top_eigenvalue'], r['top_eigenvalue_se'])} | {_pm(r['trace'], r['trace_se'])} |")
-    lines += ["", "## The paper's claims at this scale", "",
+    losses = [run["train_loss"] for r in res["networks"] for run in r["runs"]]
+    missed = sum(not run["reached_target"] for r in res["networks"] for run in r["runs"])
+    lines += ["", f"All {len(losses)} runs stopped at a training loss between {min(losses):.3f} and "
+              f"{max(losses):.3f}" + (f"; {missed} did not reach the target within the epoch limit." if missed
+                                      else "."),
+              "", "## The paper's claims at this scale", "",
               "For each metric, *t* is the difference sharper − flatter divided by its combined standard "
               "error sqrt(se₁² + se₂²) (Welch's t statistic; *p* its two-sided Welch p-value). A metric "
               "*supports* the claim when t > 1 (the expected difference is larger than its combined standard "
@@ -306,7 +312,7 @@ def report(res: dict[str, Any]) -> str:
               "| claim | expected flatter | expected sharper | top eigenvalue: ratio, t (p) | trace: ratio, t (p) "
               "| verdict |", "|---|---|---|---|---|---|"]
     for c in res["claims"]:
-        cells = [f"{c['tests'][k]['ratio']:.2f}x, t = {c['tests'][k]['t']:+.1f} (p = {c['tests'][k]['p']:.2g}): "
+        cells = [f"{c['tests'][k]['ratio']:.2f}x, t = {c['tests'][k]['t']:+.2f} (p = {c['tests'][k]['p']:.2g}): "
                  f"{c['tests'][k]['support']}" for k, _ in METRICS]
         lines.append(f"| {c['claim']} | {c['flatter']} | {c['sharper']} | {cells[0]} | {cells[1]} | "
                      f"**{c['verdict']}** |")

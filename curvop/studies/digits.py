@@ -164,9 +164,9 @@ def train_to_loss(model: Any, data: Digits, target: float, *, probe: tuple[Any, 
     """Train with Adam until the eval-mode loss on ``probe`` is at most ``target`` (or ``max_epochs``).
 
     The probe loss (mean cross-entropy of the model in eval mode on ``probe = (x, y)``) is checked
-    at the end of every epoch and, once it is below ``2 · target``, every ``check_every`` steps, so
-    networks stopped this way sit within a few steps of the same loss. The model is left in eval
-    mode.
+    at the end of every epoch and, once it or the current mini-batch loss is below ``2 · target``,
+    every ``check_every`` steps, so networks stopped this way sit within a few steps of the same
+    loss. The model is left in eval mode.
 
     Examples
     --------
@@ -201,11 +201,13 @@ def train_to_loss(model: Any, data: Digits, target: float, *, probe: tuple[Any, 
                 break
             for i, idx in enumerate(torch.randperm(len(y), generator=gen).split(batch_size)):
                 opt.zero_grad()
-                loss_fn(model(x[idx]), y[idx]).backward()
+                batch_loss = loss_fn(model(x[idx]), y[idx])
+                batch_loss.backward()
                 opt.step()
                 steps += 1
                 bar.update(1)
-                if i == steps_per_epoch - 1 or (loss < 2 * target and steps % check_every == 0):
+                near = min(loss, float(batch_loss.detach())) < 2 * target  # the mini-batch loss is free
+                if i == steps_per_epoch - 1 or (near and steps % check_every == 0):
                     loss = probe_loss()
                     if loss <= target:
                         break
