@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Digits", "load", "cnn", "resnet", "train", "accuracy", "seed_everything"]
+__all__ = ["Digits", "load", "cnn", "resnet", "train", "TrainedToLoss", "train_to_loss", "accuracy", "seed_everything"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,78 @@ def train(model: Any, data: Digits, *, epochs: int, seed: int = 0, lr: float = 3
         bar.close()
     model.eval()
     return losses
+
+
+@dataclass(frozen=True)
+class TrainedToLoss:
+    """Where :func:`train_to_loss` stopped: the probe loss, the steps taken, whether it got there."""
+
+    loss: float
+    steps: int
+    epochs: float
+    reached: bool
+
+    def __repr__(self) -> str:
+        return f"TrainedToLoss(loss={self.loss:.4f}, steps={self.steps}, reached={self.reached})"
+
+
+def train_to_loss(model: Any, data: Digits, target: float, *, probe: tuple[Any, Any], max_epochs: int,
+                  seed: int = 0, lr: float = 1e-2, batch_size: int = 64, check_every: int = 4,
+                  progress: bool = False, desc: str = "training") -> TrainedToLoss:
+    """Train with Adam until the eval-mode loss on ``probe`` is at most ``target`` (or ``max_epochs``).
+
+    The probe loss (mean cross-entropy of the model in eval mode on ``probe = (x, y)``) is checked
+    at the end of every epoch and, once it or the current mini-batch loss is below ``2 · target``,
+    every ``check_every`` steps, so networks stopped this way sit within a few steps of the same
+    loss. The model is left in eval mode.
+
+    Examples
+    --------
+    >>> from curvop.studies import digits
+    >>> data = digits.load(0, max_train=128)
+    >>> digits.seed_everything(0)
+    >>> model = digits.resnet(1, batchnorm=True, residual=True, width=8)
+    >>> r = digits.train_to_loss(model, data, 1.5, probe=data.train, max_epochs=40, check_every=1)
+    >>> r.reached, 1.3 < r.loss <= 1.5
+    (True, True)
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = data.train
+    steps_per_epoch = (len(y) + batch_size - 1) // batch_size
+
+    def probe_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            value = float(loss_fn(model(probe[0]), probe[1]))
+        model.train()
+        return value
+
+    bar = _bar(progress, max_epochs * steps_per_epoch, desc)
+    loss, steps = probe_loss(), 0
+    try:
+        for _ in range(max_epochs):
+            if loss <= target:
+                break
+            for i, idx in enumerate(torch.randperm(len(y), generator=gen).split(batch_size)):
+                opt.zero_grad()
+                batch_loss = loss_fn(model(x[idx]), y[idx])
+                batch_loss.backward()
+                opt.step()
+                steps += 1
+                bar.update(1)
+                near = min(loss, float(batch_loss.detach())) < 2 * target  # the mini-batch loss is free
+                if i == steps_per_epoch - 1 or (near and steps % check_every == 0):
+                    loss = probe_loss()
+                    if loss <= target:
+                        break
+    finally:
+        bar.close()
+        model.eval()
+    return TrainedToLoss(loss, steps, steps / steps_per_epoch, loss <= target)
 
 
 def _bar(enabled: bool, total: int, desc: str) -> Any:
