@@ -329,9 +329,7 @@ class TorchBackend(Backend):
     def _linear_map(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         """What stays fixed between products on ``batch``, as a function of the vector."""
         if self.mode == "forward":
-            with warnings.catch_warnings(), _LOCK:  # torch.fx const-folding chatter, harmless
-                warnings.simplefilter("ignore", UserWarning)
-                _, lin = linearize(grad(lambda p: self._loss(p, batch)), self._params)
+            lin = _linearize(self._loss, self._params, batch)
             return partial(_linearized_product, self._layout, lin)  # no reference back to self (del H frees it)
         p = [t.detach().requires_grad_(True) for t in self._params.values()]
         g = self._graph(dict(zip(self._names, p)), batch)
@@ -404,6 +402,12 @@ def _reverse_product(layout: _Layout, g, p, v: Tensor, batched: bool, retain: bo
     return layout.flat(dict(zip(layout.names, hv)))
 
 
+def _linearize(loss: LossFn, params: dict[str, Tensor], batch: Any) -> Callable[..., Any]:
+    with warnings.catch_warnings(), _LOCK:  # torch.fx const-folding chatter, harmless
+        warnings.simplefilter("ignore", UserWarning)
+        return linearize(grad(lambda p: loss(p, batch)), params)[1]
+
+
 def _linearized_product(layout: _Layout, lin: Callable[[Any], Any], v: Tensor, batched: bool) -> Tensor:
     one = lambda u: layout.flat(lin(layout.split(u)))  # noqa: E731
     return vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
@@ -454,7 +458,7 @@ def _check_options(**options: Any) -> None:
     if not isinstance(hvp, str) or hvp not in ("auto", "forward", "reverse"):
         raise ValueError(f"hvp must be 'forward', 'reverse' or 'auto', got {hvp!r}")
     for name, value in options.items():
-        if isinstance(value, (bool, np.bool_)) or (value == "auto" and name not in _FLAGS):
+        if isinstance(value, (bool, np.bool_)) or (isinstance(value, str) and value == "auto" and name not in _FLAGS):
             continue
         allowed = "True or False" + ("" if name in _FLAGS else " or 'auto'")
         raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
