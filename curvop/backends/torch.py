@@ -329,8 +329,10 @@ class TorchBackend(Backend):
     def _linear_map(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         """What stays fixed between products on ``batch``, as a function of the vector."""
         if self.mode == "forward":
-            lin = _linearize(self._loss, self._params, batch)
-            return partial(_linearized_product, self._layout, lin)  # no reference back to self (del H frees it)
+            with warnings.catch_warnings(), _LOCK:  # torch.fx const-folding chatter, harmless
+                warnings.simplefilter("ignore", UserWarning)
+                _, lin = linearize(grad(lambda p: self._loss(p, batch)), self._params)
+            return partial(_linearized_product, self._layout, lin)  # no reference back to self
         p = [t.detach().requires_grad_(True) for t in self._params.values()]
         g = self._graph(dict(zip(self._names, p)), batch)
         return partial(_reverse_product, self._layout, g, p, retain=True)
@@ -400,12 +402,6 @@ def _reverse_product(layout: _Layout, g, p, v: Tensor, batched: bool, retain: bo
         k = v.shape[1]
         return torch.cat([_zero_if_none(h, (k, n), v).reshape(k, n) for h, n in zip(hv, layout.numels)], 1).T
     return layout.flat(dict(zip(layout.names, hv)))
-
-
-def _linearize(loss: LossFn, params: dict[str, Tensor], batch: Any) -> Callable[..., Any]:
-    with warnings.catch_warnings(), _LOCK:  # torch.fx const-folding chatter, harmless
-        warnings.simplefilter("ignore", UserWarning)
-        return linearize(grad(lambda p: loss(p, batch)), params)[1]
 
 
 def _linearized_product(layout: _Layout, lin: Callable[[Any], Any], v: Tensor, batched: bool) -> Tensor:
