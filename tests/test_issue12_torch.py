@@ -84,11 +84,13 @@ def test_issue12_item2_instance_norm_in_train_mode_is_refused_and_buffers_untouc
         assert torch.equal(b, before[k]), k
 
 
-def test_issue12_item2_spectral_norm_in_train_mode_is_refused_before_touching_buffers():
+@pytest.mark.parametrize("norm, buffer", [(nn.utils.spectral_norm, "weight_u"),
+                                          (nn.utils.parametrizations.spectral_norm, "_u")])
+def test_issue12_item2_spectral_norm_in_train_mode_is_refused_before_touching_buffers(norm, buffer):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3)).double().train()
+    model = nn.Sequential(norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3)).double().train()
     before = {k: b.clone() for k, b in model.named_buffers()}
-    with pytest.raises(ValueError, match=r"weight_u.*model\.eval\(\)") as info:
+    with pytest.raises(ValueError, match=rf"\({buffer}, .*model\.eval\(\)") as info:
         curvop.hessian(model, nn.CrossEntropyLoss(), _data())
     assert "dropout or BatchNorm" not in str(info.value)
     for k, b in model.named_buffers():
