@@ -305,3 +305,18 @@ def test_issue11_item4_loss_precision_error_is_shared_with_tensorflow():
     assert tfb.LossPrecisionError is LossPrecisionError
     assert issubclass(LossPrecisionError, TypeError)
     assert NondeterministicProductError is not None
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_issue12_item3_operator_follows_in_place_buffer_updates(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = _data()
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), **MODES[mode])
+    v = torch.from_numpy(np.random.default_rng(2).standard_normal(H.shape[0]))
+    H @ v
+    with torch.no_grad():  # as a training step in train mode would: new running statistics
+        model[1].running_var.mul_(3.0)
+        model[1].running_mean.add_(0.5)
+    D_new = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
+    np.testing.assert_allclose((H @ v).numpy(), D_new @ v.numpy(), rtol=1e-10, atol=1e-12)
