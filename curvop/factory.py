@@ -22,11 +22,14 @@ def hessian(model: Any, loss_fn: Any, data: Any, *, params: Any = None, backend:
 
     The loss is ``loss_fn(model(inputs), targets)`` for torch, and ``loss_fn(targets,
     model(inputs))`` for Keras (its own convention, so ``keras.losses`` objects work unchanged).
+    With torch, ``loss_fn=None`` means the model computes its own loss (Hugging Face style): a
+    dict batch is passed as ``model(**batch)`` and the loss is the output's ``.loss``.
 
     The backend is chosen from the model's type (``torch.nn.Module`` -> ``"torch"``, a Keras model
     -> ``"tensorflow"``) unless ``backend=`` names one. ``options`` go to the backend; see
     :func:`curvop.backends.torch.hessian` for the torch options (``hvp``, ``cache``, ``batched``,
-    ``reduction``, ``check_deterministic``).
+    ``reduction``, ``batch_weight``, ``check_deterministic``, ...); an unknown option is a
+    ``TypeError`` listing the valid ones.
 
     **Dataset loss.** ``data`` is one batch ``(inputs, targets)`` or a re-iterable of batches. With
     several batches the operator is the Hessian of the loss over the whole data set: for a

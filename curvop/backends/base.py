@@ -78,6 +78,11 @@ class Backend:
         return f"{self.name} backend, n={self.size}, dtype={self.dtype}"
 
 
+class LossPrecisionError(TypeError):
+    """The loss is computed in a lower precision than the parameters (e.g. a float32 loss of a float64
+    model: Keras loss objects computing in floatx, Hugging Face losses upcasting logits with ``.float()``)."""
+
+
 class NondeterministicProductError(RuntimeError):
     """Two products with the same vector disagreed: the operator is not a fixed matrix."""
 

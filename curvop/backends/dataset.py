@@ -5,10 +5,15 @@ data set. For a mean-reduced loss that is ``sum_b (n_b / N) H_b`` with ``n_b`` t
 ``b`` and ``N = sum_b n_b`` (exactly the Hessian of the mean over all samples, also when the last
 batch is smaller); for a sum-reduced loss it is ``sum_b H_b``. The sizes are counted during each
 pass, so a loader is iterated once per product and never materialised.
+
+A loss whose mean is not over samples (a class-weighted cross-entropy divides by the sum of the
+targets' weights, one with ignored targets by the number of targets kept) passes ``weight=``: a
+function giving what the loss averages over in a batch; ``n_b`` is then that weight.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 __all__ = ["Dataset", "batch_size", "resolve_reduction"]
@@ -36,8 +41,8 @@ def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
 def batch_size(batch: Any) -> int:
     """Number of samples in a batch: the leading dimension of its targets (or of its only array)."""
     item = batch
-    if isinstance(batch, dict):
-        item = next(iter(batch.values()))
+    if isinstance(batch, Mapping):  # e.g. {"input_ids": ..., "labels": ...}: the first array's leading dimension
+        item = next((v for v in batch.values() if hasattr(v, "shape")), None)
     elif isinstance(batch, (list, tuple)):
         item = batch[-1] if hasattr(batch[-1], "shape") else batch[0]
     shape = getattr(item, "shape", None)
@@ -50,7 +55,19 @@ def batch_size(batch: Any) -> int:
 
 
 def _is_batch(data: Any) -> bool:
-    return isinstance(data, (tuple, list)) and len(data) >= 1 and hasattr(data[0], "shape")
+    """One batch: a dict of arrays, ``(x, y, ...)`` of arrays, or ``(inputs, y)`` with tuple/dict inputs."""
+    if isinstance(data, Mapping):
+        return True
+    if not isinstance(data, (tuple, list)) or len(data) == 0:
+        return False
+    if hasattr(data[0], "shape"):
+        return True
+    return (len(data) == 2 and hasattr(data[1], "shape") and isinstance(data[0], (tuple, list, Mapping))
+            and len(data[0]) > 0 and all(hasattr(x, "shape") for x in _values(data[0])))
+
+
+def _values(inputs: Any) -> list[Any]:
+    return list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
 
 
 class Dataset:
@@ -60,11 +77,20 @@ class Dataset:
     ----------
     data : batch ``(inputs, targets)`` or re-iterable of batches, or ``None`` (no data)
     reduction : ``"mean"`` or ``"sum"``
+    weight : callable, optional
+        ``weight(batch)``: what a mean-reduced loss averages over in ``batch`` (default
+        :func:`batch_size`). It may return a number or a 0-d array of the framework.
+    single : bool, optional
+        Whether ``data`` is one batch; guessed from its structure when not given.
     """
 
-    def __init__(self, data: Any, reduction: str = "mean"):
+    def __init__(self, data: Any, reduction: str = "mean", *, weight: Callable[[Any], Any] | None = None,
+                 single: bool | None = None):
+        if weight is not None and not callable(weight):
+            raise TypeError(f"batch_weight must be a callable batch -> weight, got {type(weight).__name__}")
         self.reduction = reduction
-        self.single = data is None or _is_batch(data)
+        self.weight = batch_size if weight is None else weight
+        self.single = (data is None or _is_batch(data)) if single is None else bool(single)
         if not self.single:
             if not hasattr(data, "__iter__"):
                 raise TypeError(
@@ -112,7 +138,7 @@ class Dataset:
             if on_batch is not None:
                 on_batch(i, p)
             if self.reduction == "mean":
-                nb = 1 if batch is None else batch_size(batch)
+                nb = 1 if batch is None else self.weight(batch)
                 p = p * nb
             else:
                 nb = 1

@@ -28,17 +28,13 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from curvop.backends.base import Backend
+from curvop.backends.base import Backend, LossPrecisionError
 from curvop.backends.base import check_deterministic as assert_deterministic
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.selection import select
 
 __all__ = ["TensorFlowBackend", "LossPrecisionError", "hessian", "hessian_of"]
 
-
-
-class LossPrecisionError(TypeError):
-    """The loss is computed in a lower precision than the variables (the Keras loss dtype trap)."""
 
 
 class TensorFlowBackend(Backend):

@@ -39,8 +39,12 @@ on CPU, where ``vmap`` measured slower than a loop for convolutions, and vmaps o
 
 from __future__ import annotations
 
+import inspect
+import threading
 import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -48,9 +52,9 @@ import torch
 from torch.func import functional_call, grad, jvp, linearize, vmap
 
 from curvop.backends._torch_ops import Rewrites
-from curvop.backends.base import Backend
+from curvop.backends.base import Backend, LossPrecisionError
 from curvop.backends.base import check_deterministic as assert_deterministic
-from curvop.backends.dataset import Dataset, batch_size, resolve_reduction
+from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.distributed import torch_collective
 from curvop.backends.faults import locate_nonfinite, nonfinite_error
 from curvop.backends.selection import select
@@ -59,6 +63,11 @@ __all__ = ["TorchBackend", "hessian", "hessian_of"]
 
 Tensor = torch.Tensor
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
+
+#: ``functional_call`` swaps module attributes and forward-mode AD levels are process-wide, so the
+#: parts of a product that run the model (and every ``jvp``) take this lock: products from several
+#: threads are then correct and never leave the model holding another thread's tensors.
+_LOCK = threading.RLock()
 
 
 class TorchBackend(Backend):
@@ -93,6 +102,21 @@ class TorchBackend(Backend):
         into a preceding ``conv2d``) and, on CPU, ``conv2d`` with faster second derivatives
         (:mod:`curvop.backends._torch_ops`): the same function, products equal to rounding.
         ``False`` keeps torch's own ops.
+    check_loss_dtype : bool
+        Raise :class:`~curvop.backends.base.LossPrecisionError` when the loss has a lower
+        precision than the parameters (a float32 loss of a float64 model).
+    watch : list of tensors, optional
+        Tensors besides ``params`` (the model's buffers) whose in-place change (``_version``) makes
+        the operator follow them: ``on_change()`` is called and cached graphs are rebuilt.
+    on_change : callable, optional
+    check_state : callable, optional
+        Called right after the first evaluation of the loss (the model's buffer check).
+
+    Notes
+    -----
+    The operator is the Hessian at the parameters *as they are now*: in-place updates (an
+    ``optimizer.step()``, ``load_state_dict``) are followed in every mode, cached graphs and
+    linearisations being rebuilt at the next product when a parameter's version counter moved.
     """
 
     name = "torch"
@@ -111,9 +135,16 @@ class TorchBackend(Backend):
         timeout: float | None = None,
         check_finite: bool = True,
         rewrite: bool = True,
+        check_loss_dtype: bool = True,
+        watch: list[Tensor] = (),
+        on_change: Callable[[], None] | None = None,
+        check_state: Callable[[], None] | None = None,
     ):
         if not params:
             raise ValueError("no parameters selected: the Hessian would be empty")
+        _check_options(hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
+                       check_finite=check_finite, rewrite=rewrite, check_loss_dtype=check_loss_dtype)
+        _check_autograd_available()
         self._loss = loss
         self._params = {k: _check_param(k, p).detach() for k, p in params.items()}
         devices = {p.device for p in self._params.values()}
@@ -130,10 +161,16 @@ class TorchBackend(Backend):
             )
         self.device = devices.pop()
         self.torch_dtype = dtypes.pop()
+        if self.torch_dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"the parameters are {self.torch_dtype}; curvop computes Hessians in float32 or float64 "
+                "(16-bit products keep 2-3 digits, too few for Lanczos or a trace estimate, and numpy has "
+                "no bfloat16): convert the model with model.float() (or model.double()), on a copy "
+                "(copy.deepcopy(model).float()) to keep the 16-bit one"
+            )
         self.dtype = np.dtype(str(self.torch_dtype).replace("torch.", ""))
-        self._names = list(self._params)
-        self._shapes = [p.shape for p in self._params.values()]
-        self._numels = [p.numel() for p in self._params.values()]
+        self._layout = _Layout(self._params)
+        self._names, self._shapes, self._numels = self._layout.names, self._layout.shapes, self._layout.numels
         self.size = int(sum(self._numels))
         self.dataset = dataset
         self.check_finite = bool(check_finite)
@@ -141,11 +178,11 @@ class TorchBackend(Backend):
         if self._dist is not None:
             self._dist.check_consistent(self.size, self._params, self.device)
 
-        _check_scalar_loss(loss, self._params, self._to_device(dataset.first()))
+        _check_scalar_loss(loss, self._params, self._to_device(dataset.first()), check_loss_dtype)
+        if check_state is not None:
+            check_state()
         if hvp == "auto":
             hvp = "reverse"  # measured fastest with and without a cache (module docstring)
-        if hvp not in ("forward", "reverse"):
-            raise ValueError(f"hvp must be 'forward', 'reverse' or 'auto', got {hvp!r}")
         self.mode = hvp
         self.rewrite = bool(rewrite) and hvp == "reverse"
         if batched == "auto":
@@ -156,22 +193,47 @@ class TorchBackend(Backend):
             assert_deterministic(lambda u: self._finite(self._sum(u, self._fresh), u, False, fresh=True), v,
                                    self.dtype)
         self.cache = dataset.single if cache == "auto" else bool(cache)
-        self._cached: list[tuple[Callable[[Tensor, bool], Tensor], int]] | None = None
+        self._watch = [*self._params.values(), *watch]
+        self._on_change, self._state_lock = on_change, threading.Lock()
+        self._versions = [t._version for t in self._watch]
+        self._cached: list[tuple[Callable[[Tensor, bool], Tensor], Any]] | None = None
         if self.cache:
-            single_weight = dataset.single and (self._dist is None or dataset.data is None)
-            self._cached = [(self._linear_map(self._to_device(b)), 1 if single_weight else batch_size(b))
-                            for b in dataset.batches()]
-            if not self._cached:
-                raise ValueError("data is empty: the data loader yielded no batches")
+            self._cached = self._build_cache()
+
+    def _build_cache(self) -> list[tuple[Callable[[Tensor, bool], Tensor], Any]]:
+        single_weight = self.dataset.single and (self._dist is None or self.dataset.data is None)
+        cached = [(self._linear_map(self._to_device(b)), 1 if single_weight else _number(self.dataset.weight(b)))
+                  for b in self.dataset.batches()]
+        if not cached:
+            raise ValueError("data is empty: the data loader yielded no batches")
+        return cached
+
+    def _follow(self) -> None:
+        """Follow in-place changes of the parameters and buffers since the last product (no sync)."""
+        if torch.is_inference_mode_enabled():
+            raise _inference_mode_error("a Hessian-vector product")
+        if [t._version for t in self._watch] == self._versions:
+            return
+        with self._state_lock:
+            versions = [t._version for t in self._watch]
+            if versions == self._versions:
+                return
+            if self._on_change is not None:
+                self._on_change()
+            if self._cached is not None:
+                self._cached = self._build_cache()
+            self._versions = versions
 
     # --- the contract ----------------------------------------------------------------------------
     def hvp(self, v: Tensor) -> Tensor:
+        self._follow()
         y = self._sum(v, self._fresh) if self._cached is None else self._sum_cached(v, False)
         return self._finite(y, v, False)
 
     def hvp_batch(self, v: Tensor) -> Tensor:
         if not self.batched:
             return super().hvp_batch(v)
+        self._follow()
         try:
             if self._cached is not None:
                 y = self._sum_cached(v, True)
@@ -238,6 +300,13 @@ class TorchBackend(Backend):
         """``y`` if it is finite (one sync); else the error naming the first non-finite batch."""
         if not self.check_finite or bool(torch.isfinite(y).all()):
             return y
+        bad_v = ~torch.isfinite(v)
+        if bool(bad_v.any()):  # the vector, not the data
+            where = tuple(int(i) for i in torch.nonzero(bad_v)[0])
+            raise ValueError(
+                f"the vector contains NaN or Inf (first at index {where[0] if len(where) == 1 else where}), so "
+                "H @ v is not finite whatever the data; check how the vector was computed"
+            )
         finite = lambda p: bool(torch.isfinite(p).all())  # noqa: E731
         if not fresh and self._cached is not None:
             bad = locate_nonfinite((fn(v, batched) for fn, _ in self._cached), finite)
@@ -254,7 +323,8 @@ class TorchBackend(Backend):
         if self.mode == "forward":
             grad_fn = grad(lambda p: self._loss(p, batch))
             one = lambda u: self._flat(jvp(grad_fn, (self._params,), (self._split(u),))[1])  # noqa: E731
-            return vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
+            with _LOCK:  # forward-AD levels are process-wide
+                return vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
         p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
         g = self._graph(p, batch)
         return self._reverse_product(g, list(p.values()), v, batched, retain=False)
@@ -262,14 +332,13 @@ class TorchBackend(Backend):
     def _linear_map(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         """What stays fixed between products on ``batch``, as a function of the vector."""
         if self.mode == "forward":
-            with warnings.catch_warnings():  # torch.fx const-folding chatter, harmless
+            with warnings.catch_warnings(), _LOCK:  # torch.fx const-folding chatter, harmless
                 warnings.simplefilter("ignore", UserWarning)
                 _, lin = linearize(grad(lambda p: self._loss(p, batch)), self._params)
-            one = lambda u: self._flat(lin(self._split(u)))  # noqa: E731
-            return lambda v, batched: vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
+            return partial(_linearized_product, self._layout, lin)  # no reference back to self
         p = [t.detach().requires_grad_(True) for t in self._params.values()]
         g = self._graph(dict(zip(self._names, p)), batch)
-        return lambda v, batched: self._reverse_product(g, p, v, batched, retain=True)
+        return partial(_reverse_product, self._layout, g, p, retain=True)
 
     def _graph(self, p: dict[str, Tensor], batch: Any) -> tuple[Tensor | None, ...]:
         """The gradient at ``p`` on ``batch``, with the graph that reverse-mode products differentiate."""
@@ -279,37 +348,72 @@ class TorchBackend(Backend):
             return torch.autograd.grad(loss, list(p.values()), create_graph=True, allow_unused=True)
 
     def _reverse_product(self, g, p, v: Tensor, batched: bool, retain: bool) -> Tensor:
-        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
-        if batched:
-            parts = [t.view(v.shape[1], *s) for t, s in zip(torch.split(v.T, self._numels, dim=1), self._shapes)]
-        else:
-            parts = self._split(v).values()
-        parts = list(parts)
-        with torch.enable_grad():
-            hv = torch.autograd.grad([g[i] for i in live], p, grad_outputs=[parts[i] for i in live],
-                                     retain_graph=retain, allow_unused=True, is_grads_batched=batched)
-        if batched:
-            k = v.shape[1]
-            return torch.cat([_zero_if_none(h, (k, n), v).reshape(k, n) for h, n in zip(hv, self._numels)], 1).T
-        return self._flat(dict(zip(self._names, hv)))
+        return _reverse_product(self._layout, g, p, v, batched, retain=retain)
 
     # --- flattening -------------------------------------------------------------------------------
     def _split(self, v: Tensor) -> dict[str, Tensor]:
-        return {k: t.view(s) for k, t, s in zip(self._names, torch.split(v, self._numels), self._shapes)}
+        return self._layout.split(v)
 
     def _flat(self, tree: dict[str, Tensor | None]) -> Tensor:
-        ref = next(iter(self._params.values()))
-        return torch.cat([_zero_if_none(tree[k], (n,), ref).reshape(-1) for k, n in zip(self._names, self._numels)])
+        return self._layout.flat(tree)
 
     def _to_device(self, batch: Any) -> Any:
         if isinstance(batch, torch.Tensor):
             return batch if batch.device == self.device else batch.to(self.device, non_blocking=True)
         if isinstance(batch, (list, tuple)):
             return type(batch)(self._to_device(b) for b in batch)
-        if isinstance(batch, dict):
+        if isinstance(batch, Mapping):
             return {k: self._to_device(b) for k, b in batch.items()}
         return batch
 
+
+
+class _Layout:
+    """Names, shapes and sizes of the parameters: flat vector <-> dict of tensors.
+
+    Cached products hold this, never the backend, so ``del H`` frees graphs at once (no cycle).
+    """
+
+    def __init__(self, params: dict[str, Tensor]):
+        self.names = list(params)
+        self.shapes = [p.shape for p in params.values()]
+        self.numels = [p.numel() for p in params.values()]
+        ref = next(iter(params.values()))
+        self.dtype, self.device = ref.dtype, ref.device
+
+    def split(self, v: Tensor) -> dict[str, Tensor]:
+        return {k: t.view(s) for k, t, s in zip(self.names, torch.split(v, self.numels), self.shapes)}
+
+    def flat(self, tree: dict[str, Tensor | None]) -> Tensor:
+        return torch.cat([
+            (torch.zeros(n, dtype=self.dtype, device=self.device) if tree[k] is None else tree[k]).reshape(-1)
+            for k, n in zip(self.names, self.numels)
+        ])
+
+
+def _reverse_product(layout: _Layout, g, p, v: Tensor, batched: bool, retain: bool) -> Tensor:
+    live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+    if batched:
+        parts = [t.view(v.shape[1], *s) for t, s in zip(torch.split(v.T, layout.numels, dim=1), layout.shapes)]
+    else:
+        parts = layout.split(v).values()
+    parts = list(parts)
+    with torch.enable_grad():
+        hv = torch.autograd.grad([g[i] for i in live], p, grad_outputs=[parts[i] for i in live],
+                                 retain_graph=retain, allow_unused=True, is_grads_batched=batched)
+    if batched:
+        k = v.shape[1]
+        return torch.cat([_zero_if_none(h, (k, n), v).reshape(k, n) for h, n in zip(hv, layout.numels)], 1).T
+    return layout.flat(dict(zip(layout.names, hv)))
+
+
+def _linearized_product(layout: _Layout, lin: Callable[[Any], Any], v: Tensor, batched: bool) -> Tensor:
+    one = lambda u: layout.flat(lin(layout.split(u)))  # noqa: E731
+    return vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
+
+
+def _number(w: Any) -> Any:
+    return w.item() if isinstance(w, torch.Tensor) else w
 
 
 def _zero_if_none(t: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -324,12 +428,45 @@ def _check_param(name: str, p: Any) -> Tensor:
             f"parameter {name!r} has dtype {p.dtype}; the Hessian needs floating-point parameters "
             "(convert it with .double() or .float(), or leave it out of params)"
         )
+    if p.is_inference():
+        raise RuntimeError(
+            f"parameter {name!r} is an inference tensor (created under torch.inference_mode()), which autograd "
+            "cannot differentiate; create or load the model outside torch.inference_mode()"
+        )
     return p
 
 
-def _check_scalar_loss(loss: LossFn, params: dict[str, Tensor], batch: Any) -> None:
-    with torch.no_grad():
-        value = loss(params, batch)
+def _inference_mode_error(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"{what} needs autograd, which torch.inference_mode() disables; build the Hessian and multiply "
+        "by it outside inference_mode (torch.no_grad() around curvop calls is fine)"
+    )
+
+
+def _check_autograd_available() -> None:
+    if torch.is_inference_mode_enabled():
+        raise _inference_mode_error("curvop.hessian")
+
+
+_FLAGS = ("check_deterministic", "check_finite", "rewrite", "check_loss_dtype")
+
+
+def _check_options(**options: Any) -> None:
+    """Types and values of the options: a string ``"False"`` is not ``False``."""
+    hvp = options.pop("hvp")
+    if not isinstance(hvp, str) or hvp not in ("auto", "forward", "reverse"):
+        raise ValueError(f"hvp must be 'forward', 'reverse' or 'auto', got {hvp!r}")
+    for name, value in options.items():
+        if isinstance(value, (bool, np.bool_)) or (isinstance(value, str) and value == "auto" and name not in _FLAGS):
+            continue
+        allowed = "True or False" + ("" if name in _FLAGS else " or 'auto'")
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+
+
+def _check_scalar_loss(loss: LossFn, params: dict[str, Tensor], batch: Any, check_dtype: bool = True) -> None:
+    p = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+    with torch.enable_grad():
+        value = loss(p, batch)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"the loss must return a torch.Tensor, got {type(value).__name__}")
     if value.numel() != 1:
@@ -341,6 +478,21 @@ def _check_scalar_loss(loss: LossFn, params: dict[str, Tensor], batch: Any) -> N
         raise TypeError(f"the loss has dtype {value.dtype}; it must be floating point")
     if not torch.isfinite(value).all():
         raise FloatingPointError("the loss is NaN or Inf on the first batch; check the data and the model")
+    if not value.requires_grad:
+        raise ValueError(
+            "the loss does not depend on the parameters through autograd, so its Hessian would be 0: "
+            "does the loss or the model call .detach(), .item(), .numpy() or run under torch.no_grad()? "
+            "(If the selected parameters are truly unused, their Hessian is 0; select others with params=.)"
+        )
+    ref = next(iter(params.values())).dtype
+    if check_dtype and torch.finfo(value.dtype).eps > torch.finfo(ref).eps:
+        raise LossPrecisionError(
+            f"the loss value is {value.dtype}, but the parameters are {ref}: the Hessian would silently lose "
+            "digits (a float32 loss gives about 1e-8 relative accuracy instead of 1e-16). Compute the loss in "
+            f"the model's dtype: no .float() on the logits (Hugging Face causal-LM losses upcast with .float(): "
+            "compute the loss yourself from out.logits with a loss_fn), no float32 constants. Pass "
+            "check_loss_dtype=False to accept the lower precision."
+        )
 
 
 def _check_module(model: torch.nn.Module) -> None:
@@ -364,11 +516,12 @@ def _select(model: torch.nn.Module, params: Any) -> dict[str, Tensor]:
 
 def hessian(
     model: torch.nn.Module,
-    loss_fn: Callable[[Tensor, Any], Tensor],
+    loss_fn: Callable[[Tensor, Any], Tensor] | None,
     data: Any,
     *,
     params: Any = None,
     reduction: str | None = None,
+    batch_weight: Callable[[Any], Any] | None = None,
     **options: Any,
 ) -> TorchBackend:
     """Torch backend for :func:`curvop.hessian`.
@@ -376,42 +529,180 @@ def hessian(
     Parameters
     ----------
     model : torch.nn.Module
-        In eval mode if it has BatchNorm or dropout layers.
-    loss_fn : callable
-        ``loss_fn(model(inputs), targets)`` -> scalar tensor.
+        In eval mode if it has BatchNorm or dropout layers, or any layer whose forward updates its
+        buffers in training mode (InstanceNorm with running stats, spectral_norm). Products run on
+        copies of its buffers: the model is never changed.
+    loss_fn : callable or None
+        ``loss_fn(model(inputs), targets)`` -> scalar tensor. ``None``: the model computes its own
+        loss (Hugging Face style): each batch is passed as ``model(**batch)`` (a dict),
+        ``model(*batch)`` (a tuple) or ``model(batch)`` (a tensor), and the loss is the output's
+        ``.loss``, its ``["loss"]``, or the output itself if it is a scalar tensor.
     data : batch ``(inputs, targets)`` or a re-iterable of batches
         ``inputs`` may be a tensor, a tuple (``model(*inputs)``) or a dict (``model(**inputs)``).
+        With ``loss_fn=None`` a batch is a dict, a tuple or a tensor.
     params : None, names, parameters, or a predicate on names
         ``None``: every parameter with ``requires_grad``. A name selects that parameter, or every
         parameter of the module with that name (``"fc1"`` -> ``fc1.weight``, ``fc1.bias``). The
         others are held fixed. A selected parameter the loss does not use gives zero rows.
     reduction : {"mean", "sum"}, optional
         How the loss reduces over samples; read from ``loss_fn.reduction`` when not given
-        (default ``"mean"``). Decides the weighting of batches (see :func:`curvop.hessian`).
+        (default ``"mean"``). Decides the weighting of batches (see :func:`curvop.hessian`). Over
+        several batches a loss without ``.reduction`` (a lambda) needs it.
+    batch_weight : callable, optional
+        ``batch_weight(batch)``: what a mean-reduced loss averages over in ``batch``, for the
+        weighting of several batches (default: the batch size; for ``CrossEntropyLoss`` and
+        ``NLLLoss`` the sum of the targets' class weights, ignored targets left out).
     **options
         ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``process_group``, ``timeout``,
-        ``check_finite``, ``rewrite``: see :class:`TorchBackend`.
+        ``check_finite``, ``rewrite``, ``check_loss_dtype``: see :class:`TorchBackend`.
+
+    Examples
+    --------
+    >>> import torch, curvop
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> batch = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))
+    >>> curvop.hessian(model, torch.nn.CrossEntropyLoss(), batch).shape
+    (8, 8)
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+    _check_unknown(options, ("params", "reduction", "batch_weight"))
+    _check_autograd_available()
     if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         model = model.module  # the wrapped model; curvop does its own all-reduce of products
     _check_module(model)
     selected = _select(model, params)
     consts = {k: p.detach() for k, p in model.named_parameters() if k not in selected}
-    consts.update(model.named_buffers())
+    buffers = _Buffers(model)
+    reduction_ = resolve_reduction(loss_fn, reduction)
+    weight = batch_weight if batch_weight is not None else _loss_weight(loss_fn, reduction_)
+    dataset = Dataset(data, reduction_, weight=weight,
+                      single=True if loss_fn is None and isinstance(data, torch.Tensor) else None)
+    if (loss_fn is not None and reduction is None and batch_weight is None and not dataset.single
+            and getattr(loss_fn, "reduction", None) is None):
+        raise ValueError(
+            f"the loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)!r} has no .reduction attribute "
+            "(a lambda or function?), so curvop cannot tell how to combine several batches: pass "
+            "reduction='mean' (batches weighted by their size) or reduction='sum', or "
+            "batch_weight=lambda batch: ... giving what the loss averages over in a batch (e.g. "
+            "lambda b: (b[1] != -100).sum() for ignored targets)"
+        )
 
     def loss(p: dict[str, Tensor], batch: Any) -> Tensor:
+        tensors = (p, consts, buffers.copies)
+        if loss_fn is None:  # the model computes its own loss
+            return _model_loss(model, tensors, batch)
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise ValueError("each batch must be a pair (inputs, targets)")
         inputs, targets = batch
-        if isinstance(inputs, dict):
-            out = functional_call(model, (p, consts), (), inputs)
-        else:
-            out = functional_call(model, (p, consts), tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,))
+        with _LOCK:
+            if isinstance(inputs, Mapping):
+                out = functional_call(model, tensors, (), dict(inputs))
+            else:
+                out = functional_call(model, tensors, tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,))
         return loss_fn(out, targets)
 
-    return TorchBackend(loss, selected, Dataset(data, resolve_reduction(loss_fn, reduction)), **options)
+    return TorchBackend(loss, selected, dataset, watch=list(buffers.live.values()), on_change=buffers.refresh,
+                        check_state=buffers.check, **options)
+
+
+class _Buffers:
+    """Copies of the model's buffers for products to use (and write, if a layer does): never the user's.
+
+    Refreshed when a live buffer changes in place (its ``_version``), so the operator follows the
+    model's buffers as it follows its parameters.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.live = dict(model.named_buffers())
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.copies = {k: b.detach().clone() for k, b in self.live.items()}
+
+    def check(self) -> None:
+        """After the first forward: refuse training-mode layers that changed their buffers, by effect."""
+        changed: dict[str, list[str]] = {}
+        for k, b in self.live.items():
+            if not torch.equal(self.copies[k], b):
+                owner, _, leaf = k.rpartition(".")
+                if self.model.get_submodule(owner).training:
+                    changed.setdefault(owner, []).append(leaf)
+        self.refresh()
+        if changed:
+            owner, names = next(iter(changed.items()))
+            kind = type(self.model.get_submodule(owner)).__name__
+            raise ValueError(
+                f"layer {owner or kind!r} ({kind}) is in training mode and its forward updates its buffers "
+                f"({', '.join(names)}), so every product would change them and the Hessian would drift; "
+                "call model.eval() before building the Hessian (curvop never writes the model's buffers: "
+                "products run on copies)"
+            )
+
+
+def _model_loss(model: torch.nn.Module, tensors: tuple[dict[str, Tensor], ...], batch: Any) -> Tensor:
+    """``loss_fn=None``: the loss the model computes itself (``.loss``, ``["loss"]`` or a scalar output)."""
+    with _LOCK:
+        if isinstance(batch, Mapping):
+            out = functional_call(model, tensors, (), dict(batch))
+        elif isinstance(batch, (list, tuple)):
+            out = functional_call(model, tensors, tuple(batch))
+        else:
+            out = functional_call(model, tensors, (batch,))
+    if isinstance(out, torch.Tensor):
+        if out.numel() == 1:
+            return out
+        value = None
+    else:
+        value = getattr(out, "loss", None)
+        if value is None and isinstance(out, Mapping):
+            value = out.get("loss")
+    if value is None:
+        raise ValueError(
+            f"loss_fn=None means the model computes its own loss, but its output ({type(out).__name__}"
+            f"{f' of shape {tuple(out.shape)}' if isinstance(out, torch.Tensor) else ''}) has no loss: pass the "
+            "labels in the batch (e.g. batch['labels'] for a Hugging Face model) so that the output has .loss, "
+            "or give a loss_fn(output, targets) with batches (inputs, targets)"
+        )
+    return value
+
+
+def _loss_weight(loss_fn: Any, reduction: str) -> Callable[[Any], Any] | None:
+    """What a mean-reduced ``CrossEntropyLoss`` / ``NLLLoss`` averages over in a batch, else ``None``."""
+    if reduction != "mean" or not isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
+        return None
+    return partial(_target_weight, loss_fn.weight, loss_fn.ignore_index)
+
+
+def _target_weight(class_weight: Tensor | None, ignore_index: int, batch: Any) -> Any:
+    """The divisor of torch's mean: the targets' class weights summed, ignored targets left out."""
+    targets = batch[1]
+    if targets.is_floating_point():  # class probabilities: a mean over samples (and positions)
+        return targets.numel() // targets.shape[1] if targets.dim() > 1 else 1
+    keep = targets != ignore_index
+    if class_weight is None:
+        return keep.sum()
+    w = class_weight.to(targets.device)[torch.where(keep, targets, 0)]
+    return (w * keep).sum()
+
+
+def _valid_options() -> list[str]:
+    internal = {"self", "loss", "params", "dataset", "watch", "on_change", "check_state"}
+    return [k for k in inspect.signature(TorchBackend.__init__).parameters if k not in internal]
+
+
+def _check_unknown(options: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    valid = [*extra, *_valid_options()]
+    for name in options:
+        if name not in valid:
+            hint = ""
+            if name in ("cuda", "device", "gpu"):
+                hint = (" (the operator uses the model's device; move the model with model.to(...) and the data "
+                        "follows it)")
+            raise TypeError(
+                f"unknown option {name!r} for the torch backend{hint}; valid options: {', '.join(valid)}"
+            )
 
 
 def hessian_of(f: Callable[..., Tensor], params: Any, data: Any = None, *, reduction: str = "mean",
@@ -432,8 +723,11 @@ def hessian_of(f: Callable[..., Tensor], params: Any, data: Any = None, *, reduc
     else:
         raise TypeError(f"params must be a tensor or a list/tuple/dict of tensors, got {type(params).__name__}")
 
+    batch_weight = options.pop("batch_weight", None)
+    _check_unknown(options, ("reduction", "batch_weight"))
+    _check_autograd_available()
     if data is None:
         loss = lambda p, batch: f(rebuild(p))  # noqa: E731
     else:
         loss = lambda p, batch: f(rebuild(p), batch)  # noqa: E731
-    return TorchBackend(loss, flat, Dataset(data, reduction), **options)
+    return TorchBackend(loss, flat, Dataset(data, reduction, weight=batch_weight), **options)
