@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 
+from curvop.backends._torch_attention import EXACT
+
 _aten = torch.ops.aten
 _BN = inspect.signature(F.batch_norm)
 _CONV = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: None)
@@ -102,15 +104,23 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.
 
 
 class Rewrites(TorchFunctionMode):
-    """Within ``with Rewrites(conv=...)``: eval BatchNorm as an affine map, ``conv2d`` as above."""
+    """Within ``with Rewrites(conv=..., fast=...)``: the ops torch cannot differentiate twice
+    (attention, ``hardsigmoid``, ...; :data:`curvop.backends._torch_attention.EXACT`) always as
+    ops it can; with ``fast=True`` also eval BatchNorm as an affine map and ``conv2d`` as above."""
 
-    def __init__(self, conv: bool = True):
+    def __init__(self, conv: bool = True, fast: bool = True):
         super().__init__()
-        self.conv = conv
+        self.conv = conv and fast
+        self.fast = fast
         self._convs: dict[int, tuple[torch.Tensor, int, tuple]] = {}  # id(output) -> (output, version, args)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        exact = EXACT.get(func)
+        if exact is not None:
+            return exact(*args, **kwargs)
+        if not self.fast:
+            return func(*args, **kwargs)
         if func is F.conv2d and self.conv:
             a = _CONV.bind(*args, **kwargs)
             a.apply_defaults()

@@ -40,7 +40,6 @@ on CPU, where ``vmap`` measured slower than a loop for convolutions, and vmaps o
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import numpy as np
@@ -249,7 +248,7 @@ class TorchBackend(Backend):
     def _fresh(self, v: Tensor, batch: Any, batched: bool = False) -> Tensor:
         """One uncached product (or ``(n, k)`` block) on one batch."""
         if self.mode == "forward":
-            grad_fn = grad(lambda p: self._loss(p, batch))
+            grad_fn = grad(lambda p: self._eval(p, batch))
             one = lambda u: self._flat(jvp(grad_fn, (self._params,), (self._split(u),))[1])  # noqa: E731
             return vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
         p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
@@ -261,7 +260,7 @@ class TorchBackend(Backend):
         if self.mode == "forward":
             with warnings.catch_warnings():  # torch.fx const-folding chatter, harmless
                 warnings.simplefilter("ignore", UserWarning)
-                _, lin = linearize(grad(lambda p: self._loss(p, batch)), self._params)
+                _, lin = linearize(grad(lambda p: self._eval(p, batch)), self._params)
             one = lambda u: self._flat(lin(self._split(u)))  # noqa: E731
             return lambda v, batched: vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
         p = [t.detach().requires_grad_(True) for t in self._params.values()]
@@ -270,10 +269,16 @@ class TorchBackend(Backend):
 
     def _graph(self, p: dict[str, Tensor], batch: Any) -> tuple[Tensor | None, ...]:
         """The gradient at ``p`` on ``batch``, with the graph that reverse-mode products differentiate."""
-        with torch.enable_grad(), (Rewrites(conv=self.device.type == "cpu") if self.rewrite else nullcontext()):
-            loss = self._loss(p, batch)
+        with torch.enable_grad():
+            loss = self._eval(p, batch)
         with torch.enable_grad():
             return torch.autograd.grad(loss, list(p.values()), create_graph=True, allow_unused=True)
+
+    def _eval(self, p: dict[str, Tensor], batch: Any) -> Tensor:
+        """The loss, under the op rewrites (:mod:`curvop.backends._torch_ops`): always the ops torch
+        cannot differentiate twice (attention, hardsigmoid, ...); with ``rewrite`` the fast ones."""
+        with Rewrites(conv=self.device.type == "cpu", fast=self.rewrite):
+            return self._loss(p, batch)
 
     def _reverse_product(self, g, p, v: Tensor, batched: bool, retain: bool) -> Tensor:
         live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
