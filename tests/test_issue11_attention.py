@@ -267,3 +267,25 @@ class _First(nn.Module):
 
     def forward(self, x):
         return self.mha(x, x, x)[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
+@pytest.mark.parametrize("hvp, cache", MODES)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_issue11_item1_attention_on_cuda_float32_fused_kernels(name, hvp, cache):
+    """float32 on CUDA selects the memory-efficient or flash kernel, which has no second derivative."""
+    model, x, y = make(name)
+    loss_fn = nn.CrossEntropyLoss()
+    v = np.random.default_rng(1).standard_normal(sum(p.numel() for p in model.parameters()))
+    ref = reference_hvp(model, loss_fn, x, y, v)
+    model32 = model.float().cuda()
+    H = curvop.hessian(model32, loss_fn, (x.float().cuda(), y.cuda()), hvp=hvp, cache=cache)
+    np.testing.assert_allclose(H @ v.astype(np.float32), ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
+def test_issue11_item1_cuda_fused_attention_lacks_second_derivative_without_curvop():
+    q, k, v = (torch.randn(2, 2, 64, 32, device="cuda", requires_grad=True) for _ in range(3))
+    g = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v).pow(2).sum(), q, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="derivative for .*(efficient|flash)"):
+        torch.autograd.grad(g.sum(), q)

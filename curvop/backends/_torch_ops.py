@@ -103,14 +103,39 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
+# Per layer, the rewritten conv2d wins only where the output is large next to the kernel: the
+# product's cost is then the weight term, which torch computes slowly. ``benchmarks/models.py
+# --layers`` measures one conv's cached product both ways (torch 2.13, one CPU thread); the rewrite
+# is used where out.numel() >= RATIO * weight.numel(), by dtype and kind of convolution:
+# float64 3x3 at ratio >= 3.5 measured 0.69-0.94x torch's time, below 0.44 0.94-1.3x; 1x1 below 7
+# up to 16x (!) and 0.90x at 51; depthwise 0.94x at 228, 1.07-1.52x below 28. float32: depthwise
+# 0.30-0.71x at every size, 3x3 0.62-0.93x at ratio >= 227 and 1.07-1.6x below 28, 1x1 1.1-7x.
+RATIO = {torch.float64: {"dense": 2.0, "pointwise": 32.0, "depthwise": 128.0},
+         torch.float32: {"dense": 128.0, "pointwise": float("inf"), "depthwise": 0.0}}
+
+
+def conv_wins(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether :func:`conv2d`'s cached product is measured faster than torch's for this layer."""
+    ratios = RATIO.get(x.dtype)
+    if ratios is None:
+        return False
+    kind = "pointwise" if w.shape[-2:] == (1, 1) else "dense" if groups == 1 else "depthwise"
+    out = 1
+    for size, k, s, p, d in zip(x.shape[-2:], w.shape[-2:], _pair(stride), _pair(padding), _pair(dilation)):
+        out *= max(0, (size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return x.shape[0] * w.shape[0] * out >= ratios[kind] * w.numel()
+
+
 class Rewrites(TorchFunctionMode):
     """Within ``with Rewrites(conv=..., fast=...)``: the ops torch cannot differentiate twice
     (attention, ``hardsigmoid``, ...; :data:`curvop.backends._torch_attention.EXACT`) always as
-    ops it can; with ``fast=True`` also eval BatchNorm as an affine map and ``conv2d`` as above."""
+    ops it can; with ``fast=True`` also eval BatchNorm as an affine map and ``conv2d`` as above,
+    for every convolution (``conv=True``) or where :func:`conv_wins` (``conv="auto"``). A BatchNorm
+    right after a rewritten convolution is folded into its weights."""
 
-    def __init__(self, conv: bool = True, fast: bool = True):
+    def __init__(self, conv: bool | str = True, fast: bool = True):
         super().__init__()
-        self.conv = conv and fast
+        self.conv = conv if fast else False
         self.fast = fast
         self._convs: dict[int, tuple[torch.Tensor, int, tuple]] = {}  # id(output) -> (output, version, args)
 
@@ -125,7 +150,8 @@ class Rewrites(TorchFunctionMode):
             a = _CONV.bind(*args, **kwargs)
             a.apply_defaults()
             call = tuple(a.arguments.values())
-            if isinstance(call[0], torch.Tensor) and call[0].dim() == 4 and not isinstance(call[4], str):
+            if (isinstance(call[0], torch.Tensor) and call[0].dim() == 4 and not isinstance(call[4], str)
+                    and (self.conv is True or conv_wins(call[0], call[1], *call[3:]))):
                 out = conv2d(*call)
                 self._convs[id(out)] = (out, out._version, call)
                 return out

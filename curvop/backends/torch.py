@@ -277,7 +277,7 @@ class TorchBackend(Backend):
     def _eval(self, p: dict[str, Tensor], batch: Any) -> Tensor:
         """The loss, under the op rewrites (:mod:`curvop.backends._torch_ops`): always the ops torch
         cannot differentiate twice (attention, hardsigmoid, ...); with ``rewrite`` the fast ones."""
-        with Rewrites(conv=self.device.type == "cpu", fast=self.rewrite):
+        with Rewrites(conv="auto" if self.device.type == "cpu" else False, fast=self.rewrite):
             return self._loss(p, batch)
 
     def _reverse_product(self, g, p, v: Tensor, batched: bool, retain: bool) -> Tensor:
