@@ -88,10 +88,11 @@ class TorchBackend(Backend):
         Check each product for NaN/Inf (one reduction and host sync per product); when it is not
         finite, recompute batch by batch and raise ``NonFiniteProductError`` naming the batch.
     rewrite : bool
-        In reverse mode, build the loss with eval-mode BatchNorm as the affine map it is (folded
-        into a preceding ``conv2d``) and, on CPU, ``conv2d`` with faster second derivatives
-        (:mod:`curvop.backends._torch_ops`): the same function, products equal to rounding.
-        ``False`` keeps torch's own ops.
+        In reverse mode, build the loss with eval-mode BatchNorm as the affine map it is and, on
+        CPU, ``conv2d`` with faster second derivatives in the layers where that was measured
+        faster (BatchNorm folded into those; :mod:`curvop.backends._torch_ops`): the same
+        function, products equal to rounding. ``False`` keeps torch's own ops. Attention and
+        ``hardsigmoid``, which torch cannot differentiate twice, are rewritten either way.
     """
 
     name = "torch"
