@@ -122,6 +122,13 @@ RATIO = {torch.float64: {"dense": 2.0, "pointwise": float("inf"), "depthwise": 1
          torch.float32: {"dense": 128.0, "pointwise": float("inf"), "depthwise": 0.0}}
 
 
+# An eval BatchNorm not folded into a convolution is an affine map only on large activations, where
+# torch's training-mode double backward (two dozen full-size passes) costs: on the 70k-parameter CNN
+# at batch 128 it was a third of the product; on resnet18 and tinynet_e at batch 4 the affine map
+# measured no faster (4.77 vs 4.70 and 2.61 vs 2.30 gradients, benchmarks/models.py "no conv").
+AFFINE_MIN = 1 << 17
+
+
 def conv_wins(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
     """Whether :func:`conv2d`'s cached product is measured faster than torch's for this layer."""
     ratios = RATIO.get(x.dtype)
@@ -139,7 +146,8 @@ class Rewrites(TorchFunctionMode):
     (attention, ``hardsigmoid``, ...; :data:`curvop.backends._torch_attention.EXACT`) always as
     ops it can; with ``fast=True`` also eval BatchNorm as an affine map and ``conv2d`` as above,
     for every convolution (``conv=True``) or where :func:`conv_wins` (``conv="auto"``). A BatchNorm
-    right after a rewritten convolution is folded into its weights."""
+    right after a rewritten convolution is folded into its weights; with ``conv="auto"`` another
+    is rewritten only when its input has at least :data:`AFFINE_MIN` elements."""
 
     def __init__(self, conv: bool | str = True, fast: bool = True):
         super().__init__()
@@ -170,7 +178,8 @@ class Rewrites(TorchFunctionMode):
             a = _BN.bind(*args, **kwargs)
             a.apply_defaults()
             a = a.arguments
-            if not a["training"] and a["running_mean"] is not None and a["running_var"] is not None:
+            if (not a["training"] and a["running_mean"] is not None and a["running_var"] is not None
+                    and (self.conv != "auto" or self._folds(a["input"]) or a["input"].numel() >= AFFINE_MIN)):
                 return self._affine_batch_norm(a)
         return func(*args, **kwargs)
 
@@ -182,10 +191,14 @@ class Rewrites(TorchFunctionMode):
             scale, shift = scale * a["weight"], shift * a["weight"]
         if a["bias"] is not None:
             shift = shift + a["bias"]
-        made = self._convs.get(id(x))
-        if made is not None and made[0] is x and made[1] == x._version and x.dim() == 4:
-            cx, w, b, stride, padding, dilation, groups = made[2]  # fold into the convolution's weights
+        if self._folds(x):
+            cx, w, b, stride, padding, dilation, groups = self._convs[id(x)][2]  # fold into its weights
             shift = shift if b is None else shift + b * scale
             return conv2d(cx, w * scale.view(-1, 1, 1, 1), shift, stride, padding, dilation, groups)
         view = (1, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(shift.view(view), x, scale.view(view))
+
+    def _folds(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the untouched output of a rewritten convolution."""
+        made = self._convs.get(id(x))
+        return made is not None and made[0] is x and made[1] == x._version and x.dim() == 4
