@@ -113,11 +113,9 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.
 # --layers`` measures one conv's cached product both ways (torch 2.13, one CPU thread); the rewrite
 # is used where out.numel() >= RATIO * weight.numel(), by dtype and kind of convolution:
 # float64 3x3 at ratio >= 3.5 measured 0.69-0.94x torch's time, below 0.44 0.94-1.3x; 1x1 below 7
-# up to 16x (!) and 0.90x at 51 (never worth the risk: tinynet_e lost 10% with them rewritten);
+# up to 16x (!) and 0.90x at 51 (not worth the risk: never rewritten);
 # depthwise 0.94x at 228, 1.07-1.52x below 28. float32: depthwise 0.30-0.71x at every size, 3x3
-# 0.62-0.93x at ratio >= 227 and 1.07-1.6x below 28, 1x1 1.1-7x. The first convolution of a
-# network, whose input needs no gradient, gains most: resnet18's 7x7 stem alone took the float64
-# batch-4 product from 4.8 to 3.9 gradients.
+# 0.62-0.93x at ratio >= 227 and 1.07-1.6x below 28, 1x1 1.1-7x. Whole models: docs/performance.md.
 RATIO = {torch.float64: {"dense": 2.0, "pointwise": float("inf"), "depthwise": 128.0},
          torch.float32: {"dense": 128.0, "pointwise": float("inf"), "depthwise": 0.0}}
 
