@@ -18,3 +18,16 @@ def test_accuracy_quick():
     assert len(rows) == 14  # 9 rows at 20 products, 5 on the decaying spectrum
     first = dict(rows[:9])
     assert first[("top eigenvalue", "lanczos")] < first[("top eigenvalue", "power iteration")]
+
+
+def test_models_quick():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "models.py"), "--quick"],
+        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| tiny_vit") or
+            line.startswith("| mobilenet")]
+    assert len(rows) == 4  # each printed as measured, then in the table
+    assert all(float(c.strip(" *")) > 0 for r in rows for c in r[5:-1])  # every mode ran, attention and hardsigmoid included

@@ -153,3 +153,45 @@ def test_float32_rewrite_is_as_accurate_as_torch_ops():
         ref = D @ v.astype(np.float64)
         err_on, err_off = (np.linalg.norm(H @ v - ref) / np.linalg.norm(ref) for H in (on, off))
         assert err_on < 1e-5 and err_on < 2 * err_off + 1e-7
+
+
+def test_issue11_item6_conv_rewritten_per_layer_only_where_measured_faster():
+    """A 3x3 convolution on a large output is curvop's; a 1x1 convolution on a 1x1 map (up to 16x
+    slower rewritten, benchmarks/models.py --layers) stays torch's; products still match the dense Hessian."""
+    from curvop.backends._torch_ops import conv_wins
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), _bn2d(4), nn.Tanh(), nn.AdaptiveAvgPool2d(1),
+                          nn.Conv2d(4, 16, 1), nn.Flatten(), nn.Linear(16, 3)).double().eval()
+    x, y = torch.randn(8, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
+    nodes = _nodes(g[0])
+    assert "_WeightGradBackward" in nodes and "ConvolutionBackwardBackward0" in nodes  # one of each
+    D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
+    v = np.random.default_rng(0).standard_normal(D.shape[0])
+    np.testing.assert_allclose(H @ v, D @ v, rtol=1e-10, atol=1e-12)
+    big, small = torch.empty(32, 16, 32, 32), torch.empty(4, 96, 1, 1)
+    assert conv_wins(big, torch.empty(16, 16, 3, 3), 1, 1, 1, 1)
+    assert not conv_wins(small, torch.empty(576, 96, 1, 1), 1, 0, 1, 1)
+    assert conv_wins(torch.empty(4, 72, 8, 8), torch.empty(72, 1, 3, 3), 1, 1, 1, 72)  # float32 depthwise
+    assert not conv_wins(torch.empty(4, 72, 8, 8, dtype=torch.float64), torch.empty(72, 1, 3, 3, dtype=torch.float64),
+                         1, 1, 1, 72)
+
+
+@pytest.mark.parametrize("size, affine", [(4, False), (48, True)])
+def test_issue11_item6_unfolded_batchnorm_is_an_affine_map_only_on_large_activations(size, affine):
+    """After a convolution that stays torch's (1x1), BatchNorm is rewritten only when its input has
+    at least AFFINE_MIN elements: on small ones the affine map measured no faster (resnet18, tinynet_e)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), _bn2d(4), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).double().eval()
+    x, y = torch.randn(16, 2, size, size, dtype=torch.float64), torch.randint(0, 3, (16,))
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
+    nodes = _nodes(g[0])
+    assert ("NativeBatchNormBackwardBackward0" in nodes) is not affine
+    assert "_WeightGradBackward" not in nodes
+    D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
+    v = np.random.default_rng(0).standard_normal(D.shape[0])
+    np.testing.assert_allclose(H @ v, D @ v, rtol=1e-10, atol=1e-12)

@@ -15,8 +15,13 @@ weights of a ``conv2d`` whose untouched output it normalises) and, on CPU, ``con
 three autograd functions - convolution, its input gradient and its weight gradient - whose
 derivatives are each other, so every order of derivative runs the fast convolution kernels. Both
 are the same function of the same tensors; products agree with torch's own to rounding
-(``tests/test_torch_rewrites.py`` checks them against the dense Hessian). Everything else passes
-through untouched.
+(``tests/test_torch_rewrites.py`` checks them against the dense Hessian). The convolution rewrite
+wins only where a layer's output is large next to its kernel (:func:`conv_wins`, measured by
+``benchmarks/models.py --layers``; on resnet18 and MobileNetV3 at 32x32 rewriting every layer was
+slower than torch), so the backend applies it per layer, and folds BatchNorm only into a rewritten
+convolution. The same mode also carries the rewrites that make attention and ``hardsigmoid``
+differentiable twice (:mod:`curvop.backends._torch_attention`), which apply whatever ``fast`` says.
+Everything else passes through untouched.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
+
+from curvop.backends._torch_attention import EXACT
 
 _aten = torch.ops.aten
 _BN = inspect.signature(F.batch_norm)
@@ -101,21 +108,67 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
-class Rewrites(TorchFunctionMode):
-    """Within ``with Rewrites(conv=...)``: eval BatchNorm as an affine map, ``conv2d`` as above."""
+# Per layer, the rewritten conv2d wins only where the output is large next to the kernel: the
+# product's cost is then the weight term, which torch computes slowly. ``benchmarks/models.py
+# --layers`` measures one conv's cached product both ways (torch 2.13, one CPU thread); the rewrite
+# is used where out.numel() >= RATIO * weight.numel(), by dtype and kind of convolution:
+# float64 3x3 at ratio >= 3.5 measured 0.69-0.94x torch's time, below 0.44 0.94-1.3x; 1x1 below 7
+# up to 16x (!) and 0.90x at 51 (not worth the risk: never rewritten);
+# depthwise 0.94x at 228, 1.07-1.52x below 28. float32: depthwise 0.30-0.71x at every size, 3x3
+# 0.62-0.93x at ratio >= 227 and 1.07-1.6x below 28, 1x1 1.1-7x. Whole models: docs/performance.md.
+RATIO = {torch.float64: {"dense": 2.0, "pointwise": float("inf"), "depthwise": 128.0},
+         torch.float32: {"dense": 128.0, "pointwise": float("inf"), "depthwise": 0.0}}
 
-    def __init__(self, conv: bool = True):
+
+# An eval BatchNorm not folded into a convolution is an affine map only on large activations, where
+# torch's training-mode double backward (two dozen full-size passes) costs: on the 70k-parameter CNN
+# at batch 128 it was a third of the product; on resnet18 and tinynet_e at batch 4 the affine map
+# measured no faster (4.77 vs 4.70 and 2.61 vs 2.30 gradients, benchmarks/models.py "no conv").
+AFFINE_MIN = 1 << 17
+
+
+def conv_wins(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether :func:`conv2d`'s cached product is measured faster than torch's for this layer."""
+    ratios = RATIO.get(x.dtype)
+    if ratios is None:
+        return False
+    kind = "pointwise" if w.shape[-2:] == (1, 1) else "dense" if groups == 1 else "depthwise"
+    out = 1
+    for size, k, s, p, d in zip(x.shape[-2:], w.shape[-2:], _pair(stride), _pair(padding), _pair(dilation)):
+        out *= max(0, (size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return x.shape[0] * w.shape[0] * out >= ratios[kind] * w.numel()
+
+
+class Rewrites(TorchFunctionMode):
+    """Within ``with Rewrites(conv=..., fast=...)``: the ops torch cannot differentiate twice
+    (attention, ``hardsigmoid``, ...; :data:`curvop.backends._torch_attention.EXACT`) always as
+    ops it can; with ``fast=True`` also eval BatchNorm as an affine map and ``conv2d`` as above,
+    for every convolution (``conv=True``) or where :func:`conv_wins` (``conv="auto"``). A BatchNorm
+    right after a rewritten convolution is folded into its weights; with ``conv="auto"`` another
+    is rewritten only when its input has at least :data:`AFFINE_MIN` elements."""
+
+    def __init__(self, conv: bool | str = True, fast: bool = True):
         super().__init__()
-        self.conv = conv
+        self.conv = conv if fast else False
+        self.fast = fast
         self._convs: dict[int, tuple[torch.Tensor, int, tuple]] = {}  # id(output) -> (output, version, args)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        try:
+            exact = EXACT.get(func)
+        except TypeError:  # an unhashable callable: none of ours
+            exact = None
+        if exact is not None:
+            return exact(*args, **kwargs)
+        if not self.fast:
+            return func(*args, **kwargs)
         if func is F.conv2d and self.conv:
             a = _CONV.bind(*args, **kwargs)
             a.apply_defaults()
             call = tuple(a.arguments.values())
-            if isinstance(call[0], torch.Tensor) and call[0].dim() == 4 and not isinstance(call[4], str):
+            if (isinstance(call[0], torch.Tensor) and call[0].dim() == 4 and not isinstance(call[4], str)
+                    and (self.conv is True or conv_wins(call[0], call[1], *call[3:]))):
                 out = conv2d(*call)
                 self._convs[id(out)] = (out, out._version, call)
                 return out
@@ -123,7 +176,8 @@ class Rewrites(TorchFunctionMode):
             a = _BN.bind(*args, **kwargs)
             a.apply_defaults()
             a = a.arguments
-            if not a["training"] and a["running_mean"] is not None and a["running_var"] is not None:
+            if (not a["training"] and a["running_mean"] is not None and a["running_var"] is not None
+                    and (self.conv != "auto" or self._folds(a["input"]) or a["input"].numel() >= AFFINE_MIN)):
                 return self._affine_batch_norm(a)
         return func(*args, **kwargs)
 
@@ -135,10 +189,14 @@ class Rewrites(TorchFunctionMode):
             scale, shift = scale * a["weight"], shift * a["weight"]
         if a["bias"] is not None:
             shift = shift + a["bias"]
-        made = self._convs.get(id(x))
-        if made is not None and made[0] is x and made[1] == x._version and x.dim() == 4:
-            cx, w, b, stride, padding, dilation, groups = made[2]  # fold into the convolution's weights
+        if self._folds(x):
+            cx, w, b, stride, padding, dilation, groups = self._convs[id(x)][2]  # fold into its weights
             shift = shift if b is None else shift + b * scale
             return conv2d(cx, w * scale.view(-1, 1, 1, 1), shift, stride, padding, dilation, groups)
         view = (1, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(shift.view(view), x, scale.view(view))
+
+    def _folds(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the untouched output of a rewritten convolution."""
+        made = self._convs.get(id(x))
+        return made is not None and made[0] is x and made[1] == x._version and x.dim() == 4

@@ -43,7 +43,6 @@ import inspect
 import threading
 import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable
 
@@ -98,10 +97,11 @@ class TorchBackend(Backend):
         Check each product for NaN/Inf (one reduction and host sync per product); when it is not
         finite, recompute batch by batch and raise ``NonFiniteProductError`` naming the batch.
     rewrite : bool
-        In reverse mode, build the loss with eval-mode BatchNorm as the affine map it is (folded
-        into a preceding ``conv2d``) and, on CPU, ``conv2d`` with faster second derivatives
-        (:mod:`curvop.backends._torch_ops`): the same function, products equal to rounding.
-        ``False`` keeps torch's own ops.
+        In reverse mode, build the loss with eval-mode BatchNorm as the affine map it is and, on
+        CPU, ``conv2d`` with faster second derivatives in the layers where that was measured
+        faster (BatchNorm folded into those; :mod:`curvop.backends._torch_ops`): the same
+        function, products equal to rounding. ``False`` keeps torch's own ops. Attention and
+        ``hardsigmoid``, which torch cannot differentiate twice, are rewritten either way.
     check_loss_dtype : bool
         Raise :class:`~curvop.backends.base.LossPrecisionError` when the loss has a lower
         precision than the parameters (a float32 loss of a float64 model).
@@ -321,7 +321,7 @@ class TorchBackend(Backend):
     def _fresh(self, v: Tensor, batch: Any, batched: bool = False) -> Tensor:
         """One uncached product (or ``(n, k)`` block) on one batch."""
         if self.mode == "forward":
-            grad_fn = grad(lambda p: self._loss(p, batch))
+            grad_fn = grad(lambda p: self._eval(p, batch))
             one = lambda u: self._flat(jvp(grad_fn, (self._params,), (self._split(u),))[1])  # noqa: E731
             with _LOCK:  # forward-AD levels are process-wide
                 return vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
@@ -334,7 +334,7 @@ class TorchBackend(Backend):
         if self.mode == "forward":
             with warnings.catch_warnings(), _LOCK:  # torch.fx const-folding chatter, harmless
                 warnings.simplefilter("ignore", UserWarning)
-                _, lin = linearize(grad(lambda p: self._loss(p, batch)), self._params)
+                _, lin = linearize(grad(lambda p: self._eval(p, batch)), self._params)
             return partial(_linearized_product, self._layout, lin)  # no reference back to self
         p = [t.detach().requires_grad_(True) for t in self._params.values()]
         g = self._graph(dict(zip(self._names, p)), batch)
@@ -342,10 +342,16 @@ class TorchBackend(Backend):
 
     def _graph(self, p: dict[str, Tensor], batch: Any) -> tuple[Tensor | None, ...]:
         """The gradient at ``p`` on ``batch``, with the graph that reverse-mode products differentiate."""
-        with torch.enable_grad(), (Rewrites(conv=self.device.type == "cpu") if self.rewrite else nullcontext()):
-            loss = self._loss(p, batch)
+        with torch.enable_grad():
+            loss = self._eval(p, batch)
         with torch.enable_grad():
             return torch.autograd.grad(loss, list(p.values()), create_graph=True, allow_unused=True)
+
+    def _eval(self, p: dict[str, Tensor], batch: Any) -> Tensor:
+        """The loss, under the op rewrites (:mod:`curvop.backends._torch_ops`): always the ops torch
+        cannot differentiate twice (attention, hardsigmoid, ...); with ``rewrite`` the fast ones."""
+        with Rewrites(conv="auto" if self.device.type == "cpu" else False, fast=self.rewrite):
+            return self._loss(p, batch)
 
     def _reverse_product(self, g, p, v: Tensor, batched: bool, retain: bool) -> Tensor:
         return _reverse_product(self._layout, g, p, v, batched, retain=retain)

@@ -1,0 +1,116 @@
+"""Attention and activations as ops that torch can differentiate twice, in both modes.
+
+Some of torch's fused kernels have a first derivative and nothing more (torch 2.13):
+
+* ``F.scaled_dot_product_attention`` dispatches to a fused kernel (flash attention for CPU; flash
+  or memory-efficient attention on CUDA) whose backward has no derivative
+  (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+  implemented``) and which has no forward-mode derivative at all. ``nn.MultiheadAttention``,
+  ``nn.TransformerEncoderLayer``, torchvision and timm ViTs and Hugging Face models all call it.
+  Their fused fast paths (``torch._native_multi_head_attention``,
+  ``torch._transformer_encoder_layer_fwd``) are skipped while a ``TorchFunctionMode`` is active
+  (``has_torch_function`` is then true), so they end up here too.
+* ``F.hardsigmoid`` (MobileNetV3's squeeze-excitation gate) has a backward, ``hardsigmoid_backward``,
+  with no derivative in either mode.
+* ``F.rrelu`` in eval mode, in place, has no forward-mode derivative.
+
+:data:`EXACT` maps each of these functions to the same function of the same tensors built from
+ops with derivatives of every order: attention through torch's own math kernel
+(``aten::_scaled_dot_product_attention_math``, what ``sdpa_kernel(SDPBackend.MATH)`` selects),
+``hardsigmoid(x)`` as ``hardtanh(x + 3, 0, 6) / 6`` (torch's formula, with the same zero derivative
+at -3 and 3), eval-mode ``rrelu`` as the ``leaky_relu`` with slope ``(lower + upper) / 2`` it is.
+:class:`curvop.backends._torch_ops.Rewrites` applies the map to every loss evaluation, so no
+global setting (``torch.backends.cuda.enable_flash_sdp`` and friends) is touched, and the map is
+thread-local like every ``TorchFunctionMode``. Random ops (attention dropout, ``rrelu`` in training
+mode) raise a ``ValueError``: their Hessian-vector products would differ on every call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["EXACT", "attention", "hardsigmoid", "multi_head_attention_forward", "rrelu"]
+
+_math = torch.ops.aten._scaled_dot_product_attention_math
+
+
+def _random(what: str) -> ValueError:
+    return ValueError(
+        f"{what} inside the loss draws random numbers, so every Hessian-vector product would differ; "
+        "call model.eval() before building the Hessian (or pass dropout_p=0.0 / training=False)"
+    )
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+              enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` through torch's math kernel: ``softmax(q kᵀ · scale +
+    mask) v``, differentiable to every order in both modes, on every device."""
+    if dropout_p > 0.0:
+        raise _random(f"attention dropout (scaled_dot_product_attention with dropout_p={dropout_p})")
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # as F.scaled_dot_product_attention does
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(~attn_mask, float("-inf"))
+    return _math(query, key, value, attn_mask, 0.0, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
+
+
+def hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.hardsigmoid``: ``0`` below -3, ``1`` above 3, ``x / 6 + 1/2`` between."""
+    out = F.hardtanh(input + 3.0, 0.0, 6.0) / 6.0
+    return input.copy_(out) if inplace else out
+
+
+def _hardsigmoid_(input: torch.Tensor) -> torch.Tensor:
+    return hardsigmoid(input, True)
+
+
+def rrelu(input: torch.Tensor, lower: float = 1.0 / 8, upper: float = 1.0 / 3, training: bool = False,
+          inplace: bool = False) -> torch.Tensor:
+    """``F.rrelu`` in eval mode: the leaky ReLU with the mean slope ``(lower + upper) / 2``."""
+    if training:
+        raise _random("rrelu in training mode (random slopes)")
+    return F.leaky_relu(input, (lower + upper) / 2, inplace)
+
+
+def _rrelu_op(input, lower=1.0 / 8, upper=1.0 / 3, training=False, generator=None):  # torch.rrelu
+    return rrelu(input, lower, upper, training)
+
+
+def _rrelu_op_(input, lower=1.0 / 8, upper=1.0 / 3, training=False, generator=None):  # torch.rrelu_
+    return rrelu(input, lower, upper, training, True)
+
+
+_MHA = inspect.signature(F.multi_head_attention_forward)
+
+
+def multi_head_attention_forward(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) through its explicit branch.
+
+    Asked for no weights it calls ``F.scaled_dot_product_attention`` from Python, out of the reach
+    of a ``TorchFunctionMode`` that is handling this very call; its ``need_weights=True`` branch is
+    the same attention written as ``softmax(q kᵀ / sqrt(d) + mask) v`` with ``baddbmm``/``bmm``.
+    The weights it then computes are dropped when they were not asked for."""
+    a = _MHA.bind(*args, **kwargs)
+    a.apply_defaults()
+    a = a.arguments
+    if a["training"] and a["dropout_p"] > 0.0:
+        raise _random(f"attention dropout (nn.MultiheadAttention with dropout={a['dropout_p']} in training mode)")
+    wanted = a["need_weights"]
+    a["need_weights"] = True
+    out, weights = F.multi_head_attention_forward(**a)
+    return out, weights if wanted else None
+
+
+EXACT: dict[Callable, Callable] = {
+    F.scaled_dot_product_attention: attention,
+    F.multi_head_attention_forward: multi_head_attention_forward,
+    F.hardsigmoid: hardsigmoid,
+    torch._C._nn.hardsigmoid: hardsigmoid,
+    torch._C._nn.hardsigmoid_: _hardsigmoid_,
+    F.rrelu: rrelu,
+    torch.rrelu: _rrelu_op,
+    torch.rrelu_: _rrelu_op_,  # also F.rrelu_
+}
