@@ -188,7 +188,7 @@ def spectral_density(
         raise ValueError(f"reorth must be 'auto', 'full' or 'local', got {reorth!r}")
     if reorth == "auto":
         vec = n * np.dtype(basis_dtype if basis_dtype is not None else H.dtype).itemsize
-        budget = default_basis_budget(vec) if max_basis_bytes is None else int(max_basis_bytes)
+        budget = default_basis_budget(n * np.dtype(H.dtype).itemsize) if max_basis_bytes is None else int(max_basis_bytes)
         need = min(block_size, num_probes) * min(int(num_steps), n) * vec
         reorth = "full" if need <= budget else "local"
     rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank

@@ -408,7 +408,8 @@ def _choose_ncv(H: HessianOperator, k: int, ncv: int | None, basis_dtype: Any,
     """``ncv`` within the basis memory bound (see ``max_basis_bytes`` of :func:`eigenvalues`)."""
     n = H.shape[0]
     vec = _basis_bytes_per_vector(H, basis_dtype)
-    budget = default_basis_budget(vec) if max_basis_bytes is None else int(max_basis_bytes)
+    model_vec = _basis_bytes_per_vector(H, None)  # the default bound counts model-sized vectors
+    budget = default_basis_budget(model_vec) if max_basis_bytes is None else int(max_basis_bytes)
     fits = budget // vec
     if ncv is not None:
         if max_basis_bytes is not None and int(ncv) > fits:
