@@ -165,7 +165,8 @@ def _expand(H: HessianOperator, B: Basis, q: Array) -> tuple[Array, float, float
     w = H.matvec(q)
     alpha = dot(q, w)
     _require_finite((alpha,), "curvop Lanczos")
-    w = B.project_out(B.project_out(w))
+    w = B.project_out(w)  # two statements, so the unprojected product is freed before the second
+    w = B.project_out(w)
     beta = norm(w)
     _require_finite((beta,), "curvop Lanczos")
     return w, alpha, beta
@@ -265,6 +266,7 @@ def lanczos_tridiag_batch(
         raise ValueError(f"reorth must be 'full' or 'local', got {reorth!r}")
     _check_location(basis_location)
     V = V0 * asarray_like(1.0 / np.sqrt(column_dots(V0, V0)), V0)
+    V0 = None  # the caller's start block is not kept alive for the whole run
     basis = None
     if reorth == "full":
         basis = Basis(V, steps, location=basis_location, dtype=basis_dtype, runs=p)
@@ -280,7 +282,8 @@ def lanczos_tridiag_batch(
         if j == steps - 1:
             break
         if basis is not None:  # full reorthogonalisation, twice
-            W = basis.project_out(basis.project_out(W))
+            W = basis.project_out(W)
+            W = basis.project_out(W)
         else:  # three-term recurrence, then once more against the two vectors it used
             W = W - V * asarray_like(alphas[j], W)
             if V_prev is not None:
@@ -389,6 +392,7 @@ def _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar, location="device", ba
                 q = w / beta
                 coupling[m - 1] = beta
             Q.append(q)
+            w = None  # stored in Q: free it before the next product
         if done or used >= max_matvecs or m == n:
             break
         keep = order[: k + (m - k) // 2]  # thick restart
