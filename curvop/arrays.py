@@ -338,6 +338,7 @@ class Basis:
         self.nbytes = int(np.prod(shape)) * (np.dtype(self.dtype).itemsize if self.host else itemsize(
             self._xp.zeros(1, dtype=self.dtype, device=_device(like))))
         self._rows: list | None = None
+        self._stacked = None
         if not self.host and _immutable(like):
             self._rows = []  # rows (runs=None) or (p, n) blocks, stacked on use
         else:
@@ -358,7 +359,9 @@ class Basis:
     def _matrix(self) -> Array:
         """The ``size`` stored rows: ``(m, n)``, or ``(p, m, n)`` with ``runs``; a view, no copy."""
         if self._rows is not None:
-            return self._xp.stack(self._rows, axis=0 if self.runs is None else 1)
+            if self._stacked is None:  # stacked once per new vector, used by both projections
+                self._stacked = self._xp.stack(self._rows, axis=0 if self.runs is None else 1)
+            return self._stacked
         return self._S[: self.size, :] if self.runs is None else self._S[:, : self.size, :]
 
     # --- the operations the algorithms use -----------------------------------------------------
@@ -370,6 +373,7 @@ class Basis:
         s = s if self.runs is None else _t(self._xp, s)
         if self._rows is not None:
             self._rows.append(s)
+            self._stacked = None
         elif self.runs is None:
             self._S[self.size, :] = s
         else:
@@ -403,7 +407,7 @@ class Basis:
         Ct = _coeffs(np.ascontiguousarray(np.asarray(coeffs).T), Q)  # (l, m)
         if self._rows is not None:
             new = self._xp.matmul(Ct, Q)
-            self._rows = [new[i, ...] for i in range(l)]
+            self._rows, self._stacked = [new[i, ...] for i in range(l)], None
         else:
             n = Q.shape[1]
             step = max(1, n // max(1, self.size)) if chunk is None else int(chunk)
