@@ -142,7 +142,8 @@ def _density(torch, model, wrapped, ids, loss_fn):
     import curvop
 
     H = curvop.hessian(model, loss_fn, (ids, ids))
-    sd = curvop.spectral_density(H, num_steps=DENSITY_STEPS, num_probes=1, seed=0)
+    steps = int(os.environ.get("CURVOP_SCALE_DENSITY_STEPS", DENSITY_STEPS))
+    sd = curvop.spectral_density(H, num_steps=steps, num_probes=1, seed=0)
     return {"products": sd.num_matvecs, "value": float(sd.nodes[0].max())}
 
 
@@ -275,9 +276,12 @@ def main(argv=None) -> None:
     ap.add_argument("--limit-gb", type=float, default=12.0, help="address-space limit of each task")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per task")
     ap.add_argument("--reorth", action="store_true", help="the SLQ density-error study instead")
+    ap.add_argument("--density-steps", type=int, default=DENSITY_STEPS,
+                    help="SLQ steps of curvop's density task (memory does not depend on it: reorth='local')")
     ap.add_argument("--no-gpt2", action="store_true", help="--reorth on the MLPs only")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
+    os.environ["CURVOP_SCALE_DENSITY_STEPS"] = str(args.density_steps)  # read by the subprocess
     if args.reorth:
         rows = reorth_study(tiny_gpt2=not args.no_gpt2)
         print("| model | option | L1(density − full) | W1(measure, full) / width | top node rel. diff | nodes at top |")
