@@ -44,6 +44,8 @@ __all__ = [
     "stack_blocks",
     "sqrt",
     "random_probes",
+    "itemsize",
+    "Basis",
 ]
 
 Array = Any
@@ -271,6 +273,155 @@ def random_probes(
     else:
         raise ValueError(f"unknown probe kind {kind!r}; use 'rademacher', 'gaussian' or 'sphere'")
     return np.asarray(out, dtype=dtype)
+
+
+def itemsize(x: Array) -> int:
+    """Bytes per element of ``x`` (any framework).
+
+    >>> import numpy as np
+    >>> itemsize(np.zeros(3, dtype=np.float32))
+    4
+    """
+    size = getattr(getattr(x, "dtype", None), "itemsize", None)
+    return int(size) if isinstance(size, (int, np.integer)) else int(to_numpy(x[:1]).itemsize)
+
+
+def _immutable(x: Array) -> bool:
+    """Arrays that cannot be written in place (JAX, TensorFlow): a basis of them is a list."""
+    return _is_tensorflow(x) or type(x).__module__.split(".")[0] in ("jax", "jaxlib")
+
+
+class Basis:
+    """Orthonormal Krylov vectors in storage preallocated once: ``capacity`` rows of length ``n``.
+
+    The Krylov algorithms (:func:`curvop.eigenvalues`, :func:`curvop.spectral_density`) keep their
+    bases here, so a basis never grows by copying and its memory is known before the first product
+    (``nbytes``). Vectors go in and come out in the operator's framework, dtype and device; the
+    storage may differ from them:
+
+    * ``location="device"`` (default): an array of the operator's framework on its device;
+      ``location="host"``: a numpy array in host memory while products run on the device (each
+      projection moves one vector to the host and one correction back).
+    * ``dtype``: the storage dtype (e.g. ``"float32"`` for a float64 operator, half the memory);
+      projections are computed in it and the corrections applied in the vectors' own dtype.
+    * ``runs=p``: ``p`` independent bases in lockstep (vectors are ``(n, p)`` blocks, column ``i``
+      projected against basis ``i`` only, as :func:`project_out_each`); storage ``(p, capacity, n)``.
+
+    Immutable arrays (JAX, TensorFlow) on the device cannot be written in place: their basis is a
+    list of rows, stacked when used (``location="host"`` gives them preallocated storage).
+
+    >>> import numpy as np
+    >>> B = Basis(np.zeros(3), capacity=2)
+    >>> B.append(np.array([1.0, 0.0, 0.0])); B.append(np.array([0.0, 1.0, 0.0]))
+    >>> B.project_out(np.ones(3)), B.nbytes
+    (array([0., 0., 1.]), 48)
+    """
+
+    def __init__(self, like: Array, capacity: int, *, location: str = "device", dtype: Any = None,
+                 runs: int | None = None) -> None:
+        if location not in ("device", "host"):
+            raise ValueError(f"the basis location must be 'device' or 'host', got {location!r}")
+        self.capacity, self.runs, self.size = int(capacity), runs, 0
+        self.host = location == "host" or is_numpy(like)
+        n = like.shape[0]
+        shape = (self.capacity, n) if runs is None else (int(runs), self.capacity, n)
+        self._like = like[:1] * 0 if runs is None else like[:1, :1] * 0  # framework, dtype, device
+        if self.host:
+            self._xp = namespace(np.zeros(0))
+            self.dtype = np.dtype(dtype) if dtype is not None else to_numpy(self._like).dtype
+        else:
+            self._xp = namespace(like)
+            try:
+                self.dtype = like.dtype if dtype is None else getattr(self._xp, str(np.dtype(dtype)))
+            except (AttributeError, TypeError) as err:
+                raise ValueError(f"basis dtype {dtype!r} is not a dtype of {type(like).__name__}") from err
+        self.nbytes = int(np.prod(shape)) * (np.dtype(self.dtype).itemsize if self.host else itemsize(
+            self._xp.zeros(1, dtype=self.dtype, device=_device(like))))
+        self._rows: list | None = None
+        self._stacked = None
+        if not self.host and _immutable(like):
+            self._rows = []  # rows (runs=None) or (p, n) blocks, stacked on use
+        else:
+            xp = self._xp
+            self._S = xp.empty(shape, dtype=self.dtype, **({} if self.host else {"device": _device(like)}))
+
+    # --- conversions between the vectors' world and the storage --------------------------------
+    def _store(self, x: Array) -> Array:
+        if self.host:
+            return np.asarray(to_numpy(x), dtype=self.dtype)
+        return x if x.dtype == self.dtype else self._xp.astype(x, self.dtype)
+
+    def _load(self, s: Array) -> Array:
+        if self.host:
+            return asarray_like(s, self._like)
+        return s if s.dtype == self._like.dtype else self._xp.astype(s, self._like.dtype)
+
+    def _matrix(self) -> Array:
+        """The ``size`` stored rows: ``(m, n)``, or ``(p, m, n)`` with ``runs``; a view, no copy."""
+        if self._rows is not None:
+            if self._stacked is None:  # stacked once per new vector, used by both projections
+                self._stacked = self._xp.stack(self._rows, axis=0 if self.runs is None else 1)
+            return self._stacked
+        return self._S[: self.size, :] if self.runs is None else self._S[:, : self.size, :]
+
+    # --- the operations the algorithms use -----------------------------------------------------
+    def append(self, v: Array) -> None:
+        """Store ``v`` (a vector, or an ``(n, p)`` block with ``runs``) as the next basis row."""
+        if self.size >= self.capacity:
+            raise ValueError(f"the basis is full ({self.capacity} vectors)")
+        s = self._store(v)
+        s = s if self.runs is None else _t(self._xp, s)
+        if self._rows is not None:
+            self._rows.append(s)
+            self._stacked = None
+        elif self.runs is None:
+            self._S[self.size, :] = s
+        else:
+            self._S[:, self.size, :] = s
+        self.size += 1
+
+    def project_out(self, w: Array) -> Array:
+        """``w`` minus its components along the stored rows (per run with ``runs``)."""
+        if self.size == 0:
+            return w
+        xp, Q, s = self._xp, self._matrix(), self._store(w)
+        if self.runs is None:
+            corr = xp.matmul(xp.matmul(s, _t(xp, Q)), Q)
+        else:
+            st = _t(xp, s)[:, None, :]  # (p, 1, n)
+            corr = _t(xp, xp.matmul(xp.matmul(st, _t(xp, Q)), Q)[:, 0, :])
+        return w - self._load(corr)
+
+    def lincomb(self, coeffs: np.ndarray) -> Array:
+        """``Qᵀ @ coeffs`` for host coefficients ``(m,)`` or ``(m, k)``: native, ``(n,)`` or ``(n, k)``."""
+        Q = self._matrix()
+        return self._load(self._xp.matmul(_t(self._xp, Q), _coeffs(coeffs, Q)))
+
+    def restart(self, coeffs: np.ndarray, chunk: int | None = None) -> None:
+        """Replace the rows by the ``l`` combinations ``coeffs`` ``(m, l)`` of them, in place.
+
+        Computed in column chunks of the storage (``chunk`` elements, default ``n // m``), so the
+        only temporary is about one vector: no second basis-sized array.
+        """
+        Q, l = self._matrix(), int(np.shape(coeffs)[1])
+        Ct = _coeffs(np.ascontiguousarray(np.asarray(coeffs).T), Q)  # (l, m)
+        if self._rows is not None:
+            new = self._xp.matmul(Ct, Q)
+            self._rows, self._stacked = [new[i, ...] for i in range(l)], None
+        else:
+            n = Q.shape[1]
+            step = max(1, n // max(1, self.size)) if chunk is None else int(chunk)
+            for a in range(0, n, step):
+                self._S[:l, a : a + step] = self._xp.matmul(Ct, Q[:, a : a + step])
+        self.size = l
+
+    def native(self) -> Array:
+        """The stored vectors as the columns of a native ``(n, m)`` array (a copy)."""
+        return self.lincomb(np.eye(self.size))
+
+
+def _coeffs(c: np.ndarray, like: Array) -> Array:
+    return asarray_like(np.asarray(c, dtype=np.float64), like)
 
 
 def _t(xp, x: Array) -> Array:

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from curvop._progress import progress_bar
-from curvop.eigen import array_summary, lanczos_tridiag_batch
+from curvop.eigen import array_summary, default_basis_budget, lanczos_tridiag_batch
 from curvop.operator import aslinearoperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -131,13 +131,18 @@ def spectral_density(
     block_size: int | None = None,
     seed: Any = None,
     progress: bool = False,
+    reorth: str = "auto",
+    basis_location: str = "device",
+    basis_dtype: Any = None,
+    max_basis_bytes: int | None = None,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature: the spectral density of ``H`` from ``num_probes`` probes.
 
-    Each probe costs ``num_steps`` products (Lanczos with full reorthogonalisation); the
-    ``num_steps`` Ritz values per probe match the extreme eigenvalues closely and the smoothed
-    density matches the bulk. Probes run together, ``block_size`` at a time (default: all), so each
-    Lanczos step is one batched product ``H.matmat``; memory is ``block_size × num_steps`` vectors.
+    Each probe costs ``num_steps`` products (Lanczos); the ``num_steps`` Ritz values per probe
+    match the extreme eigenvalues closely and the smoothed density matches the bulk. Probes run
+    together, ``block_size`` at a time (default: all), so each Lanczos step is one batched product
+    ``H.matmat``. With full reorthogonalisation the basis is ``block_size × num_steps`` vectors
+    (preallocated); with ``reorth="local"`` it is 3 ``block_size`` vectors (docs/scale.md).
 
     Parameters
     ----------
@@ -151,6 +156,21 @@ def spectral_density(
         Probes run in lockstep (lower it to save memory on large models).
     seed : int, numpy Generator or None
     progress : bool
+    reorth : {"auto", "full", "local"}
+        ``"full"``: every new Lanczos vector is reorthogonalised (twice) against the stored basis.
+        ``"local"``: only against the previous two vectors, nothing stored; converged Ritz values
+        then reappear as "ghosts" that split their weight, which changes the smoothed density
+        little (measured against ``"full"`` in docs/scale.md). ``"auto"`` (default): ``"full"``
+        when its basis fits ``max_basis_bytes``, else ``"local"``.
+    basis_location : {"device", "host"}
+        Full reorthogonalisation: where the basis lives (host memory while products run on the
+        device moves two blocks per step).
+    basis_dtype : dtype name, optional
+        Full reorthogonalisation: the basis storage dtype (default the operator's).
+    max_basis_bytes : int, optional
+        The most memory the ``"auto"`` basis may take; default ``max(256 MiB, 4 vectors)``
+        (:func:`curvop.eigen.default_basis_budget`), so the default call fits wherever the
+        model's training step does.
 
     Examples
     --------
@@ -164,6 +184,13 @@ def spectral_density(
         raise ValueError(f"num_steps and num_probes must be >= 1, got {num_steps} and {num_probes}")
     n, num_probes = H.shape[0], int(num_probes)
     block_size = num_probes if block_size is None else max(1, int(block_size))
+    if reorth not in ("auto", "full", "local"):
+        raise ValueError(f"reorth must be 'auto', 'full' or 'local', got {reorth!r}")
+    if reorth == "auto":
+        vec = n * np.dtype(basis_dtype if basis_dtype is not None else H.dtype).itemsize
+        budget = default_basis_budget(n * np.dtype(H.dtype).itemsize) if max_basis_bytes is None else int(max_basis_bytes)
+        need = min(block_size, num_probes) * min(int(num_steps), n) * vec
+        reorth = "full" if need <= budget else "local"
     rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
     start = H.num_matvecs
     nodes, weights = [], []
@@ -172,7 +199,8 @@ def spectral_density(
         for first in range(0, num_probes, block_size):
             b = min(block_size, num_probes - first)
             before = H.num_matvecs
-            runs = lanczos_tridiag_batch(H, H.random((n, b), probes, seed=rng), int(num_steps))
+            runs = lanczos_tridiag_batch(H, H.random((n, b), probes, seed=rng), int(num_steps), reorth=reorth,
+                                         basis_location=basis_location, basis_dtype=basis_dtype)
             bar.update(H.num_matvecs - before)
             for alpha, beta in runs:
                 if alpha.size == 1:

@@ -15,21 +15,20 @@ import scipy.linalg
 
 from curvop._progress import progress_bar
 from curvop.arrays import (
+    Basis,
     asarray_like,
     column_dots,
-    concat,
     dot,
     lincomb,
     norm,
     project_out,
-    project_out_each,
-    stack_blocks,
     stack,
 )
 from curvop.operator import HessianOperator, aslinearoperator
 from curvop.trace import _require_finite
 
-__all__ = ["EigenResult", "ConvergenceWarning", "eigenvalues", "lanczos_tridiag", "lanczos_tridiag_batch", "array_summary"]
+__all__ = ["EigenResult", "ConvergenceWarning", "eigenvalues", "lanczos_tridiag", "lanczos_tridiag_batch", "array_summary",
+           "default_basis_budget"]
 
 Array = Any
 _WHICH = ("LA", "SA", "LM")
@@ -124,25 +123,59 @@ def _breakdown_tol(H: HessianOperator, scale: float) -> float:
     return np.finfo(dt).eps ** (2.0 / 3.0) * max(scale, np.finfo(np.float64).tiny)
 
 
-def _expand(H: HessianOperator, Q: Array) -> tuple[Array, float, float]:
-    """One Lanczos step on the newest column ``q`` of the basis ``Q``.
+# --------------------------------------------------------------------------------------------
+# the memory bound: how many basis vectors a default call may keep
+# --------------------------------------------------------------------------------------------
+_SMALL_BASIS_BYTES = 256 * 2**20  # below this a basis is never the memory problem
+_DEFAULT_BASIS_VECTORS = 4  # a training step holds >= 4 model-sized vectors: weights, gradient, 2 Adam moments
+
+
+def _basis_bytes_per_vector(H: HessianOperator, basis_dtype: Any) -> int:
+    return H.shape[0] * np.dtype(basis_dtype if basis_dtype is not None else H.dtype).itemsize
+
+
+def default_basis_budget(vector_bytes: int) -> int:
+    """Bytes a Krylov basis may take by default: ``max(256 MiB, 4 vectors)``.
+
+    A model's training step holds at least four model-sized vectors besides its activations
+    (weights, gradient and Adam's two moments); a Hessian product holds the weights, the gradient's
+    graph and two vectors. So a basis of four vectors fits wherever the training step does, and
+    small models (where 256 MiB holds the full default basis) are not restricted at all.
+
+    >>> default_basis_budget(8 * 10**6) == 256 * 2**20, default_basis_budget(500 * 10**6)
+    (True, 2000000000)
+    """
+    return max(_SMALL_BASIS_BYTES, _DEFAULT_BASIS_VECTORS * int(vector_bytes))
+
+
+def _check_location(location: str) -> None:
+    if location not in ("device", "host"):
+        raise ValueError(
+            f"basis_location must be 'device' (the operator's device) or 'host' (host memory, "
+            f"products still on the device), got {location!r}"
+        )
+
+
+def _expand(H: HessianOperator, B: Basis, q: Array) -> tuple[Array, float, float]:
+    """One Lanczos step on ``q``, the newest vector of the basis ``B``.
 
     Returns ``(w, alpha, beta)``: ``alpha = qᵀHq`` and the residual ``w`` of ``Hq`` after full
-    reorthogonalisation against all of ``Q`` (applied twice: "twice is enough"), ``beta = ‖w‖``.
+    reorthogonalisation against all of ``B`` (applied twice: "twice is enough"), ``beta = ‖w‖``.
     Two host synchronisations (``alpha`` and ``beta``) per product.
     """
-    q = Q[:, Q.shape[1] - 1]
     w = H.matvec(q)
     alpha = dot(q, w)
     _require_finite((alpha,), "curvop Lanczos")
-    w = project_out(project_out(w, Q), Q)
+    w = B.project_out(w)  # two statements, so the unprojected product is freed before the second
+    w = B.project_out(w)
     beta = norm(w)
     _require_finite((beta,), "curvop Lanczos")
     return w, alpha, beta
 
 
 def lanczos_tridiag(
-    H: Any, v0: Array, steps: int, *, return_basis: bool = False
+    H: Any, v0: Array, steps: int, *, return_basis: bool = False, basis_location: str = "device",
+    basis_dtype: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, Array | None]:
     """``steps`` Lanczos steps with full reorthogonalisation from the start vector ``v0``.
 
@@ -157,6 +190,9 @@ def lanczos_tridiag(
         (``β_j ≤ eps^(2/3)·max|T|``), so fewer coefficients may come back.
     return_basis : bool
         Also return the orthonormal Lanczos basis ``Q`` (n, m), native.
+    basis_location, basis_dtype
+        Where and in which dtype the basis is stored (:class:`curvop.arrays.Basis`); it is
+        preallocated for ``steps`` vectors.
 
     Returns
     -------
@@ -178,30 +214,41 @@ def lanczos_tridiag(
     nrm = norm(v0)
     if not nrm > 0:
         raise ValueError("the Lanczos start vector must be nonzero")
-    Q = stack([v0 / nrm], axis=1)
+    _check_location(basis_location)
+    q = v0 / nrm
+    B = Basis(q, min(int(steps), n), location=basis_location, dtype=basis_dtype)
+    B.append(q)
     alphas: list[float] = []
     betas: list[float] = []
     for j in range(min(int(steps), n)):
         if j == min(int(steps), n) - 1:  # last step: alpha only, no new basis vector needed
-            q = Q[:, j]
             alphas.append(dot(q, H.matvec(q)))
             break
-        w, a, b = _expand(H, Q)
+        w, a, b = _expand(H, B, q)
         alphas.append(a)
         if b <= _breakdown_tol(H, max(abs(x) for x in alphas + betas)):
             break
         betas.append(b)
-        Q = concat([Q, stack([w / b], axis=1)])
+        q = w / b
+        B.append(q)
     m = len(alphas)
-    return np.asarray(alphas), np.asarray(betas[: m - 1]), (Q if return_basis else None)
+    return np.asarray(alphas), np.asarray(betas[: m - 1]), (B.native() if return_basis else None)
 
 
-def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def lanczos_tridiag_batch(
+    H: Any, V0: Any, steps: int, *, reorth: str = "full", basis_location: str = "device",
+    basis_dtype: Any = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Independent Lanczos runs from the ``p`` columns of ``V0``, in lockstep: one ``H.matmat`` per step.
 
-    Each run is reorthogonalised (twice) against its own basis only
-    (:func:`curvop.arrays.project_out_each`: batched matrix products, whatever ``p``). A run
-    that reaches an invariant subspace stops (its column is zeroed) while the others go on.
+    ``reorth="full"``: each run is reorthogonalised (twice) against its own basis only (batched
+    matrix products, whatever ``p``), kept in a :class:`curvop.arrays.Basis` preallocated for
+    ``steps`` vectors per run (``basis_location``, ``basis_dtype``). ``reorth="local"``: the
+    three-term recurrence with the new vector reorthogonalised against the previous two only; no
+    basis is stored (three ``(n, p)`` blocks in all), at the price of "ghost" copies of converged
+    Ritz values, which split the quadrature weight but leave the measure's moments nearly
+    unchanged (the density error is measured in docs/scale.md). A run that reaches an invariant
+    subspace stops (its column is zeroed) while the others go on.
 
     Returns ``[(alpha, beta), ...]``, one tridiagonal (float64 host arrays) per column.
 
@@ -216,8 +263,16 @@ def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray,
     V0 = V0 if H.backend.is_native(V0) else H.from_numpy(np.asarray(V0))
     n, p = V0.shape
     steps = min(int(steps), n)
+    if reorth not in ("full", "local"):
+        raise ValueError(f"reorth must be 'full' or 'local', got {reorth!r}")
+    _check_location(basis_location)
     V = V0 * asarray_like(1.0 / np.sqrt(column_dots(V0, V0)), V0)
-    basis = stack_blocks([V])  # (p, n, j), grown by one column per step
+    V0 = None  # the caller's start block is not kept alive for the whole run
+    basis = None
+    if reorth == "full":
+        basis = Basis(V, steps, location=basis_location, dtype=basis_dtype, runs=p)
+        basis.append(V)
+    V_prev = None
     alphas, betas = np.zeros((steps, p)), np.zeros((steps, p))
     length = np.full(p, steps)
     active = np.ones(p, dtype=bool)
@@ -227,7 +282,15 @@ def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray,
         _require_finite(alphas[j], "curvop Lanczos")
         if j == steps - 1:
             break
-        W = project_out_each(project_out_each(W, basis), basis)  # full reorthogonalisation, twice
+        if basis is not None:  # full reorthogonalisation, twice
+            W = basis.project_out(W)
+            W = basis.project_out(W)
+        else:  # three-term recurrence, then once more against the two vectors it used
+            W = W - V * asarray_like(alphas[j], W)
+            if V_prev is not None:
+                W = W - V_prev * asarray_like(betas[j - 1], W)
+            for U in (V, V_prev) if V_prev is not None else (V,):
+                W = W - U * asarray_like(column_dots(U, W), W)
         beta = np.sqrt(np.maximum(column_dots(W, W), 0.0))
         stop = active & (beta <= _breakdown_tol(H, max(np.abs(alphas[: j + 1]).max(), betas.max())))
         length[stop] = j + 1
@@ -235,8 +298,9 @@ def lanczos_tridiag_batch(H: Any, V0: Any, steps: int) -> list[tuple[np.ndarray,
         if not active.any():
             break
         betas[j] = np.where(active, beta, 0.0)
-        V = W * asarray_like(np.where(active, 1.0 / np.where(active, beta, 1.0), 0.0), W)
-        basis = stack_blocks([V], onto=basis)
+        V_prev, V = V, W * asarray_like(np.where(active, 1.0 / np.where(active, beta, 1.0), 0.0), W)
+        if basis is not None:
+            basis.append(V)
     return [(alphas[: length[i], i], betas[: length[i] - 1, i]) for i in range(p)]
 
 
@@ -270,9 +334,9 @@ def _grow(T: np.ndarray, coupling: np.ndarray, alpha: float) -> np.ndarray:
     return out
 
 
-def _fresh_direction(H: HessianOperator, Q: Array, rng: np.random.Generator) -> Array:
-    """A random unit vector orthogonal to ``Q`` (to continue after an invariant subspace)."""
-    r = project_out(project_out(H.random(H.shape[0], "gaussian", seed=rng), Q), Q)
+def _fresh_direction(H: HessianOperator, B: Basis, rng: np.random.Generator) -> Array:
+    """A random unit vector orthogonal to the basis ``B`` (to continue after an invariant subspace)."""
+    r = B.project_out(B.project_out(H.random(H.shape[0], "gaussian", seed=rng)))
     return r / norm(r)
 
 
@@ -290,24 +354,27 @@ def _converged(H, T: np.ndarray, beta: float, k: int, which: str, tol: float):
     return theta, Y, order, res, scale, broke, done
 
 
-def _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar, v0=None):
+def _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar, v0=None, location="device", basis_dtype=None):
     """Thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation.
 
     Each cycle grows the basis to ``ncv`` vectors; then the ``l = k + (ncv − k) // 2`` wanted Ritz
     vectors are kept together with the current residual direction and the iteration continues.
     Keeping Ritz vectors (rather than restarting from one combined vector) keeps nearly all of
     the spectral information of the cycle at the memory cost of ``ncv`` vectors, and converges
-    almost like an unrestarted Lanczos run of the same total length.
+    almost like an unrestarted Lanczos run of the same total length. The basis is preallocated
+    (:class:`curvop.arrays.Basis`) and the restart combines it in place.
     """
     n = H.shape[0]
     q = H.random(n, "gaussian", seed=rng) if v0 is None else _warm_start(H, v0, rng)
-    Q = stack([q / norm(q)], axis=1)
+    q = q / norm(q)
+    Q = Basis(q, ncv, location=location, dtype=basis_dtype)
+    Q.append(q)
     T = np.zeros((0, 0))
     coupling = np.zeros(0)
     used, invariant = 0, False
     while True:
         while True:  # expand the basis, checking convergence after every product
-            w, alpha, beta = _expand(H, Q)
+            w, alpha, beta = _expand(H, Q, q)
             used += 1
             bar.update(1)
             T = _grow(T, coupling, alpha)
@@ -325,19 +392,45 @@ def _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar, v0=None):
             else:
                 q = w / beta
                 coupling[m - 1] = beta
-            Q = concat([Q, stack([q], axis=1)])
+            Q.append(q)
+            w = None  # stored in Q: free it before the next product
         if done or used >= max_matvecs or m == n:
             break
         keep = order[: k + (m - k) // 2]  # thick restart
-        U = lincomb(Q, Y[:, keep])
+        Q.restart(Y[:, keep])
         T = np.diag(theta[keep])
         if broke:
-            q, coupling = _fresh_direction(H, U, rng), np.zeros(len(keep))
+            q, coupling = _fresh_direction(H, Q, rng), np.zeros(len(keep))
         else:
             q, coupling = w / beta, beta * Y[m - 1, keep]
-        Q = concat([U, stack([q], axis=1)])
+        Q.append(q)
     sel = order[:k]
-    return theta[sel], lincomb(Q, Y[:, sel]), res[sel], scale[sel], used
+    return theta[sel], Q.lincomb(Y[:, sel]), res[sel], scale[sel], used
+
+
+def _choose_ncv(H: HessianOperator, k: int, ncv: int | None, basis_dtype: Any,
+                max_basis_bytes: int | None) -> int:
+    """``ncv`` within the basis memory bound (see ``max_basis_bytes`` of :func:`eigenvalues`)."""
+    n = H.shape[0]
+    vec = _basis_bytes_per_vector(H, basis_dtype)
+    model_vec = _basis_bytes_per_vector(H, None)  # the default bound counts model-sized vectors
+    budget = default_basis_budget(model_vec) if max_basis_bytes is None else int(max_basis_bytes)
+    fits = budget // vec
+    if ncv is not None:
+        if max_basis_bytes is not None and int(ncv) > fits:
+            raise ValueError(
+                f"ncv={ncv} basis vectors take {int(ncv) * vec / 2**20:.1f} MiB, above "
+                f"max_basis_bytes={budget} ({fits} vectors of {vec / 2**20:.1f} MiB); lower ncv, raise "
+                "max_basis_bytes, or store the basis in a smaller dtype (basis_dtype='float32')"
+            )
+        return int(ncv)
+    if max_basis_bytes is not None and fits < k + 1:
+        raise ValueError(
+            f"max_basis_bytes={budget} holds {fits} basis vectors of {vec / 2**20:.1f} MiB, but k={k} "
+            f"eigenpairs need at least k + 1 = {k + 1}; raise max_basis_bytes or use a smaller basis_dtype"
+        )
+    low = k + 1 if max_basis_bytes is not None else k + 2
+    return min(n, max(low, min(max(2 * k + 1, 20), fits)))
 
 
 #: relative size of the random share mixed into a warm start, in units of sqrt(eps) of the dtype
@@ -441,6 +534,9 @@ def eigenvalues(
     seed: Any = None,
     progress: bool = False,
     v0: Any = None,
+    basis_location: str = "device",
+    basis_dtype: Any = None,
+    max_basis_bytes: int | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenvalues and eigenvectors of a symmetric operator.
 
@@ -455,7 +551,8 @@ def eigenvalues(
         Largest algebraic, smallest algebraic (most negative: saddle detection), largest magnitude.
     method : {"lanczos", "power"}
         ``"lanczos"``: thick-restart Lanczos with full reorthogonalisation (twice) on a basis of
-        ``ncv`` vectors (default ``min(n, max(2k + 1, 20))``); Ritz values from a float64 host
+        ``ncv`` vectors (default ``min(n, max(2k + 1, 20))``, fewer where that basis would exceed
+        ``max_basis_bytes``); Ritz values from a float64 host
         eigensolve; convergence judged on the residual estimate ``|β_m y_{m,i}|`` from the Lanczos
         relation. ``"power"``: PyHessian's deflated power iteration (dominant eigenvalues, so only
         ``which="LM"``), each vector stopped on its residual; the budget is shared equally among
@@ -482,6 +579,17 @@ def eigenvalues(
         ``benchmarks/warm_start.py`` the new top eigenvector is barely closer to the span of the
         previous top three than to the previous top one (sine 0.09 against 0.16), so a block
         start, which costs one product per column, would not pay. Lanczos only.
+    basis_location : {"device", "host"}
+        Lanczos only: where the preallocated basis lives, the operator's device or host memory
+        (products still run on the device; each reorthogonalisation moves two vectors).
+    basis_dtype : dtype name, optional
+        Lanczos only: the basis storage dtype (default the operator's); ``"float32"`` halves a
+        float64 basis at the price of orthogonality at float32 precision.
+    max_basis_bytes : int, optional
+        Lanczos only: the most memory the basis may take. Default ``max(256 MiB, 4 vectors)``
+        (:func:`default_basis_budget`): the default ``ncv`` is lowered to fit (but kept >= ``k+2``),
+        so the default call fits wherever the model's training step does. An explicit ``ncv``
+        larger than an explicit bound is an error. docs/scale.md gives the peak memory of a call.
 
     Returns
     -------
@@ -519,6 +627,9 @@ def eigenvalues(
             f"max_matvecs={max_matvecs} is too small for k={k} eigenpairs (need >= {k + checks}"
             + (f": {k} Lanczos steps and {k} verification products; or pass verify=False)" if checks else ")")
         )
+    _check_location(basis_location)
+    if method == "lanczos":
+        ncv = _choose_ncv(H, k, ncv, basis_dtype, max_basis_bytes)
     ncv = min(n, max(2 * k + 1, 20)) if ncv is None else int(ncv)
     if not k < ncv <= n:
         raise ValueError(f"ncv must satisfy k < ncv <= n, got ncv={ncv} (k={k}, n={n})")
@@ -527,7 +638,8 @@ def eigenvalues(
     bar = progress_bar(progress, max_matvecs, f"eigenvalues ({method})")
     try:
         if method == "lanczos":
-            lam, V, res, scale, _ = _lanczos(H, k, which, tol, max_matvecs - checks, ncv, rng, bar, v0)
+            lam, V, res, scale, _ = _lanczos(H, k, which, tol, max_matvecs - checks, ncv, rng, bar, v0,
+                                             basis_location, basis_dtype)
             if verify:
                 R = H.matmat(V) - V * H.from_numpy(lam)
                 bar.update(k)
