@@ -230,3 +230,12 @@ def test_issue14_item3_top_eigenvalue_and_user_rng():
     top = curvop.eigenvalues(H, k=1, seed=0)
     assert torch.equal(torch.rand(3), expected_next)  # dropout drew nothing from the user's generator
     assert top.eigenvalues[0] == pytest.approx(np.linalg.eigvalsh(_reference(model, [batch], 0))[-1], rel=1e-6)
+
+
+def test_issue14_item3_sync_batch_norm_in_training_mode_is_refused_clearly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.SyncBatchNorm(6), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    with pytest.raises(ValueError, match=r"SyncBatchNorm layer '1' is in training mode.*train_mode=True.*eval\(\)"):
+        curvop.hessian(model, nn.CrossEntropyLoss(), _batches(1)[0], train_mode=True)
+    model[1].eval()  # frozen: its running statistics are used, as in the default mode
+    assert curvop.hessian(model, nn.CrossEntropyLoss(), _batches(1)[0], train_mode=True).shape == (63, 63)

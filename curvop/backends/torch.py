@@ -629,8 +629,8 @@ def hessian(
     ----------
     model : torch.nn.Module
         In eval mode if it has BatchNorm or dropout layers, or any layer whose forward updates its
-        buffers in training mode (InstanceNorm with running stats, spectral_norm). Products run on
-        copies of its buffers: the model is never changed.
+        buffers in training mode (InstanceNorm with running stats, spectral_norm), unless
+        ``train_mode=True``. Products run on copies of its buffers: the model is never changed.
     loss_fn : callable or None
         ``loss_fn(model(inputs), targets)`` -> scalar tensor. ``None``: the model computes its own
         loss (Hugging Face style): each batch is passed as ``model(**batch)`` (a dict),
@@ -651,6 +651,20 @@ def hessian(
         ``batch_weight(batch)``: what a mean-reduced loss averages over in ``batch``, for the
         weighting of several batches (default: the batch size; for ``CrossEntropyLoss`` and
         ``NLLLoss`` the sum of the targets' class weights, ignored targets left out).
+    train_mode : bool
+        ``False`` (default): a layer in training mode is refused. ``True``: the Hessian of the
+        training-mode loss of each batch, layers in the mode they are in (curvop never calls
+        ``model.train()`` or ``.eval()``): normalisation layers in training mode use the batch's
+        statistics and their running statistics are neither read nor written; random ops
+        (dropout) draw one fixed mask per batch, the same in every product, so the operator is
+        deterministic and symmetric. Other layers that write buffers in training mode
+        (``spectral_norm``) and ``SyncBatchNorm`` are still refused.
+    seed : int, torch.Generator, numpy Generator or None
+        With ``train_mode=True``: batch ``i`` (in the order the data yields it) runs under
+        ``torch.manual_seed(batch_seed(seed, i))`` inside ``torch.random.fork_rng``, so the user's
+        RNG state is untouched. A generator is drawn from once. ``None``: drawn from torch's
+        global generator without advancing it (reproducible under ``torch.manual_seed``). The
+        seed used is ``H.backend.train_seed``.
     **options
         ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``process_group``, ``timeout``,
         ``check_finite``, ``rewrite``, ``check_loss_dtype``: see :class:`TorchBackend`.
@@ -662,6 +676,12 @@ def hessian(
     >>> batch = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))
     >>> curvop.hessian(model, torch.nn.CrossEntropyLoss(), batch).shape
     (8, 8)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5),
+    ...                           torch.nn.Linear(4, 2)).double().train()
+    >>> H = curvop.hessian(net, torch.nn.CrossEntropyLoss(), batch, train_mode=True, seed=0)
+    >>> v = torch.ones(H.shape[0], dtype=torch.float64)
+    >>> bool(torch.equal(H @ v, H @ v)), net.training
+    (True, True)
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
@@ -753,6 +773,13 @@ class _Buffers:
         self.unused = set()
         if batch_statistics:
             for name, m in model.named_modules():
+                if isinstance(m, torch.nn.SyncBatchNorm) and m.training:
+                    raise ValueError(
+                        f"SyncBatchNorm layer {name!r} is in training mode: it synchronises batch statistics "
+                        "across processes, which train_mode=True does not differentiate (nor needs: curvop reduces "
+                        "products across ranks itself); use torch.nn.BatchNorm layers for the Hessian, or call "
+                        f"model.get_submodule({name!r}).eval() to use its running statistics"
+                    )
                 if isinstance(m, _NormBase) and m.training and m.track_running_stats:
                     prefix = f"{name}." if name else ""
                     self.unused |= {prefix + k for k in ("running_mean", "running_var", "num_batches_tracked")}
