@@ -239,3 +239,29 @@ def test_issue14_item3_sync_batch_norm_in_training_mode_is_refused_clearly():
         curvop.hessian(model, nn.CrossEntropyLoss(), _batches(1)[0], train_mode=True)
     model[1].eval()  # frozen: its running statistics are used, as in the default mode
     assert curvop.hessian(model, nn.CrossEntropyLoss(), _batches(1)[0], train_mode=True).shape == (63, 63)
+
+
+@pytest.mark.parametrize("mode", ["reverse-uncached", "forward-cached", "forward-uncached"])
+def test_issue14_item3_products_from_threads_keep_their_masks(mode):
+    import threading
+
+    model, batches = _mlp(), _batches(2)
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), batches, train_mode=True, seed=5, **MODES[mode])
+    R = _reference(model, batches, 5)
+    vs = [np.random.default_rng(i).standard_normal(H.shape[0]) for i in range(3)]
+    errors, start = [], threading.Barrier(3)
+
+    def work(v):
+        try:
+            start.wait()
+            for _ in range(5):
+                np.testing.assert_allclose((H @ torch.from_numpy(v)).numpy(), R @ v, **TOL)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in vs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
