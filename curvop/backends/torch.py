@@ -349,7 +349,8 @@ class TorchBackend(Backend):
         if not fresh and self._cached is not None:
             bad = locate_nonfinite((fn(v, batched) for fn, _ in self._cached), finite)
         else:
-            batches = (_at(i, self._fresh, v, self._to_device(b), batched) for i, b in enumerate(self.dataset.batches()))
+            batches = (_at(i, self._fresh, v, self._to_device(b), batched)
+                       for i, b in enumerate(self.dataset.batches()))
             bad = locate_nonfinite(batches, finite)
         culprits: list[int | None] = [bad]
         if self._dist is not None:  # every rank sees the reduced NaN and takes this path together
@@ -741,7 +742,8 @@ def _train_seed(train_mode: Any, seed: Any) -> int | np.random.Generator | None:
         return None
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
         if seed < 0:
-            raise ValueError(f"seed must be a non-negative int, a torch.Generator, a numpy Generator or None, got {seed}")
+            raise ValueError(
+                f"seed must be a non-negative int, a torch.Generator, a numpy Generator or None, got {seed}")
         return int(seed)
     if seed is None:  # a draw from the user's generator, which is left where it was
         with torch.random.fork_rng(devices=[]):
