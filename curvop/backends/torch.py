@@ -40,9 +40,12 @@ on CPU, where ``vmap`` measured slower than a loop for convolutions, and vmaps o
 from __future__ import annotations
 
 import inspect
+import itertools
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import Any, Callable
 
@@ -58,7 +61,7 @@ from curvop.backends.distributed import torch_collective
 from curvop.backends.faults import locate_nonfinite, nonfinite_error
 from curvop.backends.selection import select
 
-__all__ = ["TorchBackend", "hessian", "hessian_of"]
+__all__ = ["TorchBackend", "batch_seed", "hessian", "hessian_of"]
 
 Tensor = torch.Tensor
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
@@ -67,6 +70,10 @@ LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 #: parts of a product that run the model (and every ``jvp``) take this lock: products from several
 #: threads are then correct and never leave the model holding another thread's tensors.
 _LOCK = threading.RLock()
+
+#: The index of the batch being evaluated (in the order the data yields them), for ``train_mode``'s
+#: per-batch seeds; set around each batch by the backend, 0 when nothing sets it (the first batch).
+_BATCH = ContextVar("curvop_torch_batch", default=0)
 
 
 class TorchBackend(Backend):
@@ -111,6 +118,11 @@ class TorchBackend(Backend):
     on_change : callable, optional
     check_state : callable, optional
         Called right after the first evaluation of the loss (the model's buffer check).
+    rng_seed : int, numpy Generator or None
+        Evaluate the loss on batch ``i`` under ``torch.random.fork_rng`` with torch's generator
+        seeded by :func:`batch_seed`: random ops (dropout) draw the same numbers in every product
+        and the user's RNG state is untouched. A numpy ``Generator`` is a drawn seed (data-parallel:
+        rank 0's draw is used everywhere); an int must be the same on every rank.
 
     Notes
     -----
@@ -139,6 +151,7 @@ class TorchBackend(Backend):
         watch: list[Tensor] = (),
         on_change: Callable[[], None] | None = None,
         check_state: Callable[[], None] | None = None,
+        rng_seed: int | np.random.Generator | None = None,
     ):
         if not params:
             raise ValueError("no parameters selected: the Hessian would be empty")
@@ -177,8 +190,16 @@ class TorchBackend(Backend):
         self._dist = torch_collective(process_group, timeout)
         if self._dist is not None:
             self._dist.check_consistent(self.size, self._params, self.device)
+        self._rng = None if rng_seed is None else _FixedRandomness(self._agree_rng_seed(rng_seed), self.device,
+                                                                    0 if self._dist is None else self._dist.rank)
+        if self._rng is not None:
+            self._loss = self._rng.wrap(loss)
+        self._randomness = "error" if self._rng is None else "same"  # vmap: one mask for every column
+        #: The base seed of the training-mode draws (``None`` in eval mode): batch ``i`` ran under
+        #: ``torch.manual_seed(batch_seed(train_seed, i))``; log it to reproduce the masks.
+        self.train_seed = None if self._rng is None else self._rng.seed
 
-        _check_scalar_loss(loss, self._params, self._to_device(dataset.first()), check_loss_dtype)
+        _check_scalar_loss(self._loss, self._params, self._to_device(dataset.first()), check_loss_dtype)
         if check_state is not None:
             check_state()
         if hvp == "auto":
@@ -202,11 +223,25 @@ class TorchBackend(Backend):
 
     def _build_cache(self) -> list[tuple[Callable[[Tensor, bool], Tensor], Any]]:
         single_weight = self.dataset.single and (self._dist is None or self.dataset.data is None)
-        cached = [(self._linear_map(self._to_device(b)), 1 if single_weight else _number(self.dataset.weight(b)))
-                  for b in self.dataset.batches()]
+        cached = [(self._replay(i, _at(i, self._linear_map, self._to_device(b))),
+                   1 if single_weight else _number(self.dataset.weight(b)))
+                  for i, b in enumerate(self.dataset.batches())]
         if not cached:
             raise ValueError("data is empty: the data loader yielded no batches")
         return cached
+
+    def _agree_rng_seed(self, seed: int | np.random.Generator) -> int:
+        """The base seed of ``train_mode``: the same on every rank (rank 0's draw, or the checked int)."""
+        if self._dist is None:
+            return seed if isinstance(seed, int) else int(seed.integers(2**62))
+        agreed = self._dist.agree_seed(seed, self.device)  # raises when fixed seeds differ across ranks
+        return seed if isinstance(seed, int) else int(agreed.integers(2**62))
+
+    def _replay(self, i: int, fn: Callable[[Tensor, bool], Tensor]) -> Callable[[Tensor, bool], Tensor]:
+        """A forward-mode linearisation re-runs its random ops per product: under batch ``i``'s seed."""
+        if self._rng is None or self.mode != "forward":
+            return fn  # a reverse graph holds its mask
+        return partial(self._rng.call, i, fn)
 
     def _follow(self) -> None:
         """Follow in-place changes of the parameters and buffers since the last product (no sync)."""
@@ -272,15 +307,19 @@ class TorchBackend(Backend):
 
     def describe(self) -> str:
         cache = "cached" if self._cached is not None else "uncached"
+        if self._rng is not None:
+            cache += f", training mode (seed {self._rng.seed})"
         ranks = f", data-parallel over {self._dist.world} ranks" if self._dist is not None else ""
         return f"torch {self.mode} mode, {cache}, n={self.size}, {self.torch_dtype} on {self.device}{ranks}"
 
     # --- products ---------------------------------------------------------------------------------
     def _sum(self, v: Tensor, product: Callable[[Tensor, Any], Tensor]) -> Tensor:
+        index = itertools.count()
+        one = lambda batch: _at(next(index), product, v, self._to_device(batch))  # noqa: E731
         if self._dist is not None:  # unnormalised local sum and count, then one all-reduce
-            acc, count = self.dataset.partial_sum(lambda batch: product(v, self._to_device(batch)))
+            acc, count = self.dataset.partial_sum(one)
             return self._dist.reduce_product(acc, count, self.dataset.reduction)
-        return self.dataset.weighted_sum(lambda batch: product(v, self._to_device(batch)))
+        return self.dataset.weighted_sum(one)
 
     def _sum_cached(self, v: Tensor, batched: bool) -> Tensor:
         assert self._cached is not None
@@ -311,7 +350,8 @@ class TorchBackend(Backend):
         if not fresh and self._cached is not None:
             bad = locate_nonfinite((fn(v, batched) for fn, _ in self._cached), finite)
         else:
-            batches = (self._fresh(v, self._to_device(b), batched) for b in self.dataset.batches())
+            batches = (_at(i, self._fresh, v, self._to_device(b), batched)
+                       for i, b in enumerate(self.dataset.batches()))
             bad = locate_nonfinite(batches, finite)
         culprits: list[int | None] = [bad]
         if self._dist is not None:  # every rank sees the reduced NaN and takes this path together
@@ -324,7 +364,7 @@ class TorchBackend(Backend):
             grad_fn = grad(lambda p: self._eval(p, batch))
             one = lambda u: self._flat(jvp(grad_fn, (self._params,), (self._split(u),))[1])  # noqa: E731
             with _LOCK:  # forward-AD levels are process-wide
-                return vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
+                return vmap(one, in_dims=1, out_dims=1, randomness=self._randomness)(v) if batched else one(v)
         p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
         g = self._graph(p, batch)
         return self._reverse_product(g, list(p.values()), v, batched, retain=False)
@@ -335,7 +375,7 @@ class TorchBackend(Backend):
             with warnings.catch_warnings(), _LOCK:  # torch.fx const-folding chatter, harmless
                 warnings.simplefilter("ignore", UserWarning)
                 _, lin = linearize(grad(lambda p: self._eval(p, batch)), self._params)
-            return partial(_linearized_product, self._layout, lin)  # no reference back to self
+            return partial(_linearized_product, self._layout, lin, randomness=self._randomness)  # no ref. to self
         p = [t.detach().requires_grad_(True) for t in self._params.values()]
         g = self._graph(dict(zip(self._names, p)), batch)
         return partial(_reverse_product, self._layout, g, p, retain=True)
@@ -413,9 +453,70 @@ def _reverse_product(layout: _Layout, g, p, v: Tensor, batched: bool, retain: bo
     return layout.flat(dict(zip(layout.names, hv)))
 
 
-def _linearized_product(layout: _Layout, lin: Callable[[Any], Any], v: Tensor, batched: bool) -> Tensor:
+def _linearized_product(layout: _Layout, lin: Callable[[Any], Any], v: Tensor, batched: bool,
+                        randomness: str = "error") -> Tensor:
     one = lambda u: layout.flat(lin(layout.split(u)))  # noqa: E731
-    return vmap(one, in_dims=1, out_dims=1)(v) if batched else one(v)
+    with _LOCK:  # a linearisation replays torch.func transforms, whose levels are process-wide
+        return vmap(one, in_dims=1, out_dims=1, randomness=randomness)(v) if batched else one(v)
+
+
+def _at(index: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` evaluated as batch ``index`` (for the per-batch seeds of ``train_mode``)."""
+    token = _BATCH.set(index)
+    try:
+        return fn(*args)
+    finally:
+        _BATCH.reset(token)
+
+
+def batch_seed(seed: int, index: int, rank: int = 0) -> int:
+    """The torch seed under which ``train_mode=True`` evaluates batch ``index`` (on ``rank``).
+
+    Batches are counted in the order the data yields them, from 0 (per rank, over its shard, in
+    data-parallel products). Reproduce a mask with ``torch.manual_seed(batch_seed(seed, i))``
+    before the model's forward on batch ``i``.
+
+    Examples
+    --------
+    >>> from curvop.backends.torch import batch_seed
+    >>> batch_seed(7, 0) == batch_seed(7, 0) != batch_seed(7, 1)
+    True
+    """
+    return int(np.random.SeedSequence([seed, index, rank]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class _FixedRandomness:
+    """Every loss evaluation on batch ``i`` draws from torch's generator seeded with ``batch_seed``.
+
+    Inside ``torch.random.fork_rng`` (the CPU generator, and the CUDA one of the model's device), so
+    the user's RNG state is what it was, and dropout draws one mask per batch, the same in every
+    product. Holds no reference to the backend.
+    """
+
+    def __init__(self, seed: int, device: torch.device, rank: int):
+        self.seed, self.rank = seed, rank
+        self.cuda = None if device.type != "cuda" else (
+            device.index if device.index is not None else torch.cuda.current_device())
+
+    @contextmanager
+    def fixed(self, index: int) -> Iterator[None]:
+        seed = batch_seed(self.seed, index, self.rank)
+        with _LOCK, torch.random.fork_rng(devices=[] if self.cuda is None else [self.cuda], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            if self.cuda is not None:  # this device only: the others' generators are not forked
+                torch.cuda.default_generators[self.cuda].manual_seed(seed)
+            yield
+
+    def wrap(self, loss: LossFn) -> LossFn:
+        return partial(self._seeded_loss, loss)
+
+    def _seeded_loss(self, loss: LossFn, p: dict[str, Tensor], batch: Any) -> Tensor:
+        with self.fixed(_BATCH.get()):
+            return loss(p, batch)
+
+    def call(self, index: int, fn: Callable[[Tensor, bool], Tensor], v: Tensor, batched: bool) -> Tensor:
+        with self.fixed(index):
+            return fn(v, batched)
 
 
 def _number(w: Any) -> Any:
@@ -511,7 +612,8 @@ def _check_module(model: torch.nn.Module) -> None:
             raise ValueError(
                 f"{kind} layer {name or type(m).__name__!r} is in training mode, so products would "
                 f"{'use batch statistics and update the running statistics' if kind == 'BatchNorm' else 'drop random units'}"
-                "; call model.eval() before building the Hessian"
+                "; call model.eval() before building the Hessian, or pass train_mode=True for the Hessian of the "
+                "training-mode loss (batch statistics, running statistics untouched, one fixed dropout mask)"
             )
 
 
@@ -536,8 +638,8 @@ def hessian(
     ----------
     model : torch.nn.Module
         In eval mode if it has BatchNorm or dropout layers, or any layer whose forward updates its
-        buffers in training mode (InstanceNorm with running stats, spectral_norm). Products run on
-        copies of its buffers: the model is never changed.
+        buffers in training mode (InstanceNorm with running stats, spectral_norm), unless
+        ``train_mode=True``. Products run on copies of its buffers: the model is never changed.
     loss_fn : callable or None
         ``loss_fn(model(inputs), targets)`` -> scalar tensor. ``None``: the model computes its own
         loss (Hugging Face style): each batch is passed as ``model(**batch)`` (a dict),
@@ -558,6 +660,20 @@ def hessian(
         ``batch_weight(batch)``: what a mean-reduced loss averages over in ``batch``, for the
         weighting of several batches (default: the batch size; for ``CrossEntropyLoss`` and
         ``NLLLoss`` the sum of the targets' class weights, ignored targets left out).
+    train_mode : bool
+        ``False`` (default): a layer in training mode is refused. ``True``: the Hessian of the
+        training-mode loss of each batch, layers in the mode they are in (curvop never calls
+        ``model.train()`` or ``.eval()``): normalisation layers in training mode use the batch's
+        statistics and their running statistics are neither read nor written; random ops
+        (dropout) draw one fixed mask per batch, the same in every product, so the operator is
+        deterministic and symmetric. Other layers that write buffers in training mode
+        (``spectral_norm``) and ``SyncBatchNorm`` are still refused.
+    seed : int, torch.Generator, numpy Generator or None
+        With ``train_mode=True``: batch ``i`` (in the order the data yields it) runs under
+        ``torch.manual_seed(batch_seed(seed, i))`` inside ``torch.random.fork_rng``, so the user's
+        RNG state is untouched. A generator is drawn from once. ``None``: drawn from torch's
+        global generator without advancing it (reproducible under ``torch.manual_seed``). The
+        seed used is ``H.backend.train_seed``.
     **options
         ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``process_group``, ``timeout``,
         ``check_finite``, ``rewrite``, ``check_loss_dtype``: see :class:`TorchBackend`.
@@ -569,17 +685,26 @@ def hessian(
     >>> batch = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))
     >>> curvop.hessian(model, torch.nn.CrossEntropyLoss(), batch).shape
     (8, 8)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5),
+    ...                           torch.nn.Linear(4, 2)).double().train()
+    >>> H = curvop.hessian(net, torch.nn.CrossEntropyLoss(), batch, train_mode=True, seed=0)
+    >>> v = torch.ones(H.shape[0], dtype=torch.float64)
+    >>> bool(torch.equal(H @ v, H @ v)), net.training
+    (True, True)
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
-    _check_unknown(options, ("params", "reduction", "batch_weight"))
+    train_mode, seed = options.pop("train_mode", False), options.pop("seed", None)
+    _check_unknown(options, ("params", "reduction", "batch_weight", "train_mode", "seed"))
+    rng_seed = _train_seed(train_mode, seed)
     _check_autograd_available()
     if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         model = model.module  # the wrapped model; curvop does its own all-reduce of products
-    _check_module(model)
+    if not train_mode:
+        _check_module(model)
     selected = _select(model, params)
     consts = {k: p.detach() for k, p in model.named_parameters() if k not in selected}
-    buffers = _Buffers(model)
+    buffers = _Buffers(model, batch_statistics=bool(train_mode))
     reduction_ = resolve_reduction(loss_fn, reduction)
     weight = batch_weight if batch_weight is not None else _loss_weight(loss_fn, reduction_)
     dataset = Dataset(data, reduction_, weight=weight,
@@ -609,29 +734,75 @@ def hessian(
         return loss_fn(out, targets)
 
     return TorchBackend(loss, selected, dataset, watch=list(buffers.live.values()), on_change=buffers.refresh,
-                        check_state=buffers.check, **options)
+                        check_state=buffers.check, rng_seed=rng_seed, **options)
+
+
+def _train_seed(train_mode: Any, seed: Any) -> int | np.random.Generator | None:
+    """The checked ``train_mode``/``seed`` options as the backend's ``rng_seed`` (``None``: eval only)."""
+    if not isinstance(train_mode, (bool, np.bool_)):
+        raise TypeError(f"train_mode must be True or False, got {train_mode!r} ({type(train_mode).__name__})")
+    if not train_mode:
+        if seed is not None:
+            raise ValueError(
+                "seed= fixes the random draws (dropout masks) of a training-mode Hessian; it needs "
+                "train_mode=True (an eval-mode Hessian draws nothing)"
+            )
+        return None
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        if seed < 0:
+            raise ValueError(
+                f"seed must be a non-negative int, a torch.Generator, a numpy Generator or None, got {seed}")
+        return int(seed)
+    if seed is None:  # a draw from the user's generator, which is left where it was
+        with torch.random.fork_rng(devices=[]):
+            return np.random.default_rng(int(torch.randint(2**62, ())))
+    if isinstance(seed, torch.Generator):  # advances that generator, as drawing from it does
+        return np.random.default_rng(int(torch.randint(2**62, (), generator=seed, device=seed.device)))
+    if isinstance(seed, np.random.Generator):
+        return np.random.default_rng(int(seed.integers(2**62)))
+    raise TypeError(
+        f"seed must be a non-negative int, a torch.Generator, a numpy Generator or None, got {seed!r} "
+        f"({type(seed).__name__})"
+    )
 
 
 class _Buffers:
     """Copies of the model's buffers for products to use (and write, if a layer does): never the user's.
 
     Refreshed when a live buffer changes in place (its ``_version``), so the operator follows the
-    model's buffers as it follows its parameters.
+    model's buffers as it follows its parameters. With ``batch_statistics`` the running statistics
+    of normalisation layers in training mode are ``None``: they normalise with the batch's
+    statistics, as in training, and write nothing (every product is then the same function).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, batch_statistics: bool = False):
+        from torch.nn.modules.batchnorm import _NormBase
+
         self.model = model
         self.live = dict(model.named_buffers())
+        self.unused = set()
+        if batch_statistics:
+            for name, m in model.named_modules():
+                if isinstance(m, torch.nn.SyncBatchNorm) and m.training:
+                    raise ValueError(
+                        f"SyncBatchNorm layer {name!r} is in training mode: it synchronises batch statistics "
+                        "across processes, which train_mode=True does not differentiate (nor needs: curvop reduces "
+                        "products across ranks itself); use torch.nn.BatchNorm layers for the Hessian, or call "
+                        f"model.get_submodule({name!r}).eval() to use its running statistics"
+                    )
+                if isinstance(m, _NormBase) and m.training and m.track_running_stats:
+                    prefix = f"{name}." if name else ""
+                    self.unused |= {prefix + k for k in ("running_mean", "running_var", "num_batches_tracked")}
         self.refresh()
 
     def refresh(self) -> None:
-        self.copies = {k: b.detach().clone() for k, b in self.live.items()}
+        self.copies = {k: None if k in self.unused else b.detach().clone() for k, b in self.live.items()}
 
     def check(self) -> None:
         """After the first forward: refuse training-mode layers that changed their buffers, by effect."""
         changed: dict[str, list[str]] = {}
         for k, b in self.live.items():
-            if not torch.equal(self.copies[k], b):
+            if self.copies[k] is not None and not torch.equal(self.copies[k], b):
                 owner, _, leaf = k.rpartition(".")
                 if self.model.get_submodule(owner).training:
                     changed.setdefault(owner, []).append(leaf)
@@ -694,7 +865,7 @@ def _target_weight(class_weight: Tensor | None, ignore_index: int, batch: Any) -
 
 
 def _valid_options() -> list[str]:
-    internal = {"self", "loss", "params", "dataset", "watch", "on_change", "check_state"}
+    internal = {"self", "loss", "params", "dataset", "watch", "on_change", "check_state", "rng_seed"}
     return [k for k in inspect.signature(TorchBackend.__init__).parameters if k not in internal]
 
 
