@@ -269,6 +269,7 @@ class _First(nn.Module):
         return self.mha(x, x, x)[0]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 @pytest.mark.parametrize("hvp, cache", MODES)
 @pytest.mark.parametrize("name", list(MODELS))
@@ -283,6 +284,7 @@ def test_issue11_item1_attention_on_cuda_float32_fused_kernels(name, hvp, cache)
     np.testing.assert_allclose(H @ v.astype(np.float32), ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 def test_issue11_item1_cuda_fused_attention_lacks_second_derivative_without_curvop():
     q, k, v = (torch.randn(2, 2, 64, 32, device="cuda", requires_grad=True) for _ in range(3))
