@@ -29,6 +29,10 @@ import warnings
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))
+import _torchvision_cpu  # noqa: E402
+
+_torchvision_cpu.install()  # the real torchvision/timm models even with torchvision's CUDA wheel (see there)
 
 MODES = {  # label -> curvop.hessian options
     "rev cached": dict(hvp="reverse", cache=True),  # the default
