@@ -75,13 +75,12 @@ def test_two_ranks_match_single_process(tmp_path):
     assert "eigenvalues" in outs[0] and "eigenvalues" not in outs[1]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", ["die", "hang"])
-def test_lost_rank_fails_clearly_within_timeout(tmp_path, how):
-    procs = _launch(how, tmp_path)
-    start = time.monotonic()
+def _rank0_error(scenario, tmp_path, timeout):
+    """Run ``scenario``, wait for rank 0 alone (the others are killed after it); return rank 0's
+    result, which must be a ``DistributedError``, and the processes."""
+    procs = _launch(scenario, tmp_path)
     try:
-        out0 = procs[0].communicate(timeout=90)[0]
+        out0 = procs[0].communicate(timeout=timeout)[0]
     finally:
         for p in procs[1:]:
             p.kill()
@@ -89,6 +88,14 @@ def test_lost_rank_fails_clearly_within_timeout(tmp_path, how):
     assert procs[0].returncode == 0, out0[-3000:]
     r0 = _result(tmp_path, 0)
     assert r0["type"] == "DistributedError", r0
+    return r0, procs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["die", "hang"])
+def test_lost_rank_fails_clearly_within_timeout(tmp_path, how):
+    start = time.monotonic()
+    r0, procs = _rank0_error(how, tmp_path, 90)
     assert "rank 0 of 2" in r0["error"] and "died, hung" in r0["error"]
     assert r0["elapsed"] < 4 + 6  # the timeout was 4 s (a dead peer is noticed at once)
     assert time.monotonic() - start < 90

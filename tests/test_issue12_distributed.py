@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from test_distributed import _finish, _launch, _result  # noqa: E402  (the same launcher)
+from test_distributed import _finish, _launch, _rank0_error, _result  # noqa: E402  (the same launcher)
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +52,8 @@ def test_issue12_item8_seeds_that_differ_across_ranks_raise(seeds_run):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scenario", ["rank0only", "rank0only_group_timeout"])
 def test_issue12_item14_operator_built_on_rank0_only_fails_clearly(tmp_path, scenario):
-    procs = _launch(scenario, tmp_path)
     start = time.monotonic()
-    try:
-        out0 = procs[0].communicate(timeout=60)[0]
-    finally:
-        for p in procs[1:]:
-            p.kill()
-        _finish(procs[1:], 10)
-    assert procs[0].returncode == 0, out0[-3000:]
-    r0 = _result(tmp_path, 0)
-    assert r0["type"] == "DistributedError", r0
+    r0, _ = _rank0_error(scenario, tmp_path, 60)
     assert "every rank" in r0["error"] and "curvop.hessian" in r0["error"], r0["error"]
     assert "rank 1" in r0["error"], r0["error"]  # names the missing rank
     assert r0["elapsed"] < 5 + 10  # the timeout (4 s, or the group's 5 s), not a hang
