@@ -14,15 +14,9 @@ from torch import nn  # noqa: E402
 
 import curvop  # noqa: E402
 from curvop.backends.base import LossPrecisionError, NondeterministicProductError  # noqa: E402
-from torch_reference import dense_hessian  # noqa: E402
+from torch_reference import MODES, dense_hessian  # noqa: E402
 
 F64 = torch.float64
-MODES = {
-    "reverse-cached": dict(hvp="reverse", cache=True),
-    "reverse-uncached": dict(hvp="reverse", cache=False),
-    "forward-cached": dict(hvp="forward", cache=True),
-    "forward-uncached": dict(hvp="forward", cache=False),
-}
 
 
 def _mlp(seed=0):

@@ -18,14 +18,9 @@ from torch.func import functional_call  # noqa: E402
 
 import curvop  # noqa: E402
 from curvop.backends.torch import batch_seed  # noqa: E402
+from torch_reference import MODES  # noqa: E402
 
 F64 = torch.float64
-MODES = {
-    "reverse-cached": dict(hvp="reverse", cache=True),
-    "reverse-uncached": dict(hvp="reverse", cache=False),
-    "forward-cached": dict(hvp="forward", cache=True),
-    "forward-uncached": dict(hvp="forward", cache=False),
-}
 TOL = dict(rtol=1e-9, atol=1e-11)
 
 

@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+#: Every torch product mode, by a readable id (for ``pytest.mark.parametrize``).
+MODES = {
+    "reverse-cached": dict(hvp="reverse", cache=True),
+    "reverse-uncached": dict(hvp="reverse", cache=False),
+    "forward-cached": dict(hvp="forward", cache=True),
+    "forward-uncached": dict(hvp="forward", cache=False),
+}
+
 
 def dense_hessian(model, loss_fn, batches, names=None):
     """Hessian of the dataset loss: ``loss_fn`` applied to all samples at once.
