@@ -1,9 +1,10 @@
 """A small array-API-style namespace for TensorFlow tensors (TF has no array-API support).
 
-It implements what :mod:`curvop.arrays` and the algorithms call on ``xp`` -- nothing more -- with
-array-API names and semantics (``concat``, ``matrix_transpose``, ``linalg.qr`` returning the thin
-factorisation, ``asarray(..., device=...)``). Imported only for ``tf.Tensor``/``tf.Variable``
-arguments, so ``import curvop`` never imports TensorFlow.
+It implements what curvop calls on an array namespace ``xp`` (:mod:`curvop.arrays`, the
+algorithms, the callables backend) -- nothing more; ``tests/test_tf_arrays.py`` checks the list
+against the source -- with array-API names and semantics (``concat``, ``matrix_transpose``,
+``linalg.qr`` returning the thin factorisation, ``asarray(..., device=...)``). Imported only for
+``tf.Tensor``/``tf.Variable`` arguments, so ``import curvop`` never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,13 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-__all__ = [
-    "asarray", "zeros", "ones", "eye", "zeros_like", "ones_like", "full",
-    "sum", "mean", "max", "min", "sqrt", "abs", "exp", "log", "sign",
-    "add", "subtract", "multiply", "divide", "maximum", "minimum", "where",
-    "matmul", "matrix_transpose", "vecdot", "reshape", "stack", "concat", "astype",
-    "linalg", "float32", "float64",
-]
+__all__ = ["asarray", "zeros", "sum", "sqrt", "astype", "stack", "concat", "matmul", "matrix_transpose",
+           "linalg", "float32", "float64"]
 
 float32 = tf.float32
 float64 = tf.float64
@@ -68,67 +64,12 @@ def zeros(shape: Any, dtype: Any = None, device: Any = None) -> tf.Tensor:
         return tf.zeros(shape, dtype=_dtype(dtype) or tf.float64)
 
 
-def ones(shape: Any, dtype: Any = None, device: Any = None) -> tf.Tensor:
-    with _on(device):
-        return tf.ones(shape, dtype=_dtype(dtype) or tf.float64)
-
-
-def full(shape: Any, fill_value: Any, dtype: Any = None, device: Any = None) -> tf.Tensor:
-    with _on(device):
-        return tf.fill(shape, tf.constant(fill_value, dtype=_dtype(dtype) or tf.float64))
-
-
-def eye(n_rows: int, n_cols: int | None = None, k: int = 0, dtype: Any = None, device: Any = None) -> tf.Tensor:
-    if k != 0:
-        m = n_rows if n_cols is None else n_cols
-        return asarray(np.eye(n_rows, m, k), dtype=_dtype(dtype) or tf.float64, device=device)
-    with _on(device):
-        return tf.eye(n_rows, n_cols, dtype=_dtype(dtype) or tf.float64)
-
-
-def zeros_like(x: tf.Tensor, dtype: Any = None) -> tf.Tensor:
-    return tf.zeros_like(x, dtype=_dtype(dtype))
-
-
-def ones_like(x: tf.Tensor, dtype: Any = None) -> tf.Tensor:
-    return tf.ones_like(x, dtype=_dtype(dtype))
-
-
-# --- elementwise and reductions ------------------------------------------------------------------
+# --- elementwise and reductions (``sum`` is the array-API name; it shadows the builtin here only) --
 def sum(x: tf.Tensor, axis: int | None = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
     return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
 
 
-def mean(x: tf.Tensor, axis: int | None = None, keepdims: bool = False) -> tf.Tensor:
-    return tf.reduce_mean(x, axis=axis, keepdims=keepdims)
-
-
-def max(x: tf.Tensor, axis: int | None = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
-    return tf.reduce_max(x, axis=axis, keepdims=keepdims)
-
-
-def min(x: tf.Tensor, axis: int | None = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
-    return tf.reduce_min(x, axis=axis, keepdims=keepdims)
-
-
 sqrt = tf.sqrt
-abs = tf.abs  # noqa: A001
-exp = tf.exp
-sign = tf.sign
-add = tf.add
-subtract = tf.subtract
-multiply = tf.multiply
-divide = tf.divide
-maximum = tf.maximum
-minimum = tf.minimum
-
-
-def log(x: tf.Tensor) -> tf.Tensor:
-    return tf.math.log(x)
-
-
-def where(condition: tf.Tensor, x1: Any, x2: Any) -> tf.Tensor:
-    return tf.where(condition, x1, x2)
 
 
 def astype(x: tf.Tensor, dtype: Any, copy: bool = True) -> tf.Tensor:
@@ -136,10 +77,6 @@ def astype(x: tf.Tensor, dtype: Any, copy: bool = True) -> tf.Tensor:
 
 
 # --- shapes and products -------------------------------------------------------------------------
-def reshape(x: tf.Tensor, shape: Any) -> tf.Tensor:
-    return tf.reshape(x, shape)
-
-
 def stack(arrays: Sequence[tf.Tensor], axis: int = 0) -> tf.Tensor:
     return tf.stack(list(arrays), axis=axis)
 
@@ -163,10 +100,6 @@ def matrix_transpose(x: tf.Tensor) -> tf.Tensor:
     return tf.linalg.matrix_transpose(x)
 
 
-def vecdot(x1: tf.Tensor, x2: tf.Tensor, axis: int = -1) -> tf.Tensor:
-    return tf.reduce_sum(x1 * x2, axis=axis)
-
-
 # --- linalg --------------------------------------------------------------------------------------
 def _qr(x: tf.Tensor, mode: str = "reduced") -> tuple[tf.Tensor, tf.Tensor]:
     if mode not in ("reduced", "complete"):
@@ -174,20 +107,4 @@ def _qr(x: tf.Tensor, mode: str = "reduced") -> tuple[tf.Tensor, tf.Tensor]:
     return tf.linalg.qr(x, full_matrices=mode == "complete")
 
 
-def _eigh(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    return tf.linalg.eigh(x)
-
-
-def _norm(x: tf.Tensor, axis: Any = None) -> tf.Tensor:
-    return tf.norm(x, axis=axis)
-
-
-linalg = types.SimpleNamespace(
-    qr=_qr,
-    eigh=_eigh,
-    cholesky=tf.linalg.cholesky,
-    solve=tf.linalg.solve,
-    vector_norm=_norm,
-    matrix_transpose=matrix_transpose,
-    matmul=matmul,
-)
+linalg = types.SimpleNamespace(qr=_qr)
