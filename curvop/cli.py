@@ -1,4 +1,4 @@
-"""The ``curvop`` command: ``demo``, ``spectrum MODULE:FACTORY`` and ``study bn-residual``.
+"""The ``curvop`` command: ``demo``, ``spectrum MODULE:FACTORY``, ``study bn-residual`` and ``study edge-of-stability``.
 
 Exit codes: 0 success, 1 a run failed (one ``curvop: error: ...`` line on stderr, whatever raised
 it; ``--traceback`` prints the full traceback instead), 2 bad usage (argparse), 130 interrupted.
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Cohen et al.'s edge of stability on scikit-learn's digits: full-batch "
                                          "gradient descent at three step sizes, lambda_max tracked; writes "
                                          "results.json, sharpness.png and report.md.")
-    _common(eos, "curvop-eos", 1)
+    _common(eos, "curvop-eos", "weights and probes")
     eos.add_argument("--quick", action="store_true", help="larger step sizes, fewer steps (a few minutes)")
     eos.set_defaults(func=_edge_of_stability)
     return parser
@@ -104,42 +104,40 @@ def _say(args: argparse.Namespace) -> Callable[[str], None]:
     return (lambda s: None) if args.json else print
 
 
-def _emit(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    if args.json:
-        print(json.dumps(results, indent=2))
+# Every command is a function of plain keyword arguments (``run(out, *, seed=..., quiet=..., say=...,
+# ...)`` in its module under curvop.studies) returning the results as a dict; these handlers only map
+# the parsed flags onto those keywords.
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
+    from curvop.studies import demo
+
+    return demo.run(args.out, quick=args.quick, epochs=args.epochs, k=args.k, seed=args.seed, quiet=args.quiet,
+                    say=_say(args))
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from curvop.demo import DemoOptions, run
-
-    quick = dict(epochs=1, trace_matvecs=30, steps=30, probes=1) if args.quick else dict(epochs=args.epochs)
-    _emit(args, run(DemoOptions(out=args.out, k=args.k, seed=args.seed, quiet=args.quiet, **quick),
-                    say=_say(args)))
-
-
-def _bn_residual(args: argparse.Namespace) -> None:
+def _bn_residual(args: argparse.Namespace) -> dict[str, Any]:
     from curvop.studies import bn_residual
 
     command = "curvop study bn-residual" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
-    _emit(args, bn_residual.run(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet,
-                                command=command, say=_say(args)))
+    return bn_residual.run(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet, command=command,
+                           say=_say(args))
 
 
-def _edge_of_stability(args: argparse.Namespace) -> None:
+def _edge_of_stability(args: argparse.Namespace) -> dict[str, Any]:
     from curvop.studies import edge_of_stability
 
     command = "curvop study edge-of-stability" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
-    _emit(args, edge_of_stability.run(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet,
-                                      command=command, say=_say(args)))
+    return edge_of_stability.run(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet, command=command,
+                                 say=_say(args))
 
 
-def _spectrum(args: argparse.Namespace) -> None:
+def _spectrum(args: argparse.Namespace) -> dict[str, Any]:
     from curvop.studies import own_model
 
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    _emit(args, own_model.run(args.target, out=args.out, device=args.device, k=args.k, seed=args.seed,
-                             steps=args.steps, probes=args.probes, trace_matvecs=args.trace_matvecs,
-                             quiet=args.quiet, say=_say(args), options=options))
+    return own_model.run(args.target, out=args.out, device=args.device, k=args.k, seed=args.seed,
+                         steps=args.steps, probes=args.probes, trace_matvecs=args.trace_matvecs,
+                         quiet=args.quiet, say=_say(args), options=options)
 
 
 def _check_out(out: str) -> None:
@@ -180,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         threads_before = torch.get_num_threads()
         torch.set_num_threads(args.threads)
-        args.func(args)
+        results = args.func(args)
+        if args.json:
+            print(json.dumps(results, indent=2))
     except KeyboardInterrupt:
         print("curvop: interrupted", file=sys.stderr)
         return 130
