@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from curvop._progress import progress_bar
+
 __all__ = ["Digits", "load", "cnn", "resnet", "train", "TrainedToLoss", "train_to_loss", "accuracy", "seed_everything"]
 
 
@@ -125,7 +127,7 @@ def train(model: Any, data: Digits, *, epochs: int, seed: int = 0, lr: float = 3
     loss_fn = torch.nn.CrossEntropyLoss()
     x, y = data.train
     steps = (len(y) + batch_size - 1) // batch_size
-    bar = _bar(progress, epochs * steps, desc)
+    bar = _training_bar(progress, epochs * steps, desc)
     losses = []
     model.train()
     try:
@@ -143,6 +145,13 @@ def train(model: Any, data: Digits, *, epochs: int, seed: int = 0, lr: float = 3
         bar.close()
     model.eval()
     return losses
+
+
+def _training_bar(enabled: bool, total: int, desc: str) -> Any:
+    """curvop's progress bar (:func:`curvop._progress.progress_bar`), counting training steps."""
+    bar = progress_bar(enabled, total, desc)
+    bar.unit = "step"  # progress_bar labels its count "HVP"; these are optimizer steps
+    return bar
 
 
 @dataclass(frozen=True)
@@ -193,7 +202,7 @@ def train_to_loss(model: Any, data: Digits, target: float, *, probe: tuple[Any, 
         model.train()
         return value
 
-    bar = _bar(progress, max_epochs * steps_per_epoch, desc)
+    bar = _training_bar(progress, max_epochs * steps_per_epoch, desc)
     loss, steps = probe_loss(), 0
     try:
         for _ in range(max_epochs):
@@ -215,16 +224,6 @@ def train_to_loss(model: Any, data: Digits, target: float, *, probe: tuple[Any, 
         bar.close()
         model.eval()
     return TrainedToLoss(loss, steps, steps / steps_per_epoch, loss <= target)
-
-
-def _bar(enabled: bool, total: int, desc: str) -> Any:
-    from curvop._progress import progress_bar
-
-    if not enabled:
-        return progress_bar(False, total, desc)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step")
 
 
 def accuracy(model: Any, x: Any, y: Any) -> float:
