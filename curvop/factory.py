@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,9 @@ def hessian(model: Any, loss_fn: Any, data: Any, *, params: Any = None, backend:
     dict batch is passed as ``model(**batch)`` and the loss is the output's ``.loss``.
 
     The backend is chosen from the model's type (``torch.nn.Module`` -> ``"torch"``, a Keras model
-    -> ``"tensorflow"``) unless ``backend=`` names one. ``options`` go to the backend; see
+    -> ``"tensorflow"``) unless ``backend=`` names one; a model that belongs to no framework (a
+    plain function, or a tuple such as JAX's ``(apply_fn, params)``) is given to the framework of
+    the first array it holds, or else of ``params``. ``options`` go to the backend; see
     :func:`curvop.backends.torch.hessian` for the torch options (``hvp``, ``cache``, ``batched``,
     ``reduction``, ``batch_weight``, ``check_deterministic``, ...); an unknown option is a
     ``TypeError`` listing the valid ones.
@@ -46,9 +49,7 @@ def hessian(model: Any, loss_fn: Any, data: Any, *, params: Any = None, backend:
     >>> H.shape
     (4, 4)
     """
-    if backend is None and isinstance(model, tuple) and len(model) == 2 and callable(model[0]):
-        backend = backends.detect(_first_leaf(model[1]))  # (apply_fn, params), e.g. JAX/Flax
-    name = backend or backends.detect(model)
+    name = backend or _framework(model, params)
     return _wrap(backends.get(name)(model, loss_fn, data, params=params, **options))
 
 
@@ -80,6 +81,35 @@ def hessian_of(f: Any, params: Any, data: Any = None, *, backend: str | None = N
         backend = backends.detect(leaf)
     name = backend
     return _wrap(backends.get(name, "hessian_of")(f, params, data, **options))
+
+
+def _framework(model: Any, params: Any) -> str:
+    """The backend of ``model``: by its type, else by the first array found in it or in ``params``.
+
+    What a model made of functions and arrays means (JAX's ``(apply_fn, params)``, say) is the
+    chosen backend's business: the factory only finds the framework, so it names none.
+    """
+    try:
+        return backends.detect(model)
+    except TypeError as err:
+        for leaf in _leaves([model, params]):
+            try:
+                return backends.detect(leaf)
+            except TypeError:
+                continue  # a function, a number, None: not an array of any framework
+        raise err
+
+
+def _leaves(tree: Any) -> Iterator[Any]:
+    """The leaves of nested lists, tuples and mappings, depth first, lazily (the first one is enough)."""
+    if isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _leaves(item)
+    elif isinstance(tree, Mapping):
+        for item in tree.values():
+            yield from _leaves(item)
+    else:
+        yield tree
 
 
 def _first_leaf(tree: Any) -> Any:
