@@ -1,4 +1,5 @@
-"""The ``curvop`` command: ``demo``, ``spectrum MODULE:FACTORY``, ``study bn-residual`` and ``study edge-of-stability``.
+"""The ``curvop`` command: ``demo``, ``spectrum MODULE:FACTORY``, ``study bn-residual`` and
+``study edge-of-stability``.
 
 Exit codes: 0 success, 1 a run failed (one ``curvop: error: ...`` line on stderr, whatever raised
 it; ``--traceback`` prints the full traceback instead), 2 bad usage (argparse), 130 interrupted.

@@ -28,8 +28,8 @@ def hessian(model: Any, loss_fn: Any, data: Any, *, params: Any = None, backend:
 
     The backend is chosen from the model's type (``torch.nn.Module`` -> ``"torch"``, a Keras model
     -> ``"tensorflow"``) unless ``backend=`` names one; a model that belongs to no framework (a
-    plain function, or a tuple such as JAX's ``(apply_fn, params)``) is given to the framework of
-    the first array it holds, or else of ``params``. ``options`` go to the backend; see
+    plain function, or a tuple such as JAX's ``(apply_fn, params)``) goes to the framework of the
+    first framework object (an array, a module) in it, else in ``params``. ``options`` go to the backend; see
     :func:`curvop.backends.torch.hessian` for the torch options (``hvp``, ``cache``, ``batched``,
     ``reduction``, ``batch_weight``, ``check_deterministic``, ...); an unknown option is a
     ``TypeError`` listing the valid ones.
@@ -84,10 +84,11 @@ def hessian_of(f: Any, params: Any, data: Any = None, *, backend: str | None = N
 
 
 def _framework(model: Any, params: Any) -> str:
-    """The backend of ``model``: by its type, else by the first array found in it or in ``params``.
+    """The backend of ``model``: by its type, else by the first framework object in it or in ``params``.
 
     What a model made of functions and arrays means (JAX's ``(apply_fn, params)``, say) is the
-    chosen backend's business: the factory only finds the framework, so it names none.
+    chosen backend's business: the factory only finds the framework, with the registry's
+    :func:`curvop.backends.detect`, and holds no rule about any framework's conventions.
     """
     try:
         return backends.detect(model)

@@ -99,3 +99,22 @@ def test_issue13_item3_factory_still_refuses_a_model_of_no_framework():
     with pytest.raises(TypeError, match="cannot tell which framework a function"):
         curvop.hessian(lambda p, x: x, None, (np.ones(2), np.ones(2)), params=[1.0, None])
 
+
+
+def test_issue13_item7_classes_of_a_factory_file_pickle(tmp_path):
+    # why own_model imports a FILE with importlib instead of runpy.run_path (issue 13 item 7): its
+    # classes must pickle (DataLoader workers under spawn, torch.save); run_path's would not
+    import pickle
+    import sys
+
+    from curvop.studies import own_model
+
+    f = tmp_path / "my-exp.py"
+    f.write_text("from __future__ import annotations\nimport dataclasses\n\n@dataclasses.dataclass\n"
+                 "class Batches:\n    n: int = 3\n\ndef make():\n    return Batches()\n")
+    try:
+        made = own_model.load_factory(f"{f}:make")()
+        again = pickle.loads(pickle.dumps(made))
+        assert type(again) is type(made) and again.n == 3
+    finally:
+        sys.modules.pop("_curvop_user_my_exp", None)

@@ -108,10 +108,14 @@ class Measurement:
         rows.append((f"trace (SLQ, {probes} probes)" if slq_err is not None else "density (SLQ, 1 probe)",
                      f"{fmt(slq)} ± {fmt(slq_err)}" if slq_err is not None else "(no error bar: not shown)",
                      str(s["density"].num_matvecs), f"{s['density'].seconds:.1f}"))
+        # Formatted here, not with a table library: curvop depends on numpy, scipy and array-api-compat
+        # only, and a dependency (tabulate, rich) for four padded columns is not worth its weight.
         head = ("quantity", "value", "matvecs", "seconds")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-        line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(r, widths)))
+
+        def line(r: tuple[str, ...]) -> str:  # text columns left-aligned, numbers right-aligned
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
         return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 

@@ -78,9 +78,11 @@ def _user(fn: Callable[[], Any], what: str, failed: str) -> Any:
 def _import_file(module: str) -> str:
     """Import a ``.py`` file as a module registered in ``sys.modules``; return its name there.
 
-    Not ``runpy.run_path``: that returns a copy of the globals and drops the temporary module
-    from ``sys.modules``, which breaks dataclasses under ``from __future__ import annotations``
-    and pickling of the classes the file defines.
+    The standard library's module import (``importlib.util.spec_from_file_location``), not
+    ``runpy.run_path``: run_path executes the file in a temporary module ``<run_path>`` that it
+    removes from ``sys.modules`` afterwards, so the classes the file defines cannot be pickled
+    (a ``DataLoader`` with worker processes under the ``spawn`` start method, ``torch.save`` of a
+    model, multiprocessing). ``FACTORY`` itself is resolved with :func:`pkgutil.resolve_name`.
     """
     path = pathlib.Path(module)
     if not path.is_file():
