@@ -113,7 +113,8 @@ def test_spectrum_on_an_importable_module(factory, tmp_path, monkeypatch, capsys
     ("nocolon", "cpu", "expected MODULE:FACTORY"),
     ("{path}:make", "warp-drive", "unknown device 'warp-drive'"),
 ])
-def test_spectrum_bad_input_is_one_line(factory, capsys, target, device, message):
+def test_spectrum_bad_input_is_one_line(factory, capsys, target, device, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out (curvop-spectrum/) goes here, not into the checkout
     code = main(["spectrum", target.format(path=factory), "--device", device, "--quiet"])
     err = capsys.readouterr().err
     assert code == 1
@@ -122,7 +123,8 @@ def test_spectrum_bad_input_is_one_line(factory, capsys, target, device, message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_spectrum_cuda_without_cuda(factory, capsys):
+def test_spectrum_cuda_without_cuda(factory, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(["spectrum", f"{factory}:make", "--device", "cuda"]) == 1
     assert "CUDA is not available" in capsys.readouterr().err
 
