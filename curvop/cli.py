@@ -108,7 +108,6 @@ def _say(args: argparse.Namespace) -> Callable[[str], None]:
 # Every command is a function of plain keyword arguments (``run(out, *, seed=..., quiet=..., say=...,
 # ...)`` in its module under curvop.studies) returning the results as a dict; these handlers only map
 # the parsed flags onto those keywords.
-
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
     from curvop.studies import demo
 
