@@ -1,7 +1,10 @@
-"""Randomized trace estimation: Hutchinson, Hutch++, XTrace and XNysTrace.
+"""Randomized trace estimation: Hutchinson, Hutch++, XTrace and XNysTrace (:func:`curvop.trace`).
 
 All four methods use block products (``H.matmat``), so batched Hessian-vector products are used,
-and keep vectors native; only ``k × k`` matrices and scalars come to the host (float64).
+and keep vectors native; only ``k × k`` matrices and scalars come to the host (float64). The
+sketching they share with the diagonal estimators lives in :mod:`curvop.sketch`.
+
+This module is ``curvop.trace_estimation`` (``curvop.trace`` is the function).
 
 References: Hutchinson (1989); Meyer, Musco, Musco & Woodruff, "Hutch++" (SOSA 2021);
 Epperly, Tropp & Webber, "XTrace: making the most of every sample in stochastic trace
@@ -10,17 +13,26 @@ estimation" (SIMAX 2024).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from curvop._checks import require_finite
 from curvop._progress import progress_bar
-from curvop.arrays import column_dots, gram, lincomb, norm, orthonormalize, project_out
-from curvop.operator import HessianOperator, aslinearoperator
+from curvop.arrays import column_dots, gram, orthonormalize, project_out
+from curvop.operator import aslinearoperator
+from curvop.sketch import (
+    IndefiniteOperatorError,
+    RangeSketch,
+    probe_block,
+    range_sketch,
+    shifted_nystrom,
+    unit_blocks,
+    variance_ratio,
+)
 
-__all__ = ["TraceResult", "trace", "exchangeable_basis", "deflation_gain", "IndefiniteOperatorError"]
+__all__ = ["TraceResult", "trace", "IndefiniteOperatorError"]
 
 _METHODS = ("auto", "hutchinson", "hutch++", "xtrace", "xnystrace")
 _MIN_MATVECS = {"auto": 6, "hutchinson": 2, "hutch++": 3, "xtrace": 4, "xnystrace": 2}
@@ -61,58 +73,23 @@ class TraceResult:
     converged: bool = True
 
 
-class IndefiniteOperatorError(ValueError):
-    """``method="xnystrace"`` was asked of an operator that is not positive semi-definite.
+class Samples(NamedTuple):
+    """What every estimator below returns: per-probe ``samples`` whose mean estimates
+    ``tr(H) − base`` (``base`` is a part computed exactly, e.g. Hutch++'s ``tr(QᵀHQ)``), and the
+    ``method`` that ran (``"auto"`` names the method it chose)."""
 
-    >>> import numpy as np, curvop
-    >>> try:
-    ...     curvop.trace(np.diag(np.linspace(-1.0, 1.0, 50)), method="xnystrace", seed=0, num_matvecs=10)
-    ... except curvop.IndefiniteOperatorError:
-    ...     print("use method='auto' or 'xtrace'")
-    use method='auto' or 'xtrace'
-    """
+    samples: np.ndarray
+    base: float
+    method: str
 
 
-def _require_finite(values: Any, where: str) -> None:
-    """Raise :class:`~curvop.backends.faults.NonFiniteProductError` unless every value is finite.
-
-    ``values`` are host numbers already computed (no extra synchronisation); a tuple of floats
-    takes a fast path, as this runs once per Lanczos step.
-    """
-    if isinstance(values, tuple) and all(map(math.isfinite, values)):
-        return
-    if not np.all(np.isfinite(values)):
-        from curvop.backends.faults import NonFiniteProductError
-
-        raise NonFiniteProductError(
-            f"{where}: the Hessian-vector products contain NaN or Inf, so no result can be computed; "
-            "check the loss on your data (NaN or Inf inputs, log of zero, overflow in float32) or "
-            "the operator's product function"
-        )
-
-
-def _unit_blocks(H: HessianOperator, chunk: int = 64):
-    """``(j, E, HE)`` for the unit-vector blocks ``E = I[:, j:j+k]`` of ``n`` products in all.
-
-    Used instead of a randomized estimate when the budget reaches ``n``: the exact answer then
-    costs no more products than the estimate would.
-    """
-    n = H.shape[0]
-    for j in range(0, n, chunk):
-        k = min(chunk, n - j)
-        e = np.zeros((n, k))
-        e[np.arange(j, j + k), np.arange(k)] = 1.0
-        E = H.from_numpy(e)
-        yield j, E, H.matmat(E)
-
-
-def _exact(H, bar):
-    """``tr(H) = Σ_j e_jᵀHe_j`` from ``n`` products with unit vectors."""
+def _exact(H, bar) -> Samples:
+    """``tr(H) = Σ_j e_jᵀHe_j`` from ``n`` products with unit vectors (the samples are the diagonal)."""
     d = []
-    for _, E, Y in _unit_blocks(H):
+    for _, E, Y in unit_blocks(H):
         d.append(column_dots(E, Y))
         bar.update(E.shape[1])
-    return np.concatenate(d)
+    return Samples(np.concatenate(d), 0.0, "exact")
 
 
 def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
@@ -120,89 +97,53 @@ def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
     return float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(m)) if m > 1 else float("inf")
 
 
-def _hutchinson(H, m, probes, rng, rtol, bar):
+def _hutchinson(H, m, probes, rng, rtol, bar) -> Samples:
     """Hutchinson's estimator ``mean_j z_jᵀ H z_j``; with ``rtol`` in blocks of 10 until precise."""
-    n = H.shape[0]
     block = m if rtol is None else min(m, 10)
     samples = np.zeros(0)
     while samples.size < m:
         b = min(block, m - samples.size)
-        Z = H.random((n, b), probes, seed=rng)
-        samples = np.concatenate([samples, column_dots(Z, H.matmat(Z))])
+        Z, HZ = probe_block(H, b, probes, rng)
+        samples = np.concatenate([samples, column_dots(Z, HZ)])
         bar.update(b)
-        _require_finite(samples, "curvop.trace(method='hutchinson')")
+        require_finite(samples, "curvop.trace(method='hutchinson')")
         if rtol is not None and samples.size >= 2:
             est, err = _mean_stderr(samples)
             if err <= rtol * abs(est):
                 break
-    return samples, 0.0
+    return Samples(samples, 0.0, "hutchinson")
 
 
-def _hutchpp(H, m, probes, rng, bar):
+def _hutchpp(H, m, probes, rng, bar) -> Samples:
     """Hutch++: ``tr(QᵀHQ)`` on a sketch of ``m/3`` products plus Hutchinson on ``(I−QQᵀ)H(I−QQᵀ)``."""
     n = H.shape[0]
     s = m // 3
     g = m - 2 * s
-    Q = orthonormalize(H.matmat(H.random((n, s), probes, seed=rng)))
+    Q = orthonormalize(probe_block(H, s, probes, rng)[1])
     low_rank = float(column_dots(Q, H.matmat(Q)).sum())
     G = project_out(H.random((n, g), probes, seed=rng), Q)
     G = project_out(G, Q)
     samples = column_dots(G, H.matmat(G))
     bar.update(m)
-    return samples, low_rank
+    return Samples(samples, low_rank, "hutch++")
 
 
-def exchangeable_basis(Y: Any) -> tuple[Any, np.ndarray, np.ndarray]:
-    """Orthonormal basis of ``Y`` and the vectors that drop one column from it.
-
-    With ``Y = QR`` (thin QR), let ``s_i`` be the ``i``-th column of ``R⁻ᵀ`` normalised to unit
-    length. Then ``Q (I − s_i s_iᵀ) Qᵀ`` is the orthogonal projector onto the span of all
-    columns of ``Y`` except the ``i``-th (``s_i`` is orthogonal to ``R e_j`` for ``j ≠ i``), so the
-    ``k`` leave-one-out projectors of XTrace/XDiag cost one small ``k × k`` solve.
-
-    Returns ``(Q, R, S)``: ``Q`` native ``(n, k)``, ``R = QᵀY`` and ``S`` float64 host ``(k, k)``.
-    """
-    Q = orthonormalize(Y)
-    R = gram(Q, Y)
-    try:
-        Rinv_t = np.linalg.inv(R).T
-    except np.linalg.LinAlgError:
-        Rinv_t = np.linalg.pinv(R).T
-    S = Rinv_t / np.linalg.norm(Rinv_t, axis=0)
-    return Q, R, S
-
-
-class _Sketch(NamedTuple):
-    """``Y = HΩ`` and what XTrace and :func:`deflation_gain` read off it (host arrays are float64)."""
-
-    Om: Any  # Ω, native (n, s)
-    Y: Any  # HΩ, native (n, s)
-    Q: Any  # orthonormal basis of Y, native (n, s)
-    R: np.ndarray  # QᵀY
-    S: np.ndarray  # leave-one-out vectors (exchangeable_basis)
-    W: np.ndarray  # QᵀΩ
-    d: np.ndarray  # ωᵢᵀHωᵢ, the plain Hutchinson samples
-
-
-def _sketch(H, s, probes, rng, bar) -> _Sketch:
-    Om = H.random((H.shape[0], s), probes, seed=rng)
-    Y = H.matmat(Om)
+def _range_sketch(H, s, probes, rng, bar) -> tuple[RangeSketch, np.ndarray]:
+    """The sketch ``Y = HΩ`` of XTrace and ``"auto"``, with ``W = QᵀΩ``."""
+    sk = range_sketch(H, s, probes, rng, "curvop.trace")
     bar.update(s)
-    d = column_dots(Om, Y)
-    _require_finite(d, "curvop.trace")
-    Q, R, S = exchangeable_basis(Y)
-    return _Sketch(Om, Y, Q, R, S, gram(Q, Om), d)
+    return sk, gram(sk.Q, sk.Om)
 
 
-def _xtrace(H, m, probes, rng, bar):
+def _xtrace(H, m, probes, rng, bar) -> Samples:
     """XTrace: average over i of ``tr(H P₋ᵢ) + ωᵢᵀ(I−P₋ᵢ)H(I−P₋ᵢ)ωᵢ`` with ``P₋ᵢ`` the projector on
     ``span{Hω_j : j ≠ i}``, all from ``Y = HΩ`` and ``Z = HQ`` (``m/2`` products each)."""
-    return _xtrace_finish(H, _sketch(H, m // 2, probes, rng, bar), bar)
+    return _xtrace_finish(H, *_range_sketch(H, m // 2, probes, rng, bar), bar)
 
 
-def _xtrace_finish(H, sk: _Sketch, bar):
+def _xtrace_finish(H, sk: RangeSketch, W: np.ndarray, bar) -> Samples:
     """XTrace's second half: ``Z = HQ`` and the exchangeable estimates, given the sketch."""
-    Om, _, Q, R, S, W, d = sk
+    Om, _, Q, R, S, d = sk
     Z = H.matmat(Q)
     bar.update(Om.shape[1])
     M = gram(Q, Z)
@@ -214,85 +155,38 @@ def _xtrace_finish(H, sk: _Sketch, bar):
     # ω̃ᵢ = ωᵢ − Q Wᵢ ; residual probe uᵢ = ω̃ᵢ + cᵢ Q sᵢ
     tt = d - np.einsum("ji,ji->i", T, W) - np.einsum("ji,ji->i", W, R) + np.einsum("ji,jk,ki->i", W, M, W)
     cross = np.einsum("ji,ji->i", S, R - M @ W)  # sᵢᵀQᵀHω̃ᵢ
-    samples = low_rank + tt + 2 * c * cross + c**2 * sMs
-    return samples, 0.0
+    return Samples(low_rank + tt + 2 * c * cross + c**2 * sMs, 0.0, "xtrace")
 
 
-def _variance_ratio(sk: _Sketch) -> float:
-    # (I−P₋ᵢ)Hωᵢ = Q sᵢ (sᵢᵀRe_i), so ωᵢᵀ(I−P₋ᵢ)Hωᵢ = (sᵢᵀWe_i)(sᵢᵀRe_i)
-    e = np.einsum("ji,ji->i", sk.S, sk.W) * np.einsum("ji,ji->i", sk.S, sk.R)
-    vd = float(np.var(sk.d, ddof=1))
-    return float(np.var(e, ddof=1)) / vd if vd > 0 else float("inf")
-
-
-def deflation_gain(Om: Any, Y: Any, basis: tuple[Any, np.ndarray, np.ndarray]) -> float:
-    """How much deflating by the sketch ``Y = HΩ`` shrinks the per-probe variance, from ``Y`` alone.
-
-    ``ωᵢᵀHωᵢ`` are plain Hutchinson samples; ``ωᵢᵀ(I−P₋ᵢ)Hωᵢ`` are unbiased samples of the
-    deflated remainder (``P₋ᵢ`` is independent of ``ωᵢ``), and equal ``(sᵢᵀQᵀωᵢ)(sᵢᵀRe_i)``
-    (``basis = (Q, R, S)`` from :func:`exchangeable_basis`), so no product is spent. Returns the
-    ratio of their sample variances: near 1 or above on a flat spectrum (deflation removes
-    nothing), near 0 when a few directions carry the trace.
-    """
-    Q, R, S = basis
-    return _variance_ratio(_Sketch(Om, Y, Q, R, S, gram(Q, Om), column_dots(Om, Y)))
-
-
-def _auto(H, m, probes, rng, bar):
+def _auto(H, m, probes, rng, bar) -> Samples:
     """Sketch ``Y = HΩ`` with half the budget, then finish as XTrace if deflation pays
-    (:func:`deflation_gain` below ``_AUTO_VARIANCE_RATIO``), else spend the rest on more
-    Hutchinson probes and average them with the ``ωᵢᵀHωᵢ`` already in hand."""
-    sk = _sketch(H, m // 2, probes, rng, bar)
-    if _variance_ratio(sk) < _AUTO_VARIANCE_RATIO:
-        return (*_xtrace_finish(H, sk, bar), "xtrace")
-    Z = H.random((H.shape[0], m - m // 2), probes, seed=rng)
-    samples = np.concatenate([sk.d, column_dots(Z, H.matmat(Z))])
+    (:func:`~curvop.sketch.deflation_gain` below ``_AUTO_VARIANCE_RATIO``), else spend the rest on
+    more Hutchinson probes and average them with the ``ωᵢᵀHωᵢ`` already in hand."""
+    sk, W = _range_sketch(H, m // 2, probes, rng, bar)
+    if variance_ratio(sk.S, sk.R, W, sk.d) < _AUTO_VARIANCE_RATIO:
+        return _xtrace_finish(H, sk, W, bar)
+    Z, HZ = probe_block(H, m - m // 2, probes, rng)
     bar.update(m - m // 2)
-    return samples, 0.0, "hutchinson"
+    return Samples(np.concatenate([sk.d, column_dots(Z, HZ)]), 0.0, "hutchinson")
 
 
-def _xnystrace(H, m, probes, rng, bar):
+def _xnystrace(H, m, probes, rng, bar) -> Samples:
     """XNysTrace for PSD ``H``: leave-one-out Nyström approximations ``Â₋ᵢ`` plus Hutchinson on
-    ``H − Â₋ᵢ`` with probe ``ωᵢ``, with the shifted (stable) Nyström approximation that
-    Epperly, Tropp & Webber recommend for XNysTrace.
+    ``H − Â₋ᵢ`` with probe ``ωᵢ``, with the shifted (stable) Nyström approximation
+    (:func:`~curvop.sketch.shifted_nystrom`) that Epperly, Tropp & Webber recommend.
 
-    With ``Y = HΩ``, a tiny shift ``ν = √n·eps·‖Y‖`` makes ``Y_ν = Y + νΩ = (H + νI)Ω`` and
-    ``G_ν = ΩᵀY_ν`` positive definite for any PSD ``H`` (also of rank below ``m``); ``G_ν = CᵀC``
-    (Cholesky) and ``F = Y_ν C⁻¹`` give the Nyström approximation ``FFᵀ`` of ``H + νI``. With
-    ``rᵢ`` the ``i``-th row of ``C⁻¹`` the ``i``-th estimate of ``tr(H + νI)`` is
-    ``‖F‖² − ‖Frᵢ‖²/‖rᵢ‖² + 1/‖rᵢ‖²``; subtracting ``ν‖ωᵢ‖²`` removes the shift exactly. A
-    Cholesky failure means ``ΩᵀHΩ`` has a negative eigenvalue below rounding: ``H`` is not PSD,
-    and :class:`IndefiniteOperatorError` says so (never a silently wrong estimate).
+    ``FFᵀ`` approximates ``H + νI``; with ``rᵢ`` the ``i``-th row of ``C⁻¹`` the ``i``-th estimate
+    of ``tr(H + νI)`` is ``‖F‖² − ‖Frᵢ‖²/‖rᵢ‖² + 1/‖rᵢ‖²``; subtracting ``ν‖ωᵢ‖²`` removes the
+    shift exactly. Raises :class:`IndefiniteOperatorError` when ``H`` is not PSD.
     """
-    import scipy.linalg
-
-    n = H.shape[0]
-    Om = H.random((n, m), probes, seed=rng)
-    Y = H.matmat(Om)
+    Om, Y = probe_block(H, m, probes, rng)
     bar.update(m)
-    G = gram(Om, Y)
-    _require_finite(G, "curvop.trace(method='xnystrace')")
-    dt = np.dtype(H.dtype) if np.dtype(H.dtype).kind == "f" else np.dtype(np.float64)
-    nu = np.sqrt(n) * np.finfo(dt).eps * norm(Y)
-    om2 = column_dots(Om, Om)
-    G = (G + G.T) / 2 + nu * gram(Om, Om)
-    try:
-        C = np.linalg.cholesky(G).T  # upper triangular, CᵀC = G_ν
-    except np.linalg.LinAlgError:
-        lam = np.linalg.eigvalsh(G)
-        raise IndefiniteOperatorError(
-            "method='xnystrace' needs a positive semi-definite operator, but ΩᵀHΩ for the probes is "
-            f"not (its eigenvalues range from {lam[0]:.4g} to {lam[-1]:.4g}): H is indefinite, as a "
-            "Hessian away from a minimum usually is. Use method='auto' or 'xtrace', which work for "
-            "any symmetric H."
-        ) from None
-    Cinv = scipy.linalg.solve_triangular(C, np.eye(m))
-    F = lincomb(Y + Om * float(nu), Cinv)  # Y_ν C⁻¹
+    F, Cinv, nu = shifted_nystrom(Om, Y, H.dtype, "curvop.trace(method='xnystrace')")
     B = gram(F, F)
     B = (B + B.T) / 2
     r2 = np.einsum("ij,ij->i", Cinv, Cinv)  # ‖rᵢ‖² = (G_ν⁻¹)ᵢᵢ
-    samples = np.trace(B) - np.einsum("ij,jk,ik->i", Cinv, B, Cinv) / r2 + 1.0 / r2 - nu * om2
-    return samples, 0.0
+    samples = np.trace(B) - np.einsum("ij,jk,ik->i", Cinv, B, Cinv) / r2 + 1.0 / r2 - nu * column_dots(Om, Om)
+    return Samples(samples, 0.0, "xnystrace")
 
 
 def trace(
@@ -313,8 +207,9 @@ def trace(
         Anything :func:`curvop.aslinearoperator` accepts.
     method : {"auto", "hutchinson", "hutch++", "xtrace", "xnystrace"}
         ``"auto"`` (default): half the budget sketches ``Y = HΩ``; if deflating by that sketch
-        shrinks the per-probe variance below 0.3 of Hutchinson's (:func:`deflation_gain`, computed
-        from ``Y`` without further products) it finishes as XTrace, else it spends the rest on
+        shrinks the per-probe variance below 0.3 of Hutchinson's
+        (:func:`curvop.sketch.deflation_gain`, computed from ``Y`` without further products)
+        it finishes as XTrace, else it spends the rest on
         Hutchinson probes and averages all of them. ``TraceResult.method`` names what ran.
         ``"hutchinson"``: the mean of ``zᵀHz`` over ``num_matvecs`` probes; best for flat spectra.
         ``"hutch++"``: a third of the budget sketches the range (``Q = orth(HS)``), a third computes
@@ -378,39 +273,38 @@ def trace(
     need = _MIN_MATVECS[method]
     if num_matvecs < min(need, n):
         raise ValueError(f"method={method!r} needs num_matvecs >= {need}, got {num_matvecs}")
-    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
+    rng = H.rng(seed)  # the same probes on every rank
     start = H.num_matvecs
     exact = num_matvecs >= n
     total = n if exact else 2 * (num_matvecs // 2) if method == "xtrace" else num_matvecs
     bar = progress_bar(progress, total, f"trace ({'exact' if exact else method})")
     try:
-        ran = method
         if exact:
-            samples, base, ran = _exact(H, bar), 0.0, "exact"
+            r = _exact(H, bar)
         elif method == "auto":
-            samples, base, ran = _auto(H, num_matvecs, probes, rng, bar)
+            r = _auto(H, num_matvecs, probes, rng, bar)
         elif method == "hutchinson":
-            samples, base = _hutchinson(H, num_matvecs, probes, rng, rtol, bar)
+            r = _hutchinson(H, num_matvecs, probes, rng, rtol, bar)
         elif method == "hutch++":
-            samples, base = _hutchpp(H, num_matvecs, probes, rng, bar)
+            r = _hutchpp(H, num_matvecs, probes, rng, bar)
         elif method == "xtrace":
-            samples, base = _xtrace(H, num_matvecs, probes, rng, bar)
+            r = _xtrace(H, num_matvecs, probes, rng, bar)
         else:
-            samples, base = _xnystrace(H, num_matvecs, probes, rng, bar)
+            r = _xnystrace(H, num_matvecs, probes, rng, bar)
     finally:
         bar.close()
-    samples = np.asarray(samples, dtype=np.float64)
-    _require_finite(np.append(samples, base), f"curvop.trace(method={method!r})")
-    if ran == "exact":
+    samples = np.asarray(r.samples, dtype=np.float64)
+    require_finite(np.append(samples, r.base), f"curvop.trace(method={method!r})")
+    if r.method == "exact":
         est, err = float(samples.sum()), 0.0
     else:
         mean, err = _mean_stderr(samples)
-        est = base + mean
+        est = r.base + mean
     return TraceResult(
         estimate=float(est),
         stderr=err,
         num_matvecs=H.num_matvecs - start,
-        method=ran,
+        method=r.method,
         num_probes=int(np.size(samples)),
         converged=rtol is None or err <= rtol * abs(est),
     )

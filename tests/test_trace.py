@@ -96,7 +96,7 @@ DECAY_400 = tuple(1.0 / np.arange(1, 401) ** 2)
 
 
 def test_deflation_gain_separates_flat_from_decaying_spectra():
-    from curvop.trace import deflation_gain, exchangeable_basis
+    from curvop.sketch import deflation_gain, exchangeable_basis
 
     for lam, low, high in ((FLAT, 0.8, np.inf), (DECAY_400, 0.0, 0.05)):
         A = with_spectrum(lam)
