@@ -97,9 +97,9 @@ def exchangeable_basis(Y: Array) -> tuple[Array, np.ndarray, np.ndarray]:
 
     >>> import numpy as np
     >>> Q, R, S = exchangeable_basis(np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]))
-    >>> np.round(np.abs(S.T @ R), 12)       # s_i is orthogonal to every column but the i-th
-    array([[1.        , 0.70710678],
-           [0.        , 0.70710678]])
+    >>> np.round(np.abs(S.T @ R), 12)       # s_i is orthogonal to every column of Y but the i-th
+    array([[0.70710678, 0.        ],
+           [0.        , 1.        ]])
     """
     Q = orthonormalize(Y)
     R = gram(Q, Y)
@@ -159,10 +159,13 @@ def deflation_gain(Om: Array, Y: Array, basis: tuple[Array, np.ndarray, np.ndarr
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
-    >>> A = np.diag(0.5 ** np.arange(100.0))           # a few directions carry the trace
-    >>> Om = rng.choice([-1.0, 1.0], size=(100, 10)); Y = A @ Om
-    >>> bool(deflation_gain(Om, Y, exchangeable_basis(Y)) < 0.01)
-    True
+    >>> U, _ = np.linalg.qr(rng.standard_normal((100, 100)))
+    >>> Om = rng.choice([-1.0, 1.0], size=(100, 10))
+    >>> for lam in (0.5 ** np.arange(100.0), np.linspace(1.0, 2.0, 100)):   # decaying, then flat
+    ...     Y = ((U * lam) @ U.T) @ Om
+    ...     print(f"{deflation_gain(Om, Y, exchangeable_basis(Y)):.1e}")
+    2.5e-05
+    3.2e+00
     """
     Q, R, S = basis
     return variance_ratio(S, R, gram(Q, Om), column_dots(Om, Y))

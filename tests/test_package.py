@@ -149,7 +149,7 @@ def test_issue13_item6_trace_and_diagonal_are_functions_and_their_modules_reacha
     # no module of the package is named like a public name that is not that module; curvop/trace.py
     # is a temporary re-export for eigen.py (removed when the Krylov rewrite is merged)
     modules = {m.name for m in pkgutil.iter_modules(curvop.__path__)}
-    clashes = {name for name in curvop.__all__ if name in modules and not inspect.ismodule(getattr(curvop, name))}
+    clashes = {n for n in curvop.__all__ if n in modules and not inspect.ismodule(getattr(curvop, n))}
     assert clashes <= {"trace"}, f"modules shadowed by a public function or class: {sorted(clashes)}"
 
 

@@ -162,7 +162,8 @@ def test_issue13_item5_every_trace_estimator_returns_one_result_type(kind):
     auto = te._auto(H, 12, "rademacher", rng, bar)
     for method, r in [*runs.items(), (auto.method, auto)]:
         assert type(r) is te.Samples and r.method == method
-        assert isinstance(r.samples, np.ndarray) and r.samples.dtype == np.float64 and isinstance(r.base, float)
+        assert isinstance(r.samples, np.ndarray) and r.samples.dtype == np.float64
+        assert isinstance(r.base, float)
     assert auto.method in ("xtrace", "hutchinson")
     assert runs["exact"].samples.sum() == pytest.approx(np.sum(1.0 / np.arange(1, 41)), rel=1e-12)
 
