@@ -27,6 +27,8 @@ class HessianOperator(LinearOperator):
       leaving the device and comes back as the same type, dtype and device. Its dtype and device
       must match the operator's; a mismatch is an error, never a silent copy.
     * ``(n,)`` and ``(n, k)`` inputs both work; ``(n, k)`` uses the backend's batched product.
+    * for algorithms: :meth:`native`, :meth:`from_numpy`, :meth:`to_numpy`, :meth:`random` and
+      :meth:`rng` are all an algorithm needs besides products (it never touches ``H.backend``).
 
     Build one with :func:`curvop.hessian` or :func:`curvop.hessian_of`.
 
@@ -70,25 +72,25 @@ class HessianOperator(LinearOperator):
     # shape checks (clearer than scipy's "dimension mismatch"), to scipy's entry point.
     def matvec(self, x: Any) -> Any:
         """``H @ x`` for a vector ``x`` of shape ``(n,)`` or ``(n, 1)``."""
-        return self._entry(x, super().matvec)
+        return self._entry(x, LinearOperator.matvec)
 
     def rmatvec(self, x: Any) -> Any:
         """``Hᵀ @ x = H @ x`` (symmetric)."""
-        return self._entry(x, super().rmatvec)
+        return self._entry(x, LinearOperator.rmatvec)
 
     def matmat(self, X: Any) -> Any:
         """``H @ X`` for ``X`` of shape ``(n, k)``: k products in one batched call where possible."""
-        return self._entry(_two_d(X, "matmat"), super().matmat)
+        return self._entry(_two_d(X, "matmat"), LinearOperator.matmat)
 
     def rmatmat(self, X: Any) -> Any:
         """``Hᵀ @ X = H @ X`` (symmetric)."""
-        return self._entry(_two_d(X, "rmatmat"), super().rmatmat)
+        return self._entry(_two_d(X, "rmatmat"), LinearOperator.rmatmat)
 
     def dot(self, x: Any) -> Any:
         """``H @ x`` (also ``H * x`` and ``H(x)``); operators and scalars compose as in scipy."""
         if isinstance(x, LinearOperator) or np.isscalar(x):
             return super().dot(x)
-        return self._entry(x, super().dot)
+        return self._entry(x, LinearOperator.dot)
 
     def __rmatmul__(self, x: Any) -> Any:
         """``x @ H = (H @ xᵀ)ᵀ``."""
@@ -98,7 +100,7 @@ class HessianOperator(LinearOperator):
 
     def _entry(self, x: Any, scipy_entry: Any) -> Any:
         """A native ``x``: checked (dtype, device) and multiplied here. Anything else: numpy,
-        checked, then given to ``scipy_entry`` (which calls :meth:`_matvec` and friends)."""
+        checked, then given to scipy's ``scipy_entry(self, x)`` (which calls ``_matvec`` & co.)."""
         if not isinstance(x, np.ndarray):
             if self.backend.is_native(x):
                 self.backend.check(x)
@@ -112,7 +114,7 @@ class HessianOperator(LinearOperator):
         n = self.shape[1]
         if x.ndim not in (1, 2) or x.shape[0] != n:
             raise ValueError(f"expected a vector of length {n} or an ({n}, k) matrix, got shape {x.shape}")
-        return scipy_entry(x)
+        return scipy_entry(self, x)
 
     def _apply_native(self, x: Any) -> Any:
         n = self.shape[1]
