@@ -49,8 +49,8 @@ class HessianOperator(LinearOperator):
         super().__init__(dtype=np.dtype(backend.dtype), shape=(backend.size, backend.size))
 
     # --- scipy's contract: numpy in, numpy out ---------------------------------------------------
-    # scipy's entry points validate a numpy input and call these; scipy derives the rest (``@``,
-    # ``*``, ``H(x)``, ``x @ H``, sums and products of operators) from the entry points.
+    # The entry points below call these for a numpy input once it is checked, as scipy's do; scipy
+    # derives the rest (``@``, ``*``, ``H(x)``, ``x @ H``, sums and products of operators).
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         xn = self.backend.from_numpy(np.ascontiguousarray(x, dtype=self.dtype))
         return self.backend.to_numpy(self._apply_native(xn))
@@ -68,39 +68,40 @@ class HessianOperator(LinearOperator):
     # scipy's public entry points begin with ``np.asanyarray(x)`` (``dot`` and ``x @ H`` with
     # ``np.asarray``): a CPU tensor would silently come back as numpy (a host round trip) and a GPU
     # tensor would fail with the framework's own error. So each of these multiplies a native array
-    # itself (native out, same device) and hands everything else, after curvop's own dtype and
-    # shape checks (clearer than scipy's "dimension mismatch"), to scipy's entry point.
+    # itself (native out, same device), and checks a numpy one with curvop's own messages (clearer
+    # than scipy's "dimension mismatch") before calling ``_matvec`` & co. as scipy's would.
     def matvec(self, x: Any) -> Any:
         """``H @ x`` for a vector ``x`` of shape ``(n,)`` or ``(n, 1)``."""
-        return self._entry(x, LinearOperator.matvec)
+        return self._entry(x, "_matvec")
 
     def rmatvec(self, x: Any) -> Any:
         """``Hᵀ @ x = H @ x`` (symmetric)."""
-        return self._entry(x, LinearOperator.rmatvec)
+        return self._entry(x, "_rmatvec")
 
     def matmat(self, X: Any) -> Any:
         """``H @ X`` for ``X`` of shape ``(n, k)``: k products in one batched call where possible."""
-        return self._entry(_two_d(X, "matmat"), LinearOperator.matmat)
+        return self._entry(_two_d(X, "matmat"), "_matmat")
 
     def rmatmat(self, X: Any) -> Any:
         """``Hᵀ @ X = H @ X`` (symmetric)."""
-        return self._entry(_two_d(X, "rmatmat"), LinearOperator.rmatmat)
+        return self._entry(_two_d(X, "rmatmat"), "_rmatmat")
 
     def dot(self, x: Any) -> Any:
         """``H @ x`` (also ``H * x`` and ``H(x)``); operators and scalars compose as in scipy."""
         if isinstance(x, LinearOperator) or np.isscalar(x):
             return super().dot(x)
-        return self._entry(x, LinearOperator.dot)
+        return self._entry(x, "_dot")
 
     def __rmatmul__(self, x: Any) -> Any:
         """``x @ H = (H @ xᵀ)ᵀ``."""
         if isinstance(x, (np.ndarray, LinearOperator)) or np.isscalar(x) or not self.backend.is_native(x):
             return super().__rmatmul__(x)
-        return self._entry(x, None) if len(x.shape) == 1 else _t(self._entry(_t(x), None))
+        return self._entry(x, "") if len(x.shape) == 1 else _t(self._entry(_t(x), ""))
 
-    def _entry(self, x: Any, scipy_entry: Any) -> Any:
-        """A native ``x``: checked (dtype, device) and multiplied here. Anything else: numpy,
-        checked, then given to scipy's ``scipy_entry(self, x)`` (which calls ``_matvec`` & co.)."""
+    def _entry(self, x: Any, how: str) -> Any:
+        """A native ``x``: checked (dtype, device) and multiplied here. Anything else: made numpy,
+        checked, and given to ``how`` (``"_matvec"`` & co., what scipy's entry point would call
+        after checks that these already made)."""
         if not isinstance(x, np.ndarray):
             if self.backend.is_native(x):
                 self.backend.check(x)
@@ -114,7 +115,9 @@ class HessianOperator(LinearOperator):
         n = self.shape[1]
         if x.ndim not in (1, 2) or x.shape[0] != n:
             raise ValueError(f"expected a vector of length {n} or an ({n}, k) matrix, got shape {x.shape}")
-        return scipy_entry(self, x)
+        if how == "_dot":  # scipy's dispatch in LinearOperator.dot
+            how = "_matvec" if x.ndim == 1 or x.shape[1] == 1 else "_matmat"
+        return getattr(self, how)(x)
 
     def _apply_native(self, x: Any) -> Any:
         n = self.shape[1]

@@ -28,14 +28,16 @@ estimation" (SIMAX 2024).
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import numpy as np
 import scipy.linalg
 
 from curvop._checks import require_finite
 from curvop.arrays import column_dots, gram, matmul, norm, orthonormalize
-from curvop.operator import HessianOperator
+
+if TYPE_CHECKING:  # the sketch needs only the operator's methods, not the module
+    from curvop.operator import HessianOperator
 
 __all__ = [
     "IndefiniteOperatorError",
