@@ -213,7 +213,13 @@ class HessianOperator(LinearOperator):
         if not isinstance(a, np.ndarray) and self.backend.is_native(a):
             self.backend.check(a)
             return a
-        return self.from_numpy(np.asarray(a))
+        try:
+            h = np.asarray(a)
+        except Exception as err:  # e.g. a GPU array of another framework
+            raise TypeError(_native_help(a, self.backend)) from err
+        if h.dtype.kind not in "fiub":
+            raise TypeError(_native_help(a, self.backend, f" of dtype {h.dtype}"))
+        return self.from_numpy(h)
 
     def from_numpy(self, a: np.ndarray) -> Any:
         """A numpy array as a native array of the operator's dtype and device."""
@@ -275,6 +281,14 @@ def _t(x: Any) -> Any:
     """The transpose of a native 2-D array (TensorFlow tensors have no ``.T``)."""
     xp = namespace(x)
     return xp.matrix_transpose(x) if hasattr(xp, "matrix_transpose") else x.T
+
+
+def _native_help(a: Any, backend: Backend, what: str = "") -> str:
+    return (
+        f"H.native: cannot make a {type(a).__module__}.{type(a).__name__}{what} an array of this "
+        f"{backend.name} operator; pass real numbers as numpy (or a list), or an array of the "
+        "operator's own framework"
+    )
 
 
 def _two_d(X: Any, entry: str) -> Any:

@@ -202,6 +202,9 @@ def test_issue13_item4_the_algorithms_adapter(A, dev):
         H.native(xs.ones(N, dtype=xs.float32, device=dev))
     with pytest.raises(ValueError, match="device"):
         H.native(xs.ones(N, dtype=xs.float64, device=xs.Device("device2")))
+    for bad in (np.ones(N, dtype=complex), [object()] * N):
+        with pytest.raises(TypeError, match="H.native: cannot make"):
+            H.native(bad)
     assert H.rng(5).standard_normal(3).tolist() == np.random.default_rng(5).standard_normal(3).tolist()
 
 
