@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 from curvop._checks import require_finite
 from curvop._progress import progress_bar
