@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 from curvop._checks import require_finite
 from curvop._progress import progress_bar
 from curvop.arrays import asarray_like, matmul, namespace, stack
