@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import curvop  # noqa: E402
 from benchmarks.peers import mlp_problem  # noqa: E402
-from curvop.trace import deflation_gain, exchangeable_basis  # noqa: E402
+from curvop.sketch import deflation_gain, exchangeable_basis  # noqa: E402
 
 
 def main(argv=None) -> dict:

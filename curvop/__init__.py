@@ -1,14 +1,18 @@
 """curvop: the curvature of a model's loss as a linear operator, on every framework.
 
 ``import curvop`` imports numpy and scipy only; a framework is imported when its backend is used.
+
+The functions ``curvop.trace`` and ``curvop.diagonal`` live in the modules
+``curvop.trace_estimation`` and ``curvop.diagonal_estimation`` (named so that they do not collide
+with the functions); the sketching both use is ``curvop.sketch``.
 """
 
-from curvop import arrays, backends
+from curvop import arrays, backends, sketch
 from curvop.factory import hessian, hessian_of
 from curvop.operator import MAX_DENSE_SIZE, HessianOperator, aslinearoperator
 from curvop.eigen import ConvergenceWarning, EigenResult, eigenvalues
-from curvop.trace import IndefiniteOperatorError, TraceResult, trace
-from curvop.diagonal import DiagonalResult, diagonal
+from curvop.trace_estimation import IndefiniteOperatorError, TraceResult, trace
+from curvop.diagonal_estimation import DiagonalResult, diagonal
 from curvop.density import SpectralDensity, spectral_density
 from curvop.tracking import Measurement, SharpnessTracker
 
@@ -20,6 +24,7 @@ __all__ = [
     "aslinearoperator",
     "arrays",
     "backends",
+    "sketch",
     "hessian",
     "hessian_of",
     "ConvergenceWarning",

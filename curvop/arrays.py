@@ -34,15 +34,12 @@ __all__ = [
     "gram",
     "column_dots",
     "matmul",
-    "lincomb",
     "stack",
     "concat",
-    "sum",
     "orthonormalize",
     "project_out",
     "project_out_each",
     "stack_blocks",
-    "sqrt",
     "random_probes",
     "itemsize",
     "Basis",
@@ -160,9 +157,9 @@ def matmul(a: Array, b: Array) -> Array:
     return xp.matmul(a, asarray_like(b, a))
 
 
-def lincomb(basis: Array, coeffs: np.ndarray) -> Array:
-    """``basis @ coeffs`` for a native ``(n, k)`` basis and host coefficients ``(k,)`` or ``(k, m)``."""
-    return matmul(basis, np.asarray(coeffs))
+# Temporary, not part of the API (it equals :func:`matmul`): curvop/eigen.py still imports it
+# (one call). Delete once eigen.py uses ``matmul`` (the Krylov rewrite, helper "krylov").
+lincomb = matmul
 
 
 def stack(vectors: Sequence[Array], axis: int = 1) -> Array:
@@ -175,12 +172,6 @@ def concat(arrays: Sequence[Array], axis: int = 1) -> Array:
     """Concatenate arrays along ``axis`` (columns by default)."""
     xp = namespace(arrays[0])
     return xp.concat(list(arrays), axis=axis)
-
-
-def sum(x: Array, axis: int | None = None) -> Array:  # noqa: A001 - mirrors the array API
-    """Sum along an axis, staying native."""
-    xp = namespace(x)
-    return xp.sum(x, axis=axis)
 
 
 def orthonormalize(v: Array, basis: Array | None = None) -> Array:
@@ -230,17 +221,6 @@ def stack_blocks(blocks: Sequence[Array], onto: Array | None = None) -> Array:
     xp = namespace(blocks[0])
     new = xp.stack([_t(xp, b) for b in blocks], axis=2)
     return new if onto is None else xp.concat([onto, new], axis=2)
-
-
-def sqrt(x: Array) -> Array:
-    """Element-wise square root, staying native.
-
-    >>> import numpy as np
-    >>> from curvop import arrays
-    >>> arrays.sqrt(np.array([4.0, 9.0]))
-    array([2., 3.])
-    """
-    return namespace(x).sqrt(x)
 
 
 def random_probes(

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
+from curvop.arrays import namespace
 from curvop.backends.base import Backend
 
 __all__ = ["HessianOperator", "MAX_DENSE_SIZE"]
@@ -26,6 +27,8 @@ class HessianOperator(LinearOperator):
       leaving the device and comes back as the same type, dtype and device. Its dtype and device
       must match the operator's; a mismatch is an error, never a silent copy.
     * ``(n,)`` and ``(n, k)`` inputs both work; ``(n, k)`` uses the backend's batched product.
+    * for algorithms: :meth:`native`, :meth:`from_numpy`, :meth:`to_numpy`, :meth:`random` and
+      :meth:`rng` are all an algorithm needs besides products (it never touches ``H.backend``).
 
     Build one with :func:`curvop.hessian` or :func:`curvop.hessian_of`.
 
@@ -45,9 +48,60 @@ class HessianOperator(LinearOperator):
         self.num_matvecs = 0
         super().__init__(dtype=np.dtype(backend.dtype), shape=(backend.size, backend.size))
 
-    # --- the product ---------------------------------------------------------------------------
-    def _apply(self, x: Any) -> Any:
-        n = self.shape[1]
+    # --- scipy's contract: numpy in, numpy out ---------------------------------------------------
+    # The entry points below call these for a numpy input once it is checked, as scipy's do; scipy
+    # derives the rest (``@``, ``*``, ``H(x)``, ``x @ H``, sums and products of operators).
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        xn = self.backend.from_numpy(np.ascontiguousarray(x, dtype=self.dtype))
+        return self.backend.to_numpy(self._apply_native(xn))
+
+    _matmat = _matvec  # (n, k) blocks: one batched product (_apply_native)
+    _rmatvec = _matvec  # symmetric: Hᵀx = Hx
+    _rmatmat = _matvec
+
+    def _adjoint(self) -> "HessianOperator":
+        return self
+
+    _transpose = _adjoint  # real symmetric: H.T is H.H is H
+
+    # --- the only overridden entry points: for native arrays ----------------------------------
+    # scipy's public entry points begin with ``np.asanyarray(x)`` (``dot`` and ``x @ H`` with
+    # ``np.asarray``): a CPU tensor would silently come back as numpy (a host round trip) and a GPU
+    # tensor would fail with the framework's own error. So each of these multiplies a native array
+    # itself (native out, same device), and checks a numpy one with curvop's own messages (clearer
+    # than scipy's "dimension mismatch") before calling ``_matvec`` & co. as scipy's would.
+    def matvec(self, x: Any) -> Any:
+        """``H @ x`` for a vector ``x`` of shape ``(n,)`` or ``(n, 1)``."""
+        return self._entry(x, "_matvec")
+
+    def rmatvec(self, x: Any) -> Any:
+        """``Hᵀ @ x = H @ x`` (symmetric)."""
+        return self._entry(x, "_rmatvec")
+
+    def matmat(self, X: Any) -> Any:
+        """``H @ X`` for ``X`` of shape ``(n, k)``: k products in one batched call where possible."""
+        return self._entry(_two_d(X, "matmat"), "_matmat")
+
+    def rmatmat(self, X: Any) -> Any:
+        """``Hᵀ @ X = H @ X`` (symmetric)."""
+        return self._entry(_two_d(X, "rmatmat"), "_rmatmat")
+
+    def dot(self, x: Any) -> Any:
+        """``H @ x`` (also ``H * x`` and ``H(x)``); operators and scalars compose as in scipy."""
+        if isinstance(x, LinearOperator) or np.isscalar(x):
+            return super().dot(x)
+        return self._entry(x, "_dot")
+
+    def __rmatmul__(self, x: Any) -> Any:
+        """``x @ H = (H @ xᵀ)ᵀ``."""
+        if isinstance(x, (np.ndarray, LinearOperator)) or np.isscalar(x) or not self.backend.is_native(x):
+            return super().__rmatmul__(x)
+        return self._entry(x, "") if len(x.shape) == 1 else _t(self._entry(_t(x), ""))
+
+    def _entry(self, x: Any, how: str) -> Any:
+        """A native ``x``: checked (dtype, device) and multiplied here. Anything else: made numpy,
+        checked, and given to ``how`` (``"_matvec"`` & co., what scipy's entry point would call
+        after checks that these already made)."""
         if not isinstance(x, np.ndarray):
             if self.backend.is_native(x):
                 self.backend.check(x)
@@ -58,10 +112,12 @@ class HessianOperator(LinearOperator):
                 f"HessianOperator is real ({self.dtype}); got a {x.dtype} array. "
                 "Pass real vectors (for complex ones, apply H to the real and imaginary parts)."
             )
+        n = self.shape[1]
         if x.ndim not in (1, 2) or x.shape[0] != n:
             raise ValueError(f"expected a vector of length {n} or an ({n}, k) matrix, got shape {x.shape}")
-        xn = self.backend.from_numpy(np.ascontiguousarray(x, dtype=self.dtype))
-        return self.backend.to_numpy(self._apply_native(xn))
+        if how == "_dot":  # scipy's dispatch in LinearOperator.dot
+            how = "_matvec" if x.ndim == 1 or x.shape[1] == 1 else "_matmat"
+        return getattr(self, how)(x)
 
     def _apply_native(self, x: Any) -> Any:
         n = self.shape[1]
@@ -79,49 +135,6 @@ class HessianOperator(LinearOperator):
             f"expected a vector of length {n} or an ({n}, k) matrix, got shape {shape}; "
             f"the operator acts on the {n} flattened parameters"
         )
-
-    def matvec(self, x: Any) -> Any:
-        """``H @ x`` for a vector ``x`` of shape ``(n,)`` or ``(n, 1)``."""
-        return self._apply(x)
-
-    def matmat(self, X: Any) -> Any:
-        """``H @ X`` for ``X`` of shape ``(n, k)``: k products in one batched call where possible."""
-        if getattr(X, "ndim", len(getattr(X, "shape", ()))) != 2:
-            raise ValueError(f"matmat expects a 2-D (n, k) array, got shape {tuple(np.shape(X))}")
-        return self._apply(X)
-
-    def dot(self, x: Any) -> Any:
-        """``H @ x``; operators and scalars compose as in scipy."""
-        if isinstance(x, LinearOperator) or np.isscalar(x):
-            return super().dot(x)
-        return self._apply(x)
-
-    __matmul__ = dot
-    __mul__ = dot
-    __call__ = dot
-
-    def __rmatmul__(self, x: Any) -> Any:  # x @ H == (H @ x.T).T for symmetric H
-        if isinstance(x, LinearOperator) or np.isscalar(x):
-            return super().__rmatmul__(x)
-        return self._apply(x.T).T
-
-    # symmetric: the adjoint and transpose are the operator itself
-    rmatvec = matvec
-    rmatmat = matmat
-
-    def _matvec(self, x: Any) -> Any:
-        return self._apply(x)
-
-    def _matmat(self, X: Any) -> Any:
-        return self._apply(X)
-
-    def _rmatvec(self, x: Any) -> Any:
-        return self._apply(x)
-
-    def _adjoint(self) -> "HessianOperator":
-        return self
-
-    _transpose = _adjoint
 
     # --- constructors for codes without autodiff -----------------------------------------------
     @classmethod
@@ -186,7 +199,28 @@ class HessianOperator(LinearOperator):
         return CupyLinearOperator(self.shape, matvec=self.matvec, matmat=self.matmat,
                                   rmatvec=self.matvec, dtype=self.dtype)
 
-    # --- conveniences --------------------------------------------------------------------------
+    # --- the array adapter: what an algorithm needs besides products --------------------------
+    # Algorithms (curvop's and yours, docs/own-algorithm.md) use these five and never the backend.
+    def native(self, a: Any) -> Any:
+        """``a`` as a native array of the operator: a native array is checked (dtype, device) and
+        returned as is; anything else (numpy, a list) is converted with :meth:`from_numpy`.
+
+        >>> import numpy as np, curvop
+        >>> H = curvop.aslinearoperator(np.eye(2))
+        >>> H.native([1, 2])
+        array([1., 2.])
+        """
+        if not isinstance(a, np.ndarray) and self.backend.is_native(a):
+            self.backend.check(a)
+            return a
+        try:
+            h = np.asarray(a)
+        except Exception as err:  # e.g. a GPU array of another framework
+            raise TypeError(_native_help(a, self.backend)) from err
+        if h.dtype.kind not in "fiub":
+            raise TypeError(_native_help(a, self.backend, f" of dtype {h.dtype}"))
+        return self.from_numpy(h)
+
     def from_numpy(self, a: np.ndarray) -> Any:
         """A numpy array as a native array of the operator's dtype and device."""
         return self.backend.from_numpy(np.ascontiguousarray(a, dtype=self.dtype))
@@ -195,13 +229,21 @@ class HessianOperator(LinearOperator):
         """A native array (or numpy array) as numpy."""
         return x if isinstance(x, np.ndarray) else self.backend.to_numpy(x)
 
+    def rng(self, seed: Any = None) -> np.random.Generator:
+        """The numpy generator an algorithm draws its randomness from, given the user's ``seed``.
+
+        On a data-parallel operator every rank gets the same generator state, whatever the seed
+        (:meth:`Backend.agree_seed`: rank 0's draw for ``None`` or a Generator).
+        """
+        return np.random.default_rng(self.backend.agree_seed(seed))
+
     def random(self, shape: int | tuple[int, ...], kind: str = "rademacher", seed: Any = None) -> Any:
         """Native random probes (``"rademacher"``, ``"gaussian"`` or ``"sphere"``) from a seed.
 
         On a data-parallel operator every rank gets the same probes, whatever the seed
         (:meth:`Backend.agree_seed`: rank 0's draw for ``None`` or a Generator).
         """
-        return self.backend.random(shape, kind, np.random.default_rng(self.backend.agree_seed(seed)))
+        return self.backend.random(shape, kind, self.rng(seed))
 
     def to_dense(self, *, max_size: int = MAX_DENSE_SIZE, chunk: int = 64) -> np.ndarray:
         """The explicit ``(n, n)`` matrix as numpy (n products, in blocks of ``chunk`` columns).
@@ -233,6 +275,26 @@ class HessianOperator(LinearOperator):
     def __repr__(self) -> str:
         n = self.shape[0]
         return f"<{n}x{n} HessianOperator ({self.backend.describe()}), {self.num_matvecs} products so far>"
+
+
+def _t(x: Any) -> Any:
+    """The transpose of a native 2-D array (TensorFlow tensors have no ``.T``)."""
+    xp = namespace(x)
+    return xp.matrix_transpose(x) if hasattr(xp, "matrix_transpose") else x.T
+
+
+def _native_help(a: Any, backend: Backend, what: str = "") -> str:
+    return (
+        f"H.native: cannot make a {type(a).__module__}.{type(a).__name__}{what} an array of this "
+        f"{backend.name} operator; pass real numbers as numpy (or a list), or an array of the "
+        "operator's own framework"
+    )
+
+
+def _two_d(X: Any, entry: str) -> Any:
+    if getattr(X, "ndim", len(getattr(X, "shape", ()))) != 2:
+        raise ValueError(f"{entry} expects a 2-D (n, k) array, got shape {tuple(np.shape(X))}")
+    return X
 
 
 def _as_numpy_or_raise(x: Any, backend: Backend) -> np.ndarray:

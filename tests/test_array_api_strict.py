@@ -88,11 +88,11 @@ def test_arrays_helpers(dev):
     c = rng.standard_normal((3, 2))
     for out, ref in [
         (arrays.matmul(Xd, c), X @ c),
-        (arrays.lincomb(Xd, c[:, 0]), X @ c[:, 0]),
+        (arrays.matmul(Xd, c[:, 0]), X @ c[:, 0]),
         (arrays.stack([xd, yd]), np.stack([x, y], axis=1)),
         (arrays.concat([Xd, Yd]), np.concatenate([X, Y], axis=1)),
-        (arrays.sum(Xd, axis=0), X.sum(0)),
-        (arrays.sqrt(xd * xd), np.abs(x)),
+        (arrays.namespace(Xd).sum(Xd, axis=0), X.sum(0)),
+        (arrays.namespace(xd).sqrt(xd * xd), np.abs(x)),
     ]:
         assert is_native(out, dev)
         np.testing.assert_allclose(host(out), ref, rtol=1e-13, atol=1e-13)
@@ -143,6 +143,69 @@ def test_native_in_native_out(A, dev):
     assert H.num_matvecs == 1 + 3 + 1 + 3 + 1
     assert is_native(H.random((N, 2), "gaussian", seed=0), dev)
     np.testing.assert_allclose(H.to_dense(), A, atol=1e-13)
+
+
+def test_issue13_item4_every_entry_point_keeps_native_arrays(A, dev):
+    """scipy's own entry points would run np.asanyarray on the input (numpy out, or an error on
+    device1, which numpy cannot read); the operator's are native in, native out, on the device."""
+    H = operator(A, dev)
+    rng = np.random.default_rng(2)
+    v, V = rng.standard_normal(N), rng.standard_normal((N, 3))
+    vd, Vd = native(v, dev), native(V, dev)
+    cases = [
+        (H.matvec(vd), A @ v), (H.rmatvec(vd), A @ v), (H.dot(vd), A @ v), (H @ vd, A @ v),
+        (H(vd), A @ v), (H * vd, A @ v), (H.H @ vd, A @ v), (H.T.matvec(vd), A @ v),
+        (H.matmat(Vd), A @ V), (H.rmatmat(Vd), A @ V), (H.dot(Vd), A @ V), (H @ Vd, A @ V),
+        # x @ H: what Python calls when x's framework defers (torch does; array-api-strict raises)
+        (H.__rmatmul__(vd), v @ A), (H.__rmatmul__(xs.matrix_transpose(Vd)), V.T @ A),
+    ]
+    for out, ref in cases:
+        assert is_native(out, dev) and tuple(out.shape) == ref.shape
+        np.testing.assert_allclose(host(out), ref, rtol=1e-12, atol=1e-12)
+    assert H.num_matvecs == 8 + 4 * 3 + 1 + 3
+
+
+def test_issue13_item4_numpy_goes_through_scipys_contract(A):
+    """numpy inputs reach the operator's ``_matvec``/``_matmat``/``_rmatvec``/``_rmatmat`` through
+    scipy's entry points (they used to be dead code behind 13 overrides)."""
+    import scipy.sparse.linalg as sla
+
+    H = operator(A, xs.Device("CPU_DEVICE"))
+    calls = []
+    for name in ("_matvec", "_matmat", "_rmatvec", "_rmatmat"):
+        setattr(H, name, lambda x, f=getattr(H, name), name=name: calls.append(name) or f(x))
+    v, V = np.ones(N), np.ones((N, 2))
+    outs = [H @ v, H.matvec(v), H.rmatvec(v), H @ V, H.matmat(V), H.rmatmat(V), v @ H, (2.0 * H) @ v,
+            (H + sla.aslinearoperator(np.eye(N))) @ v]
+    assert calls == ["_matvec", "_matvec", "_rmatvec", "_matmat", "_matmat", "_rmatmat", "_matvec",
+                     "_matvec", "_matvec"]
+    for out, ref in zip(outs, [A @ v, A @ v, A @ v, A @ V, A @ V, A @ V, v @ A, 2 * A @ v, A @ v + v]):
+        assert isinstance(out, np.ndarray)
+        np.testing.assert_allclose(out, ref, rtol=1e-12)
+    # scipy's contract plus the entry points that must keep native arrays native: nothing else
+    plumbing = {"__init__", "__repr__", "__doc__", "__module__", "__dict__", "__weakref__"}
+    own = {k for k in vars(HessianOperator) if hasattr(sla.LinearOperator, k)} - plumbing
+    assert own == {"_matvec", "_matmat", "_rmatvec", "_rmatmat", "_adjoint", "_transpose",
+                   "matvec", "matmat", "rmatvec", "rmatmat", "dot", "__rmatmul__"}, sorted(own)
+
+
+def test_issue13_item4_the_algorithms_adapter(A, dev):
+    """``H.native`` and ``H.rng``: what an algorithm needs, without reaching into ``H.backend``."""
+    H = operator(A, dev)
+    x = native(np.arange(N, dtype=float), dev)
+    assert H.native(x) is x  # native: checked, returned as is
+    for a in (np.arange(N), list(range(N))):
+        out = H.native(a)
+        assert is_native(out, dev) and out.dtype == xs.float64
+        np.testing.assert_array_equal(host(out), np.arange(N))
+    with pytest.raises(TypeError, match="float32"):
+        H.native(xs.ones(N, dtype=xs.float32, device=dev))
+    with pytest.raises(ValueError, match="device"):
+        H.native(xs.ones(N, dtype=xs.float64, device=xs.Device("device2")))
+    for bad in (np.ones(N, dtype=complex), [object()] * N):
+        with pytest.raises(TypeError, match="H.native: cannot make"):
+            H.native(bad)
+    assert H.rng(5).standard_normal(3).tolist() == np.random.default_rng(5).standard_normal(3).tolist()
 
 
 def test_operator_errors(A, dev):

@@ -96,7 +96,7 @@ DECAY_400 = tuple(1.0 / np.arange(1, 401) ** 2)
 
 
 def test_deflation_gain_separates_flat_from_decaying_spectra():
-    from curvop.trace import deflation_gain, exchangeable_basis
+    from curvop.sketch import deflation_gain, exchangeable_basis
 
     for lam, low, high in ((FLAT, 0.8, np.inf), (DECAY_400, 0.0, 0.05)):
         A = with_spectrum(lam)
@@ -138,3 +138,84 @@ def test_auto_matches_hutchinson_and_beats_xtrace_on_a_flat_spectrum():
 def test_auto_needs_a_few_products():
     with pytest.raises(ValueError, match="num_matvecs >= 6"):
         curvop.trace(np.eye(10), num_matvecs=5)
+
+
+# --- issue 13 item 5: one sketch module, one result type ----------------------------------------
+class _NoBar:
+    def update(self, k):
+        pass
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_issue13_item5_every_trace_estimator_returns_one_result_type(kind):
+    from curvop import trace_estimation as te
+
+    H = curvop.aslinearoperator(operator(with_spectrum(tuple(1.0 / np.arange(1, 41)), seed=1), kind))
+    rng, bar = np.random.default_rng(0), _NoBar()
+    runs = {
+        "exact": te._exact(H, bar),
+        "hutchinson": te._hutchinson(H, 12, "rademacher", rng, None, bar),
+        "hutch++": te._hutchpp(H, 12, "rademacher", rng, bar),
+        "xtrace": te._xtrace(H, 12, "rademacher", rng, bar),
+        "xnystrace": te._xnystrace(H, 12, "rademacher", rng, bar),
+    }
+    auto = te._auto(H, 12, "rademacher", rng, bar)
+    for method, r in [*runs.items(), (auto.method, auto)]:
+        assert type(r) is te.Samples and r.method == method
+        assert isinstance(r.samples, np.ndarray) and r.samples.dtype == np.float64
+        assert isinstance(r.base, float)
+    assert auto.method in ("xtrace", "hutchinson")
+    assert runs["exact"].samples.sum() == pytest.approx(np.sum(1.0 / np.arange(1, 41)), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_issue13_item5_range_sketch_leave_one_out_basis_is_exact(kind):
+    from curvop import sketch
+    from curvop.arrays import to_numpy
+
+    A = with_spectrum(tuple(1.0 / np.arange(1, 61)), seed=2)
+    H = curvop.aslinearoperator(operator(A, kind))
+    sk = sketch.range_sketch(H, 8, "rademacher", np.random.default_rng(3), "test")
+    assert H.num_matvecs == 8
+    Om, Y, Q = (to_numpy(a) for a in (sk.Om, sk.Y, sk.Q))
+    np.testing.assert_allclose(Y, A @ Om, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sk.d, np.einsum("ij,ij->j", Om, A @ Om), rtol=1e-12)
+    np.testing.assert_allclose(Q.T @ Q, np.eye(8), atol=1e-13)
+    np.testing.assert_allclose(Q @ sk.R, Y, atol=1e-13)
+    np.testing.assert_allclose(np.linalg.norm(sk.S, axis=0), 1.0, rtol=1e-13)
+    for i in range(8):  # Q(I − sᵢsᵢᵀ)Qᵀ projects onto the span of every column of Y but the i-th
+        P = Q @ (np.eye(8) - np.outer(sk.S[:, i], sk.S[:, i])) @ Q.T
+        others = np.delete(Y, i, axis=1)
+        np.testing.assert_allclose(P @ others, others, atol=1e-12)
+        residual = Y[:, i] - P @ Y[:, i]  # = cᵢ Q sᵢ, cᵢ = sk.loo_weights[i]
+        np.testing.assert_allclose(residual, sk.loo_weights[i] * Q @ sk.S[:, i], atol=1e-12)
+
+
+def test_issue13_item5_shifted_nystrom_reproduces_a_low_rank_psd_matrix():
+    from curvop import sketch
+
+    rng = np.random.default_rng(4)
+    A = with_spectrum(tuple([5.0, 2.0, 1.0] + [0.0] * 47), seed=5)  # rank 3, PSD
+    Om = rng.standard_normal((50, 6))
+    F, Cinv, nu = sketch.shifted_nystrom(Om, A @ Om, np.float64, "test")
+    assert 0 < nu < 1e-12
+    np.testing.assert_allclose(F @ F.T, A, atol=1e-9)  # FFᵀ ≈ A + νI on range(Ω), ν below rounding
+    C = np.linalg.inv(Cinv)  # upper triangular with CᵀC = Ωᵀ(A + νI)Ω
+    np.testing.assert_allclose(np.tril(C, -1), 0.0, atol=1e-12)
+    np.testing.assert_allclose(C.T @ C, Om.T @ (A + nu * np.eye(50)) @ Om, rtol=1e-10, atol=1e-10)
+    with pytest.raises(curvop.IndefiniteOperatorError, match="positive semi-definite"):
+        sketch.shifted_nystrom(Om, -A @ Om, np.float64, "test")
+
+
+def test_issue13_item5_diagonal_and_trace_share_the_sketch_module():
+    import ast
+    import pathlib
+
+    src = pathlib.Path(curvop.__file__).parent
+    for module in ("trace_estimation.py", "diagonal_estimation.py"):
+        tree = ast.parse((src / module).read_text(encoding="utf-8"))
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "curvop.sketch" in imported, module
+    tree = ast.parse((src / "diagonal_estimation.py").read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"curvop.trace", "curvop.trace_estimation"}  # diagonal needs no trace code

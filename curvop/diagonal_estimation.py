@@ -1,5 +1,8 @@
 """Randomized estimation of the diagonal of a Hessian: Hutchinson (Bekas et al.) and XDiag.
 
+This module is ``curvop.diagonal_estimation`` (``curvop.diagonal`` is the function); the
+sketching it shares with the trace estimators lives in :mod:`curvop.sketch`.
+
 References: Bekas, Kokiopoulou & Saad, "An estimator for the diagonal of a matrix" (2007);
 Epperly, Tropp & Webber, "XTrace: making the most of every sample..." (SIMAX 2024), XDiag.
 """
@@ -9,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from curvop._checks import require_finite
 from curvop._progress import progress_bar
-from curvop.arrays import asarray_like, lincomb, sqrt, stack, sum
+from curvop.arrays import asarray_like, matmul, namespace, stack
 from curvop.eigen import array_summary
 from curvop.operator import aslinearoperator
-from curvop.trace import _require_finite, _unit_blocks, exchangeable_basis
+from curvop.sketch import probe_block, range_sketch, unit_blocks
 
 __all__ = ["DiagonalResult", "diagonal"]
 
@@ -56,15 +58,15 @@ class DiagonalResult:
 
 def _row_mean_stderr(E: Array) -> tuple[Array, Array]:
     """Mean and standard error over the columns of a native ``(n, m)`` array of samples."""
-    m = E.shape[1]
-    mean = sum(E, axis=1) / m
+    xp, m = namespace(E), E.shape[1]
+    mean = xp.sum(E, axis=1) / m
     dev = E - stack([mean] * m, axis=1)
-    return mean, sqrt(sum(dev * dev, axis=1) / ((m - 1) * m))
+    return mean, xp.sqrt(xp.sum(dev * dev, axis=1) / ((m - 1) * m))
 
 
 def _hutchinson(H, m, rng):
-    Z = H.random((H.shape[0], m), "rademacher", seed=rng)
-    return Z * H.matmat(Z)  # column j: z_j ⊙ H z_j, unbiased for diag(H) (Rademacher)
+    Z, HZ = probe_block(H, m, "rademacher", rng)
+    return Z * HZ  # column j: z_j ⊙ H z_j, unbiased for diag(H) (Rademacher)
 
 
 def _xdiag(H, m, rng):
@@ -72,20 +74,19 @@ def _xdiag(H, m, rng):
     ``span{Hω_j : j ≠ i}``. Since ``Y = QR``, ``(I−P₋ᵢ)Hωᵢ = cᵢ Q sᵢ`` with ``cᵢ = sᵢᵀRᵢ``, so
     per-probe estimates need only ``Y = HΩ`` and ``Z = HQ`` (``m/2`` products each)."""
     s = m // 2
-    Om = H.random((H.shape[0], s), "rademacher", seed=rng)
-    Q, R, S = exchangeable_basis(H.matmat(Om))
+    sk = range_sketch(H, s, "rademacher", rng, "curvop.diagonal(method='xdiag')")
+    Om, Q, S = sk.Om, sk.Q, sk.S
     Z = H.matmat(Q)
-    QS, ZS = lincomb(Q, S), lincomb(Z, S)
-    c = np.einsum("ji,ji->i", S, R)
-    base = sum(Q * Z, axis=1)  # diag(Q Qᵀ H) for symmetric H
-    return stack([base] * s, axis=1) - QS * ZS + Om * QS * asarray_like(c, QS)
+    QS, ZS = matmul(Q, S), matmul(Z, S)
+    base = namespace(Q).sum(Q * Z, axis=1)  # diag(Q Qᵀ H) for symmetric H
+    return stack([base] * s, axis=1) - QS * ZS + Om * QS * asarray_like(sk.loo_weights, QS)
 
 
 def _exact(H):
     """``diag(H)`` from ``n`` products with unit vectors (block ``E``: ``Σ_columns E ⊙ HE``)."""
     d = None
-    for _, E, Y in _unit_blocks(H):
-        part = sum(E * Y, axis=1)
+    for _, E, Y in unit_blocks(H):
+        part = namespace(E).sum(E * Y, axis=1)
         d = part if d is None else d + part
     return d
 
@@ -133,7 +134,7 @@ def diagonal(
     num_matvecs, n = int(num_matvecs), H.shape[0]
     if num_matvecs < min(_MIN_MATVECS[method], n):
         raise ValueError(f"method={method!r} needs num_matvecs >= {_MIN_MATVECS[method]}, got {num_matvecs}")
-    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
+    rng = H.rng(seed)  # the same probes on every rank
     start = H.num_matvecs
     exact = num_matvecs >= n
     bar = progress_bar(progress, n if exact else num_matvecs, f"diagonal ({'exact' if exact else method})")
@@ -146,7 +147,7 @@ def diagonal(
     finally:
         bar.close()
     # one sum per column (or of the exact diagonal) comes to the host: NaN/Inf anywhere shows there
-    _require_finite(H.to_numpy(sum(E, axis=0)), f"curvop.diagonal(method={method!r})")
+    require_finite(H.to_numpy(namespace(E).sum(E, axis=0)), f"curvop.diagonal(method={method!r})")
     if exact:
         return DiagonalResult(E, E * 0, H.num_matvecs - start, "exact", n)
     mean, err = _row_mean_stderr(E)
