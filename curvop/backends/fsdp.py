@@ -216,7 +216,8 @@ class FSDPBackend(Backend):
             for p, g in zip(self.params, grads):
                 p.grad = g
             torch.set_rng_state(rng)
-        return self.ns.shard((g_plus - g_minus) / (2 * t))
+        del saved
+        return self.ns.shard(g_plus.sub_(g_minus).div_(2 * t))  # in place: no fifth local vector
 
     def hvp_batch(self, V: Any) -> Any:
         import torch
