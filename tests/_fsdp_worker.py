@@ -140,12 +140,35 @@ def agree(rank, world, out):
         r["weights_twin"] = np.concatenate(dt.weights).tolist()
         r["restored_after_algorithms"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
         res[name] = r
+    res["no_hook"] = without_hook(rank, world)
     # dispatch: the lines proposed for curvop.backends.torch.hessian
     model, shard = build(torch.float64, rank, world)
     res["is_fsdp"] = [is_fsdp_model(model), is_fsdp_model(build(torch.float64, rank, world, shard=False)[0])]
     H = _dispatch(model, loss, shard, timeout=30)
     res["dispatch"] = isinstance(H.backend, FSDPBackend)
     return res
+
+
+def without_hook(rank, world):
+    """Why the arrays hook is needed: DTensor alone sums locally; without the hook the algorithms refuse."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    x = DTensor.from_local(torch.full((3,), float(rank + 1), dtype=torch.float64), mesh, [Shard(0)], run_check=False)
+    out = {"dtensor_float_sum": float(torch.sum(x * x)), "global": float(3 * sum((r + 1) ** 2 for r in range(world)))}
+    model, shard = build(torch.float64, rank, world)
+    H = hessian_fsdp(model, nn.CrossEntropyLoss(), shard, timeout=30)
+    hooks = getattr(arrays, "_NAMESPACE_HOOKS", [])
+    saved = list(hooks)
+    hooks.clear()
+    try:
+        curvop.trace(H, method="hutchinson", num_matvecs=4, seed=0)
+        out["error"] = None
+    except RuntimeError as err:
+        out["error"] = str(err)
+    finally:
+        hooks.extend(saved)
+    return out
 
 
 def _dispatch(model, loss_fn, data, **options):

@@ -145,3 +145,47 @@ def test_issue15_item4_hessian_fsdp_refuses_plain_model():
     assert not is_fsdp_model(model)
     with pytest.raises(TypeError, match="fully_shard"):
         hessian_fsdp(model, torch.nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 1)))
+
+
+@pytest.mark.timeout(240)
+def test_issue15_item4_without_arrays_hook_algorithms_refuse_instead_of_local_sums(agree):
+    for rank, r in enumerate(agree):
+        nh = r["no_hook"]
+        # DTensor alone: float(sum(x * x)) of a Shard(0) vector is this rank's sum, not the global one
+        assert nh["dtensor_float_sum"] == 3.0 * (rank + 1) ** 2 != nh["global"]
+        assert nh["error"] is not None and "register_namespace" in nh["error"]
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sphere"])
+def test_issue15_item4_local_probes_streamed_in_blocks(kind):
+    from curvop.backends.fsdp import local_probes
+
+    n, k = 50, 3
+    ranges = [[(0, 7), (20, 5), (40, 4)], [(7, 13), (25, 15), (44, 6)]]  # two ranks' rows, all of 0..49
+    one_shot = [local_probes(np.random.default_rng(3), (n, k), kind, np.float64, rr) for rr in ranges]
+    from curvop.arrays import random_probes
+
+    ref = random_probes(np.random.default_rng(3), (n, k), kind)
+    for rr, got in zip(ranges, one_shot):  # fits the block: exactly the single-process stream
+        assert np.array_equal(got, np.concatenate([ref[s:s + m] for s, m in rr]))
+    streamed = [local_probes(np.random.default_rng(3), (n, k), kind, np.float64, rr, block_bytes=8 * k * 6)
+                for rr in ranges]  # blocks of 6 rows
+    full = np.empty((n, k))
+    for rr, got in zip(ranges, streamed):
+        at = 0
+        for s, m in rr:
+            full[s:s + m] = got[at:at + m]
+            at += m
+    if kind == "gaussian":
+        assert np.array_equal(full, ref)
+    elif kind == "rademacher":
+        assert set(np.unique(full)) == {-1.0, 1.0}
+    else:
+        assert np.allclose(np.linalg.norm(full, axis=0), np.sqrt(n))
+
+
+def test_issue15_item4_hessian_fsdp_refuses_unsupported_options():
+    from curvop.backends.fsdp import hessian_fsdp
+
+    with pytest.raises(TypeError, match="cache.*not supported"):
+        hessian_fsdp(torch.nn.Linear(2, 1), torch.nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 1)), cache=True)

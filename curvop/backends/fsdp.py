@@ -36,7 +36,7 @@ from curvop.backends.base import Backend
 from curvop.backends.distributed import DistributedError, TorchCollective
 from curvop.backends.sharded_arrays import ShardedNamespace, hook_installed, register
 
-__all__ = ["FSDPBackend", "hessian_fsdp", "is_fsdp_model", "default_step"]
+__all__ = ["FSDPBackend", "hessian_fsdp", "is_fsdp_model", "default_step", "local_probes"]
 
 
 def is_fsdp_model(model: Any) -> bool:
@@ -157,10 +157,12 @@ class FSDPBackend(Backend):
         if not np.array_equal(rows.sum(axis=0) * row_size, numel):
             raise DistributedError("the parameter shards of the ranks do not add up to the parameters "
                                    "(is every rank passing the same model?)")
-        self.index = [np.concatenate([np.arange(offsets[i] + starts[r, i] * row_size[i],
-                                                offsets[i] + (starts[r, i] + rows[r, i]) * row_size[i])
-                                      for i in range(len(self.params))]) for r in range(self.world)]
-        self.size, self.n_local = int(numel.sum()), int(len(self.index[self.rank]))
+        # rank r holds, in order, the global entries [start, start + length) of each parameter: ranges,
+        # not index arrays (an index of a 7B model would take 56 GB on every rank)
+        self.ranges = [[(int(offsets[i] + starts[r, i] * row_size[i]), int(rows[r, i] * row_size[i]))
+                        for i in range(len(self.params))] for r in range(self.world)]
+        self.size = int(numel.sum())
+        self.n_local = int(sum(length for _, length in self.ranges[self.rank]))
         self._split = [int(rows[self.rank, i] * row_size[i]) for i in range(len(self.params))]
 
     # --- the product -----------------------------------------------------------------------------
@@ -244,7 +246,7 @@ class FSDPBackend(Backend):
 
         a = np.asarray(a, dtype=self.dtype)
         if a.ndim >= 1 and a.shape[0] == self.size:
-            local = torch.from_numpy(np.ascontiguousarray(a[self.index[self.rank]])).to(self.device)
+            local = torch.from_numpy(_take(a, self.ranges[self.rank])).to(self.device)
             return self.ns.shard(local)
         return self.ns.replicate(torch.from_numpy(np.ascontiguousarray(a)).to(self.device))
 
@@ -256,14 +258,17 @@ class FSDPBackend(Backend):
         if x.placements[0].is_replicate():
             return x.to_local().detach().cpu().numpy()
         local = self.ns.local(x).detach()
-        width = max(len(ix) for ix in self.index)
+        width = max(sum(length for _, length in rr) for rr in self.ranges)
         pad = torch.zeros((width,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
         pad[: local.shape[0]] = local
         parts = [torch.empty_like(pad) for _ in range(self.world)]
         self._coll._run("all-gather", self._coll.dist.all_gather, parts, pad)
         out = np.empty((self.size,) + tuple(local.shape[1:]), dtype=self.dtype)
         for r, part in enumerate(parts):
-            out[self.index[r]] = part[: len(self.index[r])].cpu().numpy()
+            pos, host = 0, part.cpu().numpy()
+            for start, length in self.ranges[r]:
+                out[start:start + length] = host[pos:pos + length]
+                pos += length
         return out
 
     def random(self, shape: Any, kind: str, rng: np.random.Generator) -> Any:
@@ -273,7 +278,13 @@ class FSDPBackend(Backend):
                 "vectors across ranks (they would return each rank's local sums); this curvop build "
                 "supports products (H @ v) on FSDP models but not the algorithms"
             )
-        return super().random(shape, kind, rng)  # the same probes on every rank; each keeps its part
+        import torch
+
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if shape[0] != self.size:
+            return super().random(shape, kind, rng)
+        local = local_probes(rng, shape, kind, self.dtype, self.ranges[self.rank])
+        return self.ns.shard(torch.from_numpy(local).to(self.device))
 
     def agree_seed(self, seed: Any) -> Any:
         return self._coll.agree_seed(seed, self.device)
@@ -281,6 +292,56 @@ class FSDPBackend(Backend):
     def describe(self) -> str:
         return (f"{self.name} backend, n={self.size} ({self.n_local} on rank {self.rank} of {self.world}), "
                 f"dtype={self.dtype}, central differences with step {self.step:.2g}")
+
+
+#: whole probe blocks up to this many bytes are drawn at once (exactly the stream of a single-process
+#: operator with the same seed); larger ones are drawn in row blocks of this size
+PROBE_BLOCK_BYTES = 256 * 2**20
+
+
+def _take(a: np.ndarray, ranges: list) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate([a[s:s + n] for s, n in ranges]) if ranges else a[:0])
+
+
+def local_probes(rng: np.random.Generator, shape: tuple, kind: str, dtype: Any, ranges: list,
+                 block_bytes: int | None = None) -> np.ndarray:
+    """This rank's rows of the global probe block ``random_probes(rng, shape, kind)``, in host memory
+    of at most about ``block_bytes`` (default :data:`PROBE_BLOCK_BYTES`) plus the rows kept.
+
+    Every rank draws the whole stream (the same ``rng`` everywhere) and keeps its ``ranges``
+    (``(start, length)`` of global rows, ascending). A block that fits ``block_bytes`` is drawn at
+    once, so the probes equal a single-process operator's with the same seed; a larger one is
+    drawn in row blocks (Gaussian draws are the same stream; Rademacher signs and the ``"sphere"``
+    normalisation differ from a one-shot draw but are equally distributed).
+
+    >>> import numpy as np
+    >>> g = local_probes(np.random.default_rng(0), (6, 2), "gaussian", np.float64, [(1, 2), (4, 1)])
+    >>> np.array_equal(g, np.random.default_rng(0).standard_normal((6, 2))[[1, 2, 4]])
+    True
+    """
+    n, rest = int(shape[0]), tuple(shape[1:])
+    width = int(np.prod(rest)) if rest else 1
+    block = PROBE_BLOCK_BYTES if block_bytes is None else int(block_bytes)
+    rows = max(1, block // (8 * width))
+    if rows >= n:
+        return _take(arrays.random_probes(rng, shape, kind, dtype=dtype), ranges)
+    draw = "gaussian" if kind == "sphere" else kind
+    out = np.empty((sum(m for _, m in ranges),) + rest, dtype=np.float64 if kind == "sphere" else dtype)
+    sumsq = np.zeros(rest) if kind == "sphere" else None
+    where = np.concatenate([[0], np.cumsum([m for _, m in ranges])]).astype(np.int64)  # positions in out
+    for a in range(0, n, rows):
+        chunk = arrays.random_probes(rng, (min(rows, n - a),) + rest, draw,
+                                     dtype=np.float64 if kind == "sphere" else dtype)
+        if sumsq is not None:
+            sumsq += (chunk.reshape(chunk.shape[0], -1) ** 2).sum(axis=0).reshape(rest)
+        b = a + chunk.shape[0]
+        for (start, length), at in zip(ranges, where):  # the parts of this rank's ranges inside [a, b)
+            lo, hi = max(start, a), min(start + length, b)
+            if lo < hi:
+                out[at + lo - start:at + hi - start] = chunk[lo - a:hi - a]
+    if sumsq is not None:
+        out = (out * (np.sqrt(n) / np.sqrt(sumsq))).astype(dtype)
+    return out
 
 
 def _is_collective_failure(err: BaseException) -> bool:
@@ -293,7 +354,8 @@ def _is_collective_failure(err: BaseException) -> bool:
 
 
 def hessian_fsdp(model: Any, loss_fn: Callable[[Any, Any], Any], data: Any, *, step: float | None = None,
-                 reduction: str = "mean", timeout: float | None = None, process_group: Any = None) -> Any:
+                 reduction: str | None = None, timeout: float | None = None, process_group: Any = None,
+                 params: Any = None, **options: Any) -> Any:
     """The Hessian of an FSDP2 model's loss as a :class:`~curvop.HessianOperator` (a collective call).
 
     Parameters
@@ -309,8 +371,12 @@ def hessian_fsdp(model: Any, loss_fn: Callable[[Any, Any], Any], data: Any, *, s
         ``"sum"`` the sum.
     step : float, optional
         The relative finite-difference step; default ``eps ** (1/3)`` of the dtype.
+    reduction : {"mean", "sum"}, optional
+        How the loss combines samples (default ``"mean"``).
     timeout : float, optional
         Seconds curvop's own collectives wait for the other ranks (:class:`TorchCollective`).
+    process_group : ProcessGroup, optional
+        The group the model is sharded over (default: the world group).
 
     Examples
     --------
@@ -322,5 +388,13 @@ def hessian_fsdp(model: Any, loss_fn: Callable[[Any, Any], Any], data: Any, *, s
     """
     from curvop.operator import HessianOperator
 
+    if params is not None or options:
+        given = (["params"] if params is not None else []) + sorted(options)
+        raise TypeError(
+            f"option(s) {', '.join(given)} are not supported for an FSDP2 model (its products are finite "
+            "differences of FSDP's own gradient of all trainable parameters); the options are step=, "
+            "reduction=, timeout= and process_group="
+        )
+    reduction = "mean" if reduction is None else reduction
     return HessianOperator(FSDPBackend(model, loss_fn, data, step=step, reduction=reduction, timeout=timeout,
                                        process_group=process_group))
