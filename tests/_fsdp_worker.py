@@ -146,6 +146,12 @@ def agree(rank, world, out):
     res["is_fsdp"] = [is_fsdp_model(model), is_fsdp_model(build(torch.float64, rank, world, shard=False)[0])]
     H = _dispatch(model, loss, shard, timeout=30)
     res["dispatch"] = isinstance(H.backend, FSDPBackend)
+    model, shard = build(torch.bfloat16, rank, world)
+    try:
+        hessian_fsdp(model, loss, shard, timeout=30)
+        res["bf16"] = None
+    except Exception as err:  # noqa: BLE001 - the test checks the type
+        res["bf16"] = f"{type(err).__name__}: {err}"
     return res
 
 
@@ -194,8 +200,20 @@ def die(rank, world, out):
         return {"error": str(err), "type": type(err).__name__, "elapsed": time.monotonic() - start}
 
 
+def example():
+    """examples/fsdp_torchrun.py as torchrun runs it (with the proposed arrays hook while it is missing)."""
+    import runpy
+
+    install_proposed_hook()
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "fsdp_torchrun.py")
+    sys.argv = [path, "--timeout", "60"]
+    runpy.run_path(path, run_name="__main__")
+
+
 def main():
     scenario, prefix = sys.argv[1], sys.argv[2]
+    if scenario == "example":
+        return example()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     res = agree(rank, world, prefix) if scenario == "agree" else die(rank, world, prefix)

@@ -109,6 +109,7 @@ def test_issue15_item4_fsdp_dispatch_and_detection(agree):
     for r in agree:
         assert r["is_fsdp"] == [True, False]  # fully_shard model detected, the plain twin not
         assert r["dispatch"]  # the proposed branch of curvop.hessian reaches the FSDP backend
+        assert r["bf16"].startswith("TypeError") and "float32 or float64" in r["bf16"]
 
 
 @pytest.mark.timeout(120)
@@ -189,3 +190,22 @@ def test_issue15_item4_hessian_fsdp_refuses_unsupported_options():
 
     with pytest.raises(TypeError, match="cache.*not supported"):
         hessian_fsdp(torch.nn.Linear(2, 1), torch.nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 1)), cache=True)
+
+
+@pytest.mark.timeout(240)
+def test_issue15_item7_fsdp_torchrun_example_runs(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", str(HERE / "_fsdp_worker.py"), "example", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=220)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert proc.stdout.count("top-3 eigenvalues:") == 1  # only rank 0 prints
+    assert "torch-fsdp backend, n=1507" in proc.stdout and "trace:" in proc.stdout
+
+
+def test_issue15_item4_default_step_is_cbrt_eps():
+    from curvop.backends.fsdp import default_step
+
+    assert default_step(torch.float64) == pytest.approx(6.06e-6, rel=1e-2)
+    assert default_step(torch.float32) == pytest.approx(4.92e-3, rel=1e-2)

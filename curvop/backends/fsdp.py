@@ -120,6 +120,14 @@ class FSDPBackend(Backend):
                 raise TypeError(f"parameter {k!r} is {p.dtype} but {self.names[0]!r} is {self.params[0].dtype}: "
                                 "all parameters must share one dtype")
         tdtype, self.device = self.params[0].dtype, self.params[0].to_local().device
+        if tdtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"the parameters are {tdtype}: finite differences of a {tdtype} gradient are too inaccurate "
+                "for a Hessian (step eps**(1/3) = {:.2g}); keep the sharded parameters in float32 or float64 "
+                "(FSDP2's MixedPrecisionPolicy(param_dtype=torch.bfloat16) keeps float32 shards, but its bf16 "
+                "forward makes the differences noisy too: use no mixed precision for the Hessian)".format(
+                    float(torch.finfo(tdtype).eps) ** (1 / 3))
+            )
         self.tdtype = tdtype
         self.dtype = np.dtype(str(tdtype).replace("torch.", ""))
         self.step = default_step(tdtype) if step is None else float(step)
