@@ -28,8 +28,8 @@ import numpy as np
 
 __all__ = ["ShardedNamespace", "namespace_for", "register", "hook_installed"]
 
-#: the layouts of live FSDP operators: (id(mesh), n) -> namespace
-_LAYOUTS: dict[tuple[int, int], "ShardedNamespace"] = {}
+#: the layouts of live FSDP operators: (id(mesh), n, n_local) -> namespace
+_LAYOUTS: dict[tuple[int, int, int], "ShardedNamespace"] = {}
 
 
 def _dtensor_type() -> Any:
@@ -55,7 +55,7 @@ def namespace_for(x: Any) -> "ShardedNamespace | None":
     dim = _sharded_dim(x)
     if dim is None:
         return None
-    return _LAYOUTS.get((id(x.device_mesh), int(x.shape[dim])))
+    return _LAYOUTS.get((id(x.device_mesh), int(x.shape[dim]), int(x.to_local().shape[dim])))
 
 
 def hook_installed() -> bool:
@@ -67,7 +67,7 @@ def hook_installed() -> bool:
 
 def register(ns: "ShardedNamespace") -> None:
     """Make ``ns`` the namespace of its layout and install the hook in :mod:`curvop.arrays` if it has one."""
-    _LAYOUTS[(id(ns.mesh), ns.n)] = ns
+    _LAYOUTS[(id(ns.mesh), ns.n, ns.n_local)] = ns
     from curvop import arrays
 
     reg = getattr(arrays, "register_namespace", None)
