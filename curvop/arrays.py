@@ -43,6 +43,7 @@ __all__ = [
     "random_probes",
     "itemsize",
     "Basis",
+    "register_namespace",
 ]
 
 Array = Any
@@ -53,11 +54,30 @@ def _is_tensorflow(x: Array) -> bool:
     return tf is not None and isinstance(x, (tf.Tensor, tf.Variable))
 
 
+_NAMESPACE_HOOKS: list[Any] = []
+
+
+def register_namespace(hook: Any) -> None:
+    """Let ``hook(x)`` choose the namespace of arrays it recognises (``None`` for the others).
+
+    Used by backends whose vectors are sharded across processes (:mod:`curvop.backends.fsdp`):
+    their namespace reduces over the sharded axis. A namespace may define ``local(x)``, this
+    process's part of a sharded array, which :class:`Basis` writes in place.
+    """
+    if hook not in _NAMESPACE_HOOKS:
+        _NAMESPACE_HOOKS.append(hook)
+
+
 def namespace(x: Array):
     """Return the array namespace of ``x`` (array-API style: ``xp.matmul``, ``xp.linalg.qr``...).
 
-    numpy, torch, CuPy and JAX use `array_api_compat`; TensorFlow tensors get curvop's adapter.
+    numpy, torch, CuPy and JAX use `array_api_compat`; TensorFlow tensors get curvop's adapter;
+    a namespace registered with :func:`register_namespace` takes the arrays it recognises.
     """
+    for hook in _NAMESPACE_HOOKS:
+        xp = hook(x)
+        if xp is not None:
+            return xp
     if isinstance(x, np.ndarray) or np.isscalar(x):
         import array_api_compat.numpy as xp
 
@@ -305,7 +325,8 @@ class Basis:
         self.host = location == "host" or is_numpy(like)
         n = like.shape[0]
         shape = (self.capacity, n) if runs is None else (int(runs), self.capacity, n)
-        self._like = like[:1] * 0 if runs is None else like[:1, :1] * 0  # framework, dtype, device
+        part = getattr(namespace(like), "local", lambda a: a)(like)  # a sharded array: this rank's part
+        self._like = part[:1] * 0 if runs is None else part[:1, :1] * 0  # framework, dtype, device
         if self.host:
             self._xp = namespace(np.zeros(0))
             self.dtype = np.dtype(dtype) if dtype is not None else to_numpy(self._like).dtype
@@ -385,6 +406,8 @@ class Basis:
         """
         Q, l = self._matrix(), int(np.shape(coeffs)[1])
         Ct = _coeffs(np.ascontiguousarray(np.asarray(coeffs).T), Q)  # (l, m)
+        local = getattr(self._xp, "local", lambda a: a)  # sharded storage: restart this rank's part
+        Q, Ct, S = local(Q), local(Ct), local(self._S) if self._rows is None else None
         if self._rows is not None:
             new = self._xp.matmul(Ct, Q)
             self._rows, self._stacked = [new[i, ...] for i in range(l)], None
@@ -392,7 +415,7 @@ class Basis:
             n = Q.shape[1]
             step = max(1, n // max(1, self.size)) if chunk is None else int(chunk)
             for a in range(0, n, step):
-                self._S[:l, a : a + step] = self._xp.matmul(Ct, Q[:, a : a + step])
+                S[:l, a : a + step] = self._xp.matmul(Ct, Q[:, a : a + step])
         self.size = l
 
     def native(self) -> Array:
