@@ -117,3 +117,14 @@ def test_stacked_basis_grown_step_by_step_equals_the_list_form():
     for i in range(3):  # column i is orthogonal to run i's basis
         np.testing.assert_allclose(np.stack([b[:, i] for b in blocks], 1).T @ arrays.project_out_each(w, grown)[:, i],
                                    0, atol=1e-12)
+
+
+def test_issue13_item5_local_slq_holds_five_blocks_not_six():
+    # reorth="local" through curvop.krylov's recurrence frees the previous product before the next
+    # one: 5 blocks of (n, p) at the peak (the old lanczos_tridiag_batch held 6).
+    from test_scale_memory import N, _d, _peak_vectors
+
+    H = curvop.HessianOperator.from_hvp(lambda v: _d * v, np.zeros(N), matmat_fn=lambda V: _d[:, None] * V)
+    peak, sd = _peak_vectors(lambda: curvop.spectral_density(H, num_steps=10, num_probes=2, reorth="local", seed=0))
+    assert sd.num_matvecs == 20
+    assert peak <= 5 * 2 + 0.25, peak

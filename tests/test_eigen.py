@@ -133,3 +133,15 @@ def test_bad_input_is_a_clear_error():
         curvop.eigenvalues(A, method="power")
     with pytest.raises(ValueError, match="method"):
         curvop.eigenvalues(A, method="qr")
+
+
+def test_issue13_item5_restart_frees_the_old_product_before_the_next_one():
+    # The one recurrence (curvop.krylov) drops the previous product W as soon as the next Lanczos
+    # vector is formed; the old _lanczos kept it alive through the next product after every thick
+    # restart, one model-sized vector above the ncv + k + 3 of docs/scale.md (9 for ncv=4, k=1).
+    from test_scale_memory import N, _flat, _peak_vectors
+
+    H = curvop.HessianOperator.from_hvp(lambda v: _flat * v, np.zeros(N))  # slow: restarts every step
+    peak, r = _peak_vectors(lambda: curvop.eigenvalues(H, k=1, ncv=4, tol=1e-12, max_matvecs=40, seed=0))
+    assert r.num_matvecs == 40
+    assert peak <= 4 + 1 + 3 + 0.25, peak
