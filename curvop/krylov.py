@@ -306,6 +306,12 @@ def _fresh_direction(H: Any, B: Basis, rng: np.random.Generator) -> Array:
     return r / norm(r)
 
 
+def _stored(Q: Basis, q: Array) -> Array:
+    """``q``, just appended to ``Q``, as a view of the basis storage where possible: one vector less."""
+    view = Q.newest()
+    return q if view is None else view
+
+
 def thick_restart(H: Any, q: Array, P: KrylovProblem, rng: np.random.Generator,
                   on_product: Callable[[int], Any] = lambda _: None) -> RitzPairs:
     """Thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation, from the unit vector ``q``.
@@ -322,6 +328,7 @@ def thick_restart(H: Any, q: Array, P: KrylovProblem, rng: np.random.Generator,
     n = H.shape[0]
     Q = Basis(q, P.ncv, location=P.basis_location, dtype=P.basis_dtype)
     Q.append(q)
+    q = _stored(Q, q)
     T, coupling = np.zeros((0, 0)), np.zeros(0)
     used, invariant = 0, False
     while True:
@@ -344,7 +351,7 @@ def thick_restart(H: Any, q: Array, P: KrylovProblem, rng: np.random.Generator,
                 q = s.W / beta
                 coupling[m - 1] = beta
             Q.append(q)
-            s = None  # W is stored in Q: free it before the next product
+            q, s = _stored(Q, q), None  # W is stored in Q: free it before the next product
         if R.done or used >= P.max_matvecs or m == n:
             break
         keep = R.order[: P.k + (m - P.k) // 2]  # thick restart
@@ -356,5 +363,6 @@ def thick_restart(H: Any, q: Array, P: KrylovProblem, rng: np.random.Generator,
             q, coupling = s.W / beta, beta * R.Y[m - 1, keep]
         s = None  # free W before the next product
         Q.append(q)
+        q = _stored(Q, q)
     sel = R.order[: P.k]
     return RitzPairs(R.theta[sel], Q.lincomb(R.Y[:, sel]), R.res[sel], R.scale[sel], used)
