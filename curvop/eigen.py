@@ -299,10 +299,9 @@ def eigenvalues(
         of vectors, or a previous result (its eigenvectors), e.g. the Hessian's at the previous
         training step. Lanczos starts from one combined vector, the sum of the normalised columns
         plus a tiny random share, ``sqrt(eps)`` of the dtype (so that an exact eigenvector does not
-        close the Krylov space at once). One combined vector rather than a block: in
-        ``benchmarks/warm_start.py`` the new top eigenvector is barely closer to the span of the
-        previous top three than to the previous top one (sine 0.09 against 0.16), so a block
-        start, which costs one product per column, would not pay. Lanczos only.
+        close the Krylov space at once). One combined vector rather than a block: a block start
+        costs one product per column and did not pay in ``benchmarks/warm_start.py`` (what warm
+        starts save, and why: docs/training.md). Lanczos only.
     basis_location : {"device", "host"}
         Lanczos only: where the preallocated basis lives, the operator's device or host memory
         (products still run on the device; each reorthogonalisation moves two vectors).
