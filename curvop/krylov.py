@@ -88,7 +88,8 @@ def lanczos_step(H: Any, V: Array, basis: Basis | None = None, prev: tuple[Array
     product is reorthogonalised against all of it, twice ("twice is enough"). Without one, the
     three-term recurrence ``W = HV − Vα − V_prev β_prev`` (``prev = (V_prev, β_prev)``) is followed by
     one more projection against ``V`` and ``V_prev`` (local reorthogonalisation: nothing stored).
-    ``last=True`` computes ``alpha`` only. ``H`` is a :class:`curvop.HessianOperator`. Host syncs: ``alpha`` and ``beta``, one each per step.
+    ``last=True`` computes ``alpha`` only. ``H`` is a :class:`curvop.HessianOperator`. Host syncs:
+    ``alpha`` and ``beta``, one each per step.
 
     >>> import numpy as np, curvop
     >>> s = lanczos_step(curvop.aslinearoperator(np.diag([1.0, 2.0])), np.array([0.6, 0.8]))
