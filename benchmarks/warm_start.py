@@ -15,6 +15,13 @@ solve, the ratio warm/cold (the issue's target is <= 1/3) and the largest relati
 error of each, and how far the top eigenvector moved between measurements: the sine of its angle
 to the previous top eigenvector and to the span of the previous top three (where a block start
 of three vectors, at three extra products, could at best begin).
+Where the products go: every Lanczos step's relative residual estimate of the top Ritz pair
+(``|β y_m| / |θ|``, recorded by wrapping ``curvop.krylov._ritz``) is kept, and the table gives the
+warm start's residual after its first product and the products a cold solve needed to get down to
+that residual: the share of a cold solve that a start from the previous result can save at most.
+``--span-starts`` adds the best case of a block start: the Rayleigh-Ritz vector of the new operator
+in the span of the previous tight solve's top three eigenvectors (three products, counted), then
+Lanczos from it.
 ``--noise`` repeats the warm runs with other random shares mixed into the start
 (``curvop.eigen.WARM_START_NOISE``, in units of sqrt(eps); default 1), which is how that constant
 was chosen.
@@ -33,11 +40,36 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import curvop  # noqa: E402
-from curvop import eigen  # noqa: E402
+from curvop import eigen, krylov  # noqa: E402
 from curvop.studies import digits  # noqa: E402
 
 
-def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: int, measure_size: int) -> dict:
+_HISTORY: list[float] = []  # relative residual of the top Ritz pair after each product of a solve
+_ritz = krylov._ritz
+
+
+def _recording_ritz(H, T, beta, P):
+    R = _ritz(H, T, beta, P)
+    i = R.order[0]
+    _HISTORY.append(float(R.res[i] / max(abs(R.theta[i]), 1e-300)))
+    return R
+
+
+def _cold_products_to(history: list[float], level: float) -> int:
+    """Products a solve needed until its residual first fell to ``level`` (its length if never)."""
+    return next((i + 1 for i, r in enumerate(history) if r <= level), len(history))
+
+
+def _span_start(H, U: np.ndarray, step: int) -> tuple[int, float]:
+    """Rayleigh-Ritz in span(U) (``p`` products), then Lanczos from the best vector: products, top value."""
+    HU = H.matmat(torch.from_numpy(np.ascontiguousarray(U))).numpy()
+    _, Y = np.linalg.eigh(U.T @ HU)
+    r = curvop.eigenvalues(H, k=1, tol=1e-3, seed=step, v0=U @ Y[:, -1])
+    return r.num_matvecs + U.shape[1], float(r.eigenvalues[0])
+
+
+def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: int, measure_size: int,
+        span_starts: bool = False) -> dict:
     torch.manual_seed(seed)
     data = digits.load(seed=seed)
     x, y = data.x_train.double(), data.y_train
@@ -49,9 +81,13 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
     rows = {"cold": [], **{f"warm noise={s:g}": [] for s in noises}}
     if k > 1:
         rows["warm top-1 only"] = []
+    span_row = {"Rayleigh-Ritz in previous top-3 span (+3 products)": []} if span_starts and k == 1 else {}
     prev: dict[str, curvop.EigenResult | None] = {name: None for name in rows}
     order = torch.randperm(len(y), generator=gen)
     prev_V, moved = None, []
+    history: dict[str, list[float]] = {}
+    saved: dict[str, list[tuple[float, int]]] = {name: [] for name in rows}
+    krylov._ritz = _recording_ritz
     t0 = time.perf_counter()
     for step in range(steps + 1):
         if step % every == 0:
@@ -61,6 +97,10 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
             if prev_V is not None:  # how far the top eigenvector left the previous top-1 / top-3 span
                 c = prev_V.T @ V[:, 0]
                 moved.append([float(np.sqrt(max(0.0, 1 - np.sum(c[:p] ** 2)))) for p in (1, 3)])
+            if span_starts and prev_V is not None and k == 1:
+                mv, lam = _span_start(H, prev_V, step)
+                span_row["Rayleigh-Ritz in previous top-3 span (+3 products)"].append(
+                    (mv, abs(lam - ref[0]) / abs(ref[0]), True))
             prev_V = V
             for name in rows:
                 v0 = prev[name]
@@ -70,11 +110,18 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
                     v0 = v0.eigenvectors[:, 0]
                 if name == "cold":
                     v0 = None
+                _HISTORY.clear()
                 r = curvop.eigenvalues(H, k=k, tol=1e-3, seed=step, v0=v0)
+                history[name] = list(_HISTORY)
                 err = float(np.max(np.abs(r.eigenvalues - ref) / np.abs(ref)))
                 if step > 0:  # the first warm solve is a cold one: step 0 is not counted
                     rows[name].append((r.num_matvecs, err, r.converged))
                 prev[name] = r
+            if step > 0 and k == 1:
+                for name in rows:
+                    if name != "cold":
+                        first = history[name][0]
+                        saved[name].append((first, _cold_products_to(history["cold"], first)))
             eigen.WARM_START_NOISE = 1.0
         if step == steps:
             break
@@ -84,6 +131,8 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
         opt.zero_grad()
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
+    krylov._ritz = _ritz
+    rows.update(span_row)
     seconds = time.perf_counter() - t0
     cold_mv = np.array([m for m, _, _ in rows["cold"]], dtype=float)
     cold = cold_mv.mean()
@@ -105,6 +154,16 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
                          max_error=float(errs.max()), converged=bool(all(c for _, _, c in vals)))
         print(f"| {name} | {mv.mean():.1f} | {mv.mean() / cold:.2f} | {halves[0]:.2f} | {halves[1]:.2f} | "
               f"{errs.max():.1e} | {out[name]['converged']} |")
+    if k == 1:
+        print("\n| start | residual after its 1st product (mean) | cold products to reach it (mean) | "
+              "warm products (mean) | cold products (mean) |")
+        print("|---|---|---|---|---|")
+        for name, vals in saved.items():
+            if vals:
+                first, reach = np.mean([f for f, _ in vals]), np.mean([c for _, c in vals])
+                mv = np.mean([m for m, _, _ in rows[name]])
+                out[name].update(first_residual=float(first), cold_products_to_reach_it=float(reach))
+                print(f"| {name} | {first:.2e} | {reach:.1f} | {mv:.1f} | {cold:.1f} |")
     return out
 
 
@@ -118,11 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--measure-size", type=int, default=512)
     ap.add_argument("--noise", type=float, nargs="+", default=[1.0])
     ap.add_argument("--quick", action="store_true", help="60 steps on 256 images")
+    ap.add_argument("--span-starts", action="store_true",
+                    help="also a block start: Rayleigh-Ritz in the previous tight solve's top-3 span, then Lanczos")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.quick:
         a.steps, a.measure_size = 60, 256
-    return run(a.steps, a.every, a.k, a.noise, a.lr, a.seed, a.measure_size)
+    return run(a.steps, a.every, a.k, a.noise, a.lr, a.seed, a.measure_size, a.span_starts)
 
 
 if __name__ == "__main__":

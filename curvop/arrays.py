@@ -418,6 +418,17 @@ class Basis:
                 S[:l, a : a + step] = self._xp.matmul(Ct, Q[:, a : a + step])
         self.size = l
 
+    def newest(self) -> Array | None:
+        """The newest stored vector as a view of the storage (no copy), or None where it cannot be.
+
+        None with ``runs``, or where the storage differs from the vectors (host storage of device
+        vectors, another dtype). The view is overwritten by the next :meth:`restart`.
+        """
+        if self.runs is not None or self.size == 0 or (self.host and not is_numpy(self._like)):
+            return None
+        s = self._rows[-1] if self._rows is not None else self._S[self.size - 1, :]
+        return s if s.dtype == self._like.dtype else None
+
     def native(self) -> Array:
         """The stored vectors as the columns of a native ``(n, m)`` array (a copy)."""
         return self.lincomb(np.eye(self.size))

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import scipy.linalg
 
 from curvop._progress import progress_bar
-from curvop.eigen import array_summary, default_basis_budget, lanczos_tridiag_batch
+from curvop.eigen import default_basis_budget
+from curvop.krylov import lanczos_tridiag
 from curvop.operator import aslinearoperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -93,9 +93,12 @@ class SpectralDensity:
         if grid is None:
             grid = np.linspace(x.min() - 5 * sigma, x.max() + 5 * sigma, 2000)
         grid = np.asarray(grid, dtype=np.float64)
-        z = (grid[:, None] - x[None, :]) / sigma
-        values = np.exp(-0.5 * z * z) @ w / (sigma * np.sqrt(2 * np.pi))
-        return grid, values
+        # scipy.stats.gaussian_kde takes weights, but its bandwidth is a factor of the nodes' own
+        # (weighted) covariance, which is singular when all nodes coincide (a multiple of the
+        # identity): the fixed width sigma is a plain mixture of normal densities instead.
+        from scipy.stats import norm
+
+        return grid, norm.pdf(grid[:, None], loc=x[None, :], scale=sigma) @ w
 
     def expectation(self, f: Callable[[np.ndarray], np.ndarray]) -> float:
         """Estimate of ``tr f(H) = n ∫ f dμ`` (e.g. ``numpy.log`` gives the log-determinant)."""
@@ -199,14 +202,11 @@ def spectral_density(
         for first in range(0, num_probes, block_size):
             b = min(block_size, num_probes - first)
             before = H.num_matvecs
-            runs = lanczos_tridiag_batch(H, H.random((n, b), probes, seed=rng), int(num_steps), reorth=reorth,
-                                         basis_location=basis_location, basis_dtype=basis_dtype)
+            runs, _ = lanczos_tridiag(H, H.random((n, b), probes, seed=rng), int(num_steps), reorth=reorth,
+                                      basis_location=basis_location, basis_dtype=basis_dtype)
             bar.update(H.num_matvecs - before)
-            for alpha, beta in runs:
-                if alpha.size == 1:
-                    theta, U = alpha.copy(), np.ones((1, 1))
-                else:
-                    theta, U = scipy.linalg.eigh_tridiagonal(alpha, beta)
+            for T in runs:
+                theta, U = T.eigh()
                 nodes.append(theta)
                 weights.append(U[0, :] ** 2)
     finally:

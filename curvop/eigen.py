@@ -1,8 +1,9 @@
 """Extreme eigenvalues of a Hessian operator: restarted Lanczos and deflated power iteration.
 
-Both methods are written against :mod:`curvop.arrays` only, so they run unchanged on numpy arrays
-and on every backend's native tensors. Vectors stay native; the small projected eigenproblems are
-solved in float64 on the host.
+The Lanczos recurrence and its thick restart live in :mod:`curvop.krylov`; this module holds the
+public entry point, the warm start, the basis memory bound and PyHessian's power iteration. Both
+methods are written against :mod:`curvop.arrays` only, so they run unchanged on numpy arrays and
+on every backend's native tensors.
 """
 
 from __future__ import annotations
@@ -14,21 +15,12 @@ import numpy as np
 import scipy.linalg
 
 from curvop._progress import progress_bar
-from curvop.arrays import (
-    Basis,
-    asarray_like,
-    column_dots,
-    dot,
-    lincomb,
-    norm,
-    project_out,
-    stack,
-)
+from curvop.arrays import column_dots, dot, matmul, norm, project_out, stack
+from curvop.krylov import KrylovProblem, check_location, order_by, thick_restart
 from curvop.operator import HessianOperator, aslinearoperator
 from curvop.trace import _require_finite
 
-__all__ = ["EigenResult", "ConvergenceWarning", "eigenvalues", "lanczos_tridiag", "lanczos_tridiag_batch", "array_summary",
-           "default_basis_budget"]
+__all__ = ["EigenResult", "ConvergenceWarning", "eigenvalues", "array_summary", "default_basis_budget"]
 
 Array = Any
 _WHICH = ("LA", "SA", "LM")
@@ -110,20 +102,6 @@ class EigenResult:
 
 
 # --------------------------------------------------------------------------------------------
-# the Lanczos core (also used by stochastic Lanczos quadrature)
-# --------------------------------------------------------------------------------------------
-def _breakdown_tol(H: HessianOperator, scale: float) -> float:
-    """``β`` below ``eps^(2/3)·scale`` means an invariant subspace (eps of the operator's dtype).
-
-    After full reorthogonalisation a vector in an invariant subspace leaves a residual of a few
-    hundred ``eps·‖H‖``; ``eps^(2/3)`` (ARPACK's choice for similar thresholds) is safely above that
-    and far below any ``β`` that still carries information.
-    """
-    dt = np.dtype(H.dtype) if np.dtype(H.dtype).kind == "f" else np.dtype(np.float64)
-    return np.finfo(dt).eps ** (2.0 / 3.0) * max(scale, np.finfo(np.float64).tiny)
-
-
-# --------------------------------------------------------------------------------------------
 # the memory bound: how many basis vectors a default call may keep
 # --------------------------------------------------------------------------------------------
 _SMALL_BASIS_BYTES = 256 * 2**20  # below this a basis is never the memory problem
@@ -146,266 +124,6 @@ def default_basis_budget(vector_bytes: int) -> int:
     (True, 2000000000)
     """
     return max(_SMALL_BASIS_BYTES, _DEFAULT_BASIS_VECTORS * int(vector_bytes))
-
-
-def _check_location(location: str) -> None:
-    if location not in ("device", "host"):
-        raise ValueError(
-            f"basis_location must be 'device' (the operator's device) or 'host' (host memory, "
-            f"products still on the device), got {location!r}"
-        )
-
-
-def _expand(H: HessianOperator, B: Basis, q: Array) -> tuple[Array, float, float]:
-    """One Lanczos step on ``q``, the newest vector of the basis ``B``.
-
-    Returns ``(w, alpha, beta)``: ``alpha = qᵀHq`` and the residual ``w`` of ``Hq`` after full
-    reorthogonalisation against all of ``B`` (applied twice: "twice is enough"), ``beta = ‖w‖``.
-    Two host synchronisations (``alpha`` and ``beta``) per product.
-    """
-    w = H.matvec(q)
-    alpha = dot(q, w)
-    _require_finite((alpha,), "curvop Lanczos")
-    w = B.project_out(w)  # two statements, so the unprojected product is freed before the second
-    w = B.project_out(w)
-    beta = norm(w)
-    _require_finite((beta,), "curvop Lanczos")
-    return w, alpha, beta
-
-
-def lanczos_tridiag(
-    H: Any, v0: Array, steps: int, *, return_basis: bool = False, basis_location: str = "device",
-    basis_dtype: Any = None,
-) -> tuple[np.ndarray, np.ndarray, Array | None]:
-    """``steps`` Lanczos steps with full reorthogonalisation from the start vector ``v0``.
-
-    Parameters
-    ----------
-    H : operator-like
-        Anything :func:`curvop.aslinearoperator` accepts.
-    v0 : array, shape (n,)
-        Start vector (native or numpy); it is normalised here.
-    steps : int
-        Number of products (capped at ``n``). Stops early on an invariant subspace
-        (``β_j ≤ eps^(2/3)·max|T|``), so fewer coefficients may come back.
-    return_basis : bool
-        Also return the orthonormal Lanczos basis ``Q`` (n, m), native.
-    basis_location, basis_dtype
-        Where and in which dtype the basis is stored (:class:`curvop.arrays.Basis`); it is
-        preallocated for ``steps`` vectors.
-
-    Returns
-    -------
-    alpha : float64 numpy (m,), the diagonal of ``T``
-    beta : float64 numpy (m-1,), its off-diagonal
-    Q : (n, m) native array, or None
-
-    Examples
-    --------
-    >>> import numpy as np, curvop
-    >>> from curvop.eigen import lanczos_tridiag
-    >>> a, b, _ = lanczos_tridiag(np.diag([1.0, 2.0, 3.0]), np.ones(3), 3)
-    >>> np.round(np.sort(np.linalg.eigvalsh(np.diag(a) + np.diag(b, 1) + np.diag(b, -1))), 8)
-    array([1., 2., 3.])
-    """
-    H = aslinearoperator(H)
-    n = H.shape[0]
-    v0 = v0 if H.backend.is_native(v0) else H.from_numpy(np.asarray(v0))
-    nrm = norm(v0)
-    if not nrm > 0:
-        raise ValueError("the Lanczos start vector must be nonzero")
-    _check_location(basis_location)
-    q = v0 / nrm
-    B = Basis(q, min(int(steps), n), location=basis_location, dtype=basis_dtype)
-    B.append(q)
-    alphas: list[float] = []
-    betas: list[float] = []
-    for j in range(min(int(steps), n)):
-        if j == min(int(steps), n) - 1:  # last step: alpha only, no new basis vector needed
-            alphas.append(dot(q, H.matvec(q)))
-            break
-        w, a, b = _expand(H, B, q)
-        alphas.append(a)
-        if b <= _breakdown_tol(H, max(abs(x) for x in alphas + betas)):
-            break
-        betas.append(b)
-        q = w / b
-        B.append(q)
-    m = len(alphas)
-    return np.asarray(alphas), np.asarray(betas[: m - 1]), (B.native() if return_basis else None)
-
-
-def lanczos_tridiag_batch(
-    H: Any, V0: Any, steps: int, *, reorth: str = "full", basis_location: str = "device",
-    basis_dtype: Any = None,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Independent Lanczos runs from the ``p`` columns of ``V0``, in lockstep: one ``H.matmat`` per step.
-
-    ``reorth="full"``: each run is reorthogonalised (twice) against its own basis only (batched
-    matrix products, whatever ``p``), kept in a :class:`curvop.arrays.Basis` preallocated for
-    ``steps`` vectors per run (``basis_location``, ``basis_dtype``). ``reorth="local"``: the
-    three-term recurrence with the new vector reorthogonalised against the previous two only; no
-    basis is stored (three ``(n, p)`` blocks in all), at the price of "ghost" copies of converged
-    Ritz values, which split the quadrature weight but leave the measure's moments nearly
-    unchanged (the density error is measured in docs/scale.md). A run that reaches an invariant
-    subspace stops (its column is zeroed) while the others go on.
-
-    Returns ``[(alpha, beta), ...]``, one tridiagonal (float64 host arrays) per column.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from curvop.eigen import lanczos_tridiag_batch
-    >>> [(a.size, b.size) for a, b in lanczos_tridiag_batch(np.diag([1.0, 2.0, 3.0]), np.ones((3, 2)), 5)]
-    [(3, 2), (3, 2)]
-    """
-    H = aslinearoperator(H)
-    V0 = V0 if H.backend.is_native(V0) else H.from_numpy(np.asarray(V0))
-    n, p = V0.shape
-    steps = min(int(steps), n)
-    if reorth not in ("full", "local"):
-        raise ValueError(f"reorth must be 'full' or 'local', got {reorth!r}")
-    _check_location(basis_location)
-    V = V0 * asarray_like(1.0 / np.sqrt(column_dots(V0, V0)), V0)
-    V0 = None  # the caller's start block is not kept alive for the whole run
-    basis = None
-    if reorth == "full":
-        basis = Basis(V, steps, location=basis_location, dtype=basis_dtype, runs=p)
-        basis.append(V)
-    V_prev = None
-    alphas, betas = np.zeros((steps, p)), np.zeros((steps, p))
-    length = np.full(p, steps)
-    active = np.ones(p, dtype=bool)
-    for j in range(steps):
-        W = H.matmat(V)
-        alphas[j] = column_dots(V, W)
-        _require_finite(alphas[j], "curvop Lanczos")
-        if j == steps - 1:
-            break
-        if basis is not None:  # full reorthogonalisation, twice
-            W = basis.project_out(W)
-            W = basis.project_out(W)
-        else:  # three-term recurrence, then once more against the two vectors it used
-            W = W - V * asarray_like(alphas[j], W)
-            if V_prev is not None:
-                W = W - V_prev * asarray_like(betas[j - 1], W)
-            for U in (V, V_prev) if V_prev is not None else (V,):
-                W = W - U * asarray_like(column_dots(U, W), W)
-        beta = np.sqrt(np.maximum(column_dots(W, W), 0.0))
-        stop = active & (beta <= _breakdown_tol(H, max(np.abs(alphas[: j + 1]).max(), betas.max())))
-        length[stop] = j + 1
-        active &= ~stop
-        if not active.any():
-            break
-        betas[j] = np.where(active, beta, 0.0)
-        V_prev, V = V, W * asarray_like(np.where(active, 1.0 / np.where(active, beta, 1.0), 0.0), W)
-        if basis is not None:
-            basis.append(V)
-    return [(alphas[: length[i], i], betas[: length[i] - 1, i]) for i in range(p)]
-
-
-def _ritz(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of the small projected matrix, in float64 on the host.
-
-    A plain Lanczos matrix is tridiagonal (``scipy.linalg.eigh_tridiagonal``); after a thick
-    restart it is an arrowhead bordering a tridiagonal block, solved with dense ``eigh``.
-    """
-    if T.shape[0] > 2 and np.any(np.triu(T, 2)):
-        return scipy.linalg.eigh(T)
-    if T.shape[0] == 1:
-        return T.diagonal().copy(), np.ones((1, 1))
-    return scipy.linalg.eigh_tridiagonal(T.diagonal(), T.diagonal(1))
-
-
-def _order(theta: np.ndarray, which: str) -> np.ndarray:
-    if which == "LA":
-        return np.argsort(-theta, kind="stable")
-    if which == "SA":
-        return np.argsort(theta, kind="stable")
-    return np.argsort(-np.abs(theta), kind="stable")
-
-
-def _grow(T: np.ndarray, coupling: np.ndarray, alpha: float) -> np.ndarray:
-    m = T.shape[0] + 1
-    out = np.zeros((m, m))
-    out[: m - 1, : m - 1] = T
-    out[m - 1, : m - 1] = out[: m - 1, m - 1] = coupling
-    out[m - 1, m - 1] = alpha
-    return out
-
-
-def _fresh_direction(H: HessianOperator, B: Basis, rng: np.random.Generator) -> Array:
-    """A random unit vector orthogonal to the basis ``B`` (to continue after an invariant subspace)."""
-    r = B.project_out(B.project_out(H.random(H.shape[0], "gaussian", seed=rng)))
-    return r / norm(r)
-
-
-def _converged(H, T: np.ndarray, beta: float, k: int, which: str, tol: float):
-    """Ritz pairs of ``T`` and whether the ``k`` wanted ones meet ``|β yₘ| <= tol·max(|θ|, √eps‖T‖)``."""
-    eps = np.finfo(np.float64).eps
-    m = T.shape[0]
-    theta, Y = _ritz(T)
-    order = _order(theta, which)
-    tnorm = np.abs(theta).max()
-    broke = beta <= _breakdown_tol(H, tnorm)
-    res = np.abs((0.0 if broke else beta) * Y[m - 1, :])
-    scale = np.maximum(np.abs(theta), np.sqrt(eps) * tnorm)
-    done = m >= k and bool(np.all(res[order[:k]] <= tol * scale[order[:k]]))
-    return theta, Y, order, res, scale, broke, done
-
-
-def _lanczos(H, k, which, tol, max_matvecs, ncv, rng, bar, v0=None, location="device", basis_dtype=None):
-    """Thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation.
-
-    Each cycle grows the basis to ``ncv`` vectors; then the ``l = k + (ncv − k) // 2`` wanted Ritz
-    vectors are kept together with the current residual direction and the iteration continues.
-    Keeping Ritz vectors (rather than restarting from one combined vector) keeps nearly all of
-    the spectral information of the cycle at the memory cost of ``ncv`` vectors, and converges
-    almost like an unrestarted Lanczos run of the same total length. The basis is preallocated
-    (:class:`curvop.arrays.Basis`) and the restart combines it in place.
-    """
-    n = H.shape[0]
-    q = H.random(n, "gaussian", seed=rng) if v0 is None else _warm_start(H, v0, rng)
-    q = q / norm(q)
-    Q = Basis(q, ncv, location=location, dtype=basis_dtype)
-    Q.append(q)
-    T = np.zeros((0, 0))
-    coupling = np.zeros(0)
-    used, invariant = 0, False
-    while True:
-        while True:  # expand the basis, checking convergence after every product
-            w, alpha, beta = _expand(H, Q, q)
-            used += 1
-            bar.update(1)
-            T = _grow(T, coupling, alpha)
-            m = T.shape[0]
-            theta, Y, order, res, scale, broke, done = _converged(H, T, beta, k, which, tol)
-            # after a breakdown the Krylov space may miss copies of repeated eigenvalues (and Ritz
-            # vectors of the closed block look converged): from then on, judge only at cycle ends
-            invariant = invariant or broke
-            if (done and not invariant) or m == ncv or used >= max_matvecs or m == n:
-                break
-            coupling = np.zeros(m)
-            if broke:
-                q = _fresh_direction(H, Q, rng)  # invariant subspace: decoupled new block
-                beta = 0.0
-            else:
-                q = w / beta
-                coupling[m - 1] = beta
-            Q.append(q)
-            w = None  # stored in Q: free it before the next product
-        if done or used >= max_matvecs or m == n:
-            break
-        keep = order[: k + (m - k) // 2]  # thick restart
-        Q.restart(Y[:, keep])
-        T = np.diag(theta[keep])
-        if broke:
-            q, coupling = _fresh_direction(H, Q, rng), np.zeros(len(keep))
-        else:
-            q, coupling = w / beta, beta * Y[m - 1, keep]
-        Q.append(q)
-    sel = order[:k]
-    return theta[sel], Q.lincomb(Y[:, sel]), res[sel], scale[sel], used
 
 
 def _choose_ncv(H: HessianOperator, k: int, ncv: int | None, basis_dtype: Any,
@@ -473,12 +191,18 @@ def _warm_start(H: HessianOperator, v0: Any, rng: np.random.Generator) -> Array:
         raise ValueError("v0 contains NaN or Inf; pass finite start vectors")
     if not np.any(norms > 0):
         raise ValueError("v0 is zero; pass a nonzero start vector (or v0=None for a random start)")
-    q = lincomb(V, np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0))
+    q = matmul(V, np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0))
     if not norm(q) > 0:
         raise ValueError("the normalised columns of v0 cancel (their sum is zero); pass independent vectors")
     r = H.random(n, "gaussian", seed=rng)
     dt = np.dtype(H.dtype) if np.dtype(H.dtype).kind == "f" else np.dtype(np.float64)
     return q / norm(q) + r * (WARM_START_NOISE * np.sqrt(np.finfo(dt).eps) / norm(r))
+
+
+def _start(H: HessianOperator, v0: Any, rng: np.random.Generator) -> Array:
+    """The unit start vector: random (gaussian, from ``rng``), or the warm start from ``v0``."""
+    q = H.random(H.shape[0], "gaussian", seed=rng) if v0 is None else _warm_start(H, v0, rng)
+    return q / norm(q)
 
 
 _V0_HELP = ("v0 must be a vector, an (n, p) block or an EigenResult, as numpy or the operator's own "
@@ -575,10 +299,9 @@ def eigenvalues(
         of vectors, or a previous result (its eigenvectors), e.g. the Hessian's at the previous
         training step. Lanczos starts from one combined vector, the sum of the normalised columns
         plus a tiny random share, ``sqrt(eps)`` of the dtype (so that an exact eigenvector does not
-        close the Krylov space at once). One combined vector rather than a block: in
-        ``benchmarks/warm_start.py`` the new top eigenvector is barely closer to the span of the
-        previous top three than to the previous top one (sine 0.09 against 0.16), so a block
-        start, which costs one product per column, would not pay. Lanczos only.
+        close the Krylov space at once). One combined vector rather than a block: a block start
+        costs one product per column and did not pay in ``benchmarks/warm_start.py`` (what warm
+        starts save, and why: docs/training.md). Lanczos only.
     basis_location : {"device", "host"}
         Lanczos only: where the preallocated basis lives, the operator's device or host memory
         (products still run on the device; each reorthogonalisation moves two vectors).
@@ -627,7 +350,7 @@ def eigenvalues(
             f"max_matvecs={max_matvecs} is too small for k={k} eigenpairs (need >= {k + checks}"
             + (f": {k} Lanczos steps and {k} verification products; or pass verify=False)" if checks else ")")
         )
-    _check_location(basis_location)
+    check_location(basis_location)
     if method == "lanczos":
         ncv = _choose_ncv(H, k, ncv, basis_dtype, max_basis_bytes)
     ncv = min(n, max(2 * k + 1, 20)) if ncv is None else int(ncv)
@@ -638,8 +361,9 @@ def eigenvalues(
     bar = progress_bar(progress, max_matvecs, f"eigenvalues ({method})")
     try:
         if method == "lanczos":
-            lam, V, res, scale, _ = _lanczos(H, k, which, tol, max_matvecs - checks, ncv, rng, bar, v0,
-                                             basis_location, basis_dtype)
+            problem = KrylovProblem(k, which, tol, ncv, max_matvecs - checks, basis_location, basis_dtype)
+            pairs = thick_restart(H, _start(H, v0, rng), problem, rng, bar.update)  # no reference kept here
+            lam, V, res, scale = pairs.values, pairs.vectors, pairs.residuals, pairs.scales
             if verify:
                 R = H.matmat(V) - V * H.from_numpy(lam)
                 bar.update(k)
@@ -647,7 +371,7 @@ def eigenvalues(
             converged = bool(np.all(res <= tol * scale))
         else:
             lam, V, res, converged = _power(H, k, which, tol, max_matvecs, rng, bar)
-            order = _order(lam, which)  # sorted as Lanczos's are
+            order = order_by(lam, which)  # sorted as Lanczos's are
             lam, res, V = lam[order], res[order], stack([V[:, int(i)] for i in order], axis=1)
     finally:
         bar.close()

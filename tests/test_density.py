@@ -71,7 +71,7 @@ def test_bad_input_is_a_clear_error():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_lockstep_lanczos_matches_one_run_at_a_time(kind):
-    from curvop.eigen import lanczos_tridiag, lanczos_tridiag_batch
+    from curvop.krylov import lanczos_tridiag
 
     lam = np.r_[np.linspace(0.0, 1.0, 40), 1.0, 1.0]  # a repeated eigenvalue, n = 42
     H = operator(with_spectrum(tuple(lam), seed=16), kind)
@@ -79,9 +79,11 @@ def test_lockstep_lanczos_matches_one_run_at_a_time(kind):
     Q = orthogonal(42, 16)
     Z[:, 2] = Q[:, 0] + Q[:, 5]  # two eigenvectors: this run stops after 2 steps, the others go on
     Hop = curvop.aslinearoperator(H)
-    runs = lanczos_tridiag_batch(Hop, Hop.from_numpy(Z), 30)
+    runs, _ = lanczos_tridiag(Hop, Hop.from_numpy(Z), 30)
+    runs = [(T.alpha, T.beta) for T in runs]
     for i, (a, b) in enumerate(runs):
-        a1, b1, _ = lanczos_tridiag(Hop, Hop.from_numpy(Z[:, i]), 30)
+        (T1,), _ = lanczos_tridiag(Hop, Hop.from_numpy(Z[:, i]), 30)
+        a1, b1 = T1.alpha, T1.beta
         assert a.size == a1.size and b.size == b1.size
         np.testing.assert_allclose(a, a1, atol=1e-10)
         np.testing.assert_allclose(b, b1, atol=1e-10)
@@ -115,3 +117,14 @@ def test_stacked_basis_grown_step_by_step_equals_the_list_form():
     for i in range(3):  # column i is orthogonal to run i's basis
         np.testing.assert_allclose(np.stack([b[:, i] for b in blocks], 1).T @ arrays.project_out_each(w, grown)[:, i],
                                    0, atol=1e-12)
+
+
+def test_issue13_item5_local_slq_holds_five_blocks_not_six():
+    # reorth="local" through curvop.krylov's recurrence frees the previous product before the next
+    # one: 5 blocks of (n, p) at the peak (the old lanczos_tridiag_batch held 6).
+    from test_scale_memory import N, _d, _peak_vectors
+
+    H = curvop.HessianOperator.from_hvp(lambda v: _d * v, np.zeros(N), matmat_fn=lambda V: _d[:, None] * V)
+    peak, sd = _peak_vectors(lambda: curvop.spectral_density(H, num_steps=10, num_probes=2, reorth="local", seed=0))
+    assert sd.num_matvecs == 20
+    assert peak <= 5 * 2 + 0.25, peak
