@@ -177,10 +177,6 @@ def matmul(a: Array, b: Array) -> Array:
     return xp.matmul(a, asarray_like(b, a))
 
 
-# Temporary, not part of the API (it equals :func:`matmul`): curvop/eigen.py still imports it
-# (one call). Delete once eigen.py uses ``matmul`` (the Krylov rewrite, helper "krylov").
-lincomb = matmul
-
 
 def stack(vectors: Sequence[Array], axis: int = 1) -> Array:
     """Stack 1-D vectors into the columns (``axis=1``) or rows of a matrix."""

@@ -194,7 +194,7 @@ def spectral_density(
         budget = default_basis_budget(n * np.dtype(H.dtype).itemsize) if max_basis_bytes is None else int(max_basis_bytes)
         need = min(block_size, num_probes) * min(int(num_steps), n) * vec
         reorth = "full" if need <= budget else "local"
-    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
+    rng = H.rng(seed)  # the same probes on every rank
     start = H.num_matvecs
     nodes, weights = [], []
     bar = progress_bar(progress, num_probes * min(num_steps, n), "spectral density (SLQ)")

@@ -18,7 +18,7 @@ from curvop._progress import progress_bar
 from curvop.arrays import column_dots, dot, matmul, norm, project_out, stack
 from curvop.krylov import KrylovProblem, check_location, order_by, thick_restart
 from curvop.operator import HessianOperator, aslinearoperator
-from curvop.trace import _require_finite
+from curvop._checks import require_finite as _require_finite
 
 __all__ = ["EigenResult", "ConvergenceWarning", "eigenvalues", "array_summary", "default_basis_budget"]
 
@@ -168,22 +168,16 @@ def _warm_start(H: HessianOperator, v0: Any, rng: np.random.Generator) -> Array:
     """
     n = H.shape[0]
     V = v0.eigenvectors if isinstance(v0, EigenResult) else v0
-    if isinstance(V, (np.ndarray, list, tuple)) or not H.backend.is_native(V):
-        try:
-            V = np.asarray(V)
-        except Exception as err:  # e.g. an array of another framework
+    try:
+        V = H.native(V)  # native: dtype and device checked; numpy or a list: converted
+    except TypeError as err:
+        if str(err).startswith("H.native"):  # neither numpy-convertible nor native
             raise TypeError(_V0_HELP.format(f"a {type(V).__name__}")) from err
-        if V.dtype.kind not in "fiu":
-            raise TypeError(_V0_HELP.format(f"an array of dtype {V.dtype}"))
-        if V.ndim not in (1, 2) or V.shape[0] != n or (V.ndim == 2 and V.shape[1] < 1):
-            raise ValueError(f"v0 must have shape ({n},) or ({n}, p) for this operator, got {V.shape}")
-        V = H.from_numpy(V)
+        raise TypeError(f"v0: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"v0: {err}") from None
     if len(V.shape) not in (1, 2) or V.shape[0] != n or (len(V.shape) == 2 and V.shape[1] < 1):
         raise ValueError(f"v0 must have shape ({n},) or ({n}, p) for this operator, got {tuple(V.shape)}")
-    try:
-        H.backend.check(V)  # native dtype and device
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"v0: {err}") from None
     if len(V.shape) == 1:
         V = stack([V], axis=1)
     norms = np.sqrt(column_dots(V, V))
@@ -356,7 +350,7 @@ def eigenvalues(
     ncv = min(n, max(2 * k + 1, 20)) if ncv is None else int(ncv)
     if not k < ncv <= n:
         raise ValueError(f"ncv must satisfy k < ncv <= n, got ncv={ncv} (k={k}, n={n})")
-    rng = np.random.default_rng(H.backend.agree_seed(seed))  # the same probes on every rank
+    rng = H.rng(seed)  # the same probes on every rank
     start = H.num_matvecs
     bar = progress_bar(progress, max_matvecs, f"eigenvalues ({method})")
     try:

@@ -24,7 +24,7 @@ import scipy.linalg
 
 from curvop.arrays import Basis, asarray_like, column_dots, dot, norm
 from curvop.operator import aslinearoperator
-from curvop.trace import _require_finite
+from curvop._checks import require_finite as _require_finite
 
 __all__ = ["LanczosStep", "Tridiagonal", "lanczos_step", "lanczos_tridiag", "thick_restart", "KrylovProblem",
            "RitzPairs"]
@@ -172,7 +172,7 @@ def lanczos_tridiag(
     array([1., 2., 3.])
     """
     H = aslinearoperator(H)
-    V0 = V0 if H.backend.is_native(V0) else H.from_numpy(np.asarray(V0))
+    V0 = H.native(V0)
     single = len(V0.shape) == 1
     n, p = V0.shape[0], 1 if single else V0.shape[1]
     steps = min(int(steps), n)
