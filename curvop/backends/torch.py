@@ -43,38 +43,30 @@ import inspect
 import itertools
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
 from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, jvp, linearize, vmap
+from torch.func import grad, jvp, linearize, vmap
 
+from curvop.backends._torch_model import function_problem, model_problem
 from curvop.backends._torch_ops import Rewrites
+from curvop.backends._torch_state import LOCK as _LOCK
+from curvop.backends._torch_state import FixedRandomness as _FixedRandomness
+from curvop.backends._torch_state import at as _at
+from curvop.backends._torch_state import batch_seed, check_autograd_available, inference_mode_error
 from curvop.backends.base import Backend, LossPrecisionError
 from curvop.backends.base import check_deterministic as assert_deterministic
-from curvop.backends.dataset import Dataset, resolve_reduction
+from curvop.backends.dataset import Dataset
 from curvop.backends.distributed import torch_collective
 from curvop.backends.faults import locate_nonfinite, nonfinite_error
-from curvop.backends.selection import select
 
 __all__ = ["TorchBackend", "batch_seed", "hessian", "hessian_of"]
 
 Tensor = torch.Tensor
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
-
-#: ``functional_call`` swaps module attributes and forward-mode AD levels are process-wide, so the
-#: parts of a product that run the model (and every ``jvp``) take this lock: products from several
-#: threads are then correct and never leave the model holding another thread's tensors.
-_LOCK = threading.RLock()
-
-#: The index of the batch being evaluated (in the order the data yields them), for ``train_mode``'s
-#: per-batch seeds; set around each batch by the backend, 0 when nothing sets it (the first batch).
-_BATCH = ContextVar("curvop_torch_batch", default=0)
-
 
 class TorchBackend(Backend):
     """Products of the Hessian of ``loss(params, batch)`` over a :class:`Dataset`.
@@ -157,7 +149,7 @@ class TorchBackend(Backend):
             raise ValueError("no parameters selected: the Hessian would be empty")
         _check_options(hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
                        check_finite=check_finite, rewrite=rewrite, check_loss_dtype=check_loss_dtype)
-        _check_autograd_available()
+        check_autograd_available()
         self._loss = loss
         self._params = {k: _check_param(k, p).detach() for k, p in params.items()}
         devices = {p.device for p in self._params.values()}
@@ -246,7 +238,7 @@ class TorchBackend(Backend):
     def _follow(self) -> None:
         """Follow in-place changes of the parameters and buffers since the last product (no sync)."""
         if torch.is_inference_mode_enabled():
-            raise _inference_mode_error("a Hessian-vector product")
+            raise inference_mode_error("a Hessian-vector product")
         if [t._version for t in self._watch] == self._versions:
             return
         with self._state_lock:
@@ -460,65 +452,6 @@ def _linearized_product(layout: _Layout, lin: Callable[[Any], Any], v: Tensor, b
         return vmap(one, in_dims=1, out_dims=1, randomness=randomness)(v) if batched else one(v)
 
 
-def _at(index: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` evaluated as batch ``index`` (for the per-batch seeds of ``train_mode``)."""
-    token = _BATCH.set(index)
-    try:
-        return fn(*args)
-    finally:
-        _BATCH.reset(token)
-
-
-def batch_seed(seed: int, index: int, rank: int = 0) -> int:
-    """The torch seed under which ``train_mode=True`` evaluates batch ``index`` (on ``rank``).
-
-    Batches are counted in the order the data yields them, from 0 (per rank, over its shard, in
-    data-parallel products). Reproduce a mask with ``torch.manual_seed(batch_seed(seed, i))``
-    before the model's forward on batch ``i``.
-
-    Examples
-    --------
-    >>> from curvop.backends.torch import batch_seed
-    >>> batch_seed(7, 0) == batch_seed(7, 0) != batch_seed(7, 1)
-    True
-    """
-    return int(np.random.SeedSequence([seed, index, rank]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-class _FixedRandomness:
-    """Every loss evaluation on batch ``i`` draws from torch's generator seeded with ``batch_seed``.
-
-    Inside ``torch.random.fork_rng`` (the CPU generator, and the CUDA one of the model's device), so
-    the user's RNG state is what it was, and dropout draws one mask per batch, the same in every
-    product. Holds no reference to the backend.
-    """
-
-    def __init__(self, seed: int, device: torch.device, rank: int):
-        self.seed, self.rank = seed, rank
-        self.cuda = None if device.type != "cuda" else (
-            device.index if device.index is not None else torch.cuda.current_device())
-
-    @contextmanager
-    def fixed(self, index: int) -> Iterator[None]:
-        seed = batch_seed(self.seed, index, self.rank)
-        with _LOCK, torch.random.fork_rng(devices=[] if self.cuda is None else [self.cuda], device_type="cuda"):
-            torch.default_generator.manual_seed(seed)
-            if self.cuda is not None:  # this device only: the others' generators are not forked
-                torch.cuda.default_generators[self.cuda].manual_seed(seed)
-            yield
-
-    def wrap(self, loss: LossFn) -> LossFn:
-        return partial(self._seeded_loss, loss)
-
-    def _seeded_loss(self, loss: LossFn, p: dict[str, Tensor], batch: Any) -> Tensor:
-        with self.fixed(_BATCH.get()):
-            return loss(p, batch)
-
-    def call(self, index: int, fn: Callable[[Tensor, bool], Tensor], v: Tensor, batched: bool) -> Tensor:
-        with self.fixed(index):
-            return fn(v, batched)
-
-
 def _number(w: Any) -> Any:
     return w.item() if isinstance(w, torch.Tensor) else w
 
@@ -541,18 +474,6 @@ def _check_param(name: str, p: Any) -> Tensor:
             "cannot differentiate; create or load the model outside torch.inference_mode()"
         )
     return p
-
-
-def _inference_mode_error(what: str) -> RuntimeError:
-    return RuntimeError(
-        f"{what} needs autograd, which torch.inference_mode() disables; build the Hessian and multiply "
-        "by it outside inference_mode (torch.no_grad() around curvop calls is fine)"
-    )
-
-
-def _check_autograd_available() -> None:
-    if torch.is_inference_mode_enabled():
-        raise _inference_mode_error("curvop.hessian")
 
 
 _FLAGS = ("check_deterministic", "check_finite", "rewrite", "check_loss_dtype")
@@ -600,26 +521,6 @@ def _check_scalar_loss(loss: LossFn, params: dict[str, Tensor], batch: Any, chec
             "compute the loss yourself from out.logits with a loss_fn), no float32 constants. Pass "
             "check_loss_dtype=False to accept the lower precision."
         )
-
-
-def _check_module(model: torch.nn.Module) -> None:
-    from torch.nn.modules.batchnorm import _BatchNorm
-    from torch.nn.modules.dropout import _DropoutNd
-
-    for name, m in model.named_modules():
-        if m.training and isinstance(m, (_BatchNorm, _DropoutNd)):
-            kind = "BatchNorm" if isinstance(m, _BatchNorm) else "dropout"
-            raise ValueError(
-                f"{kind} layer {name or type(m).__name__!r} is in training mode, so products would "
-                f"{'use batch statistics and update the running statistics' if kind == 'BatchNorm' else 'drop random units'}"
-                "; call model.eval() before building the Hessian, or pass train_mode=True for the Hessian of the "
-                "training-mode loss (batch statistics, running statistics untouched, one fixed dropout mask)"
-            )
-
-
-def _select(model: torch.nn.Module, params: Any) -> dict[str, Tensor]:
-    return select(dict(model.named_parameters()), params, default=lambda k, p: p.requires_grad,
-                  is_leaf=lambda x: isinstance(x, torch.Tensor))
 
 
 def hessian(
@@ -692,194 +593,14 @@ def hessian(
     >>> bool(torch.equal(H @ v, H @ v)), net.training
     (True, True)
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
-    train_mode, seed = options.pop("train_mode", False), options.pop("seed", None)
-    _check_unknown(options, ("params", "reduction", "batch_weight", "train_mode", "seed"))
-    rng_seed = _train_seed(train_mode, seed)
-    _check_autograd_available()
-    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module  # the wrapped model; curvop does its own all-reduce of products
-    if not train_mode:
-        _check_module(model)
-    selected = _select(model, params)
-    consts = {k: p.detach() for k, p in model.named_parameters() if k not in selected}
-    buffers = _Buffers(model, batch_statistics=bool(train_mode))
-    reduction_ = resolve_reduction(loss_fn, reduction)
-    weight = batch_weight if batch_weight is not None else _loss_weight(loss_fn, reduction_)
-    dataset = Dataset(data, reduction_, weight=weight,
-                      single=True if loss_fn is None and isinstance(data, torch.Tensor) else None)
-    if (loss_fn is not None and reduction is None and batch_weight is None and not dataset.single
-            and getattr(loss_fn, "reduction", None) is None):
-        raise ValueError(
-            f"the loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)!r} has no .reduction attribute "
-            "(a lambda or function?), so curvop cannot tell how to combine several batches: pass "
-            "reduction='mean' (batches weighted by their size) or reduction='sum', or "
-            "batch_weight=lambda batch: ... giving what the loss averages over in a batch (e.g. "
-            "lambda b: (b[1] != -100).sum() for ignored targets)"
-        )
-
-    def loss(p: dict[str, Tensor], batch: Any) -> Tensor:
-        tensors = (p, consts, buffers.copies)
-        if loss_fn is None:  # the model computes its own loss
-            return _model_loss(model, tensors, batch)
-        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-            raise ValueError("each batch must be a pair (inputs, targets)")
-        inputs, targets = batch
-        with _LOCK:
-            if isinstance(inputs, Mapping):
-                out = functional_call(model, tensors, (), dict(inputs))
-            else:
-                out = functional_call(model, tensors, tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,))
-        return loss_fn(out, targets)
-
-    return TorchBackend(loss, selected, dataset, watch=list(buffers.live.values()), on_change=buffers.refresh,
-                        check_state=buffers.check, rng_seed=rng_seed, **options)
-
-
-def _train_seed(train_mode: Any, seed: Any) -> int | np.random.Generator | None:
-    """The checked ``train_mode``/``seed`` options as the backend's ``rng_seed`` (``None``: eval only)."""
-    if not isinstance(train_mode, (bool, np.bool_)):
-        raise TypeError(f"train_mode must be True or False, got {train_mode!r} ({type(train_mode).__name__})")
-    if not train_mode:
-        if seed is not None:
-            raise ValueError(
-                "seed= fixes the random draws (dropout masks) of a training-mode Hessian; it needs "
-                "train_mode=True (an eval-mode Hessian draws nothing)"
-            )
-        return None
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
-        if seed < 0:
-            raise ValueError(
-                f"seed must be a non-negative int, a torch.Generator, a numpy Generator or None, got {seed}")
-        return int(seed)
-    if seed is None:  # a draw from the user's generator, which is left where it was
-        with torch.random.fork_rng(devices=[]):
-            return np.random.default_rng(int(torch.randint(2**62, ())))
-    if isinstance(seed, torch.Generator):  # advances that generator, as drawing from it does
-        return np.random.default_rng(int(torch.randint(2**62, (), generator=seed, device=seed.device)))
-    if isinstance(seed, np.random.Generator):
-        return np.random.default_rng(int(seed.integers(2**62)))
-    raise TypeError(
-        f"seed must be a non-negative int, a torch.Generator, a numpy Generator or None, got {seed!r} "
-        f"({type(seed).__name__})"
-    )
-
-
-class _Buffers:
-    """Copies of the model's buffers for products to use (and write, if a layer does): never the user's.
-
-    Refreshed when a live buffer changes in place (its ``_version``), so the operator follows the
-    model's buffers as it follows its parameters. With ``batch_statistics`` the running statistics
-    of normalisation layers in training mode are ``None``: they normalise with the batch's
-    statistics, as in training, and write nothing (every product is then the same function).
-    """
-
-    def __init__(self, model: torch.nn.Module, batch_statistics: bool = False):
-        from torch.nn.modules.batchnorm import _NormBase
-
-        self.model = model
-        self.live = dict(model.named_buffers())
-        self.unused = set()
-        if batch_statistics:
-            for name, m in model.named_modules():
-                if isinstance(m, torch.nn.SyncBatchNorm) and m.training:
-                    raise ValueError(
-                        f"SyncBatchNorm layer {name!r} is in training mode: it synchronises batch statistics "
-                        "across processes, which train_mode=True does not differentiate (nor needs: curvop reduces "
-                        "products across ranks itself); use torch.nn.BatchNorm layers for the Hessian, or call "
-                        f"model.get_submodule({name!r}).eval() to use its running statistics"
-                    )
-                if isinstance(m, _NormBase) and m.training and m.track_running_stats:
-                    prefix = f"{name}." if name else ""
-                    self.unused |= {prefix + k for k in ("running_mean", "running_var", "num_batches_tracked")}
-        self.refresh()
-
-    def refresh(self) -> None:
-        self.copies = {k: None if k in self.unused else b.detach().clone() for k, b in self.live.items()}
-
-    def check(self) -> None:
-        """After the first forward: refuse training-mode layers that changed their buffers, by effect."""
-        changed: dict[str, list[str]] = {}
-        for k, b in self.live.items():
-            if self.copies[k] is not None and not torch.equal(self.copies[k], b):
-                owner, _, leaf = k.rpartition(".")
-                if self.model.get_submodule(owner).training:
-                    changed.setdefault(owner, []).append(leaf)
-        self.refresh()
-        if changed:
-            owner, names = next(iter(changed.items()))
-            kind = type(self.model.get_submodule(owner)).__name__
-            raise ValueError(
-                f"layer {owner or kind!r} ({kind}) is in training mode and its forward updates its buffers "
-                f"({', '.join(names)}), so every product would change them and the Hessian would drift; "
-                "call model.eval() before building the Hessian (curvop never writes the model's buffers: "
-                "products run on copies)"
-            )
-
-
-def _model_loss(model: torch.nn.Module, tensors: tuple[dict[str, Tensor], ...], batch: Any) -> Tensor:
-    """``loss_fn=None``: the loss the model computes itself (``.loss``, ``["loss"]`` or a scalar output)."""
-    with _LOCK:
-        if isinstance(batch, Mapping):
-            out = functional_call(model, tensors, (), dict(batch))
-        elif isinstance(batch, (list, tuple)):
-            out = functional_call(model, tensors, tuple(batch))
-        else:
-            out = functional_call(model, tensors, (batch,))
-    if isinstance(out, torch.Tensor):
-        if out.numel() == 1:
-            return out
-        value = None
-    else:
-        value = getattr(out, "loss", None)
-        if value is None and isinstance(out, Mapping):
-            value = out.get("loss")
-    if value is None:
-        raise ValueError(
-            f"loss_fn=None means the model computes its own loss, but its output ({type(out).__name__}"
-            f"{f' of shape {tuple(out.shape)}' if isinstance(out, torch.Tensor) else ''}) has no loss: pass the "
-            "labels in the batch (e.g. batch['labels'] for a Hugging Face model) so that the output has .loss, "
-            "or give a loss_fn(output, targets) with batches (inputs, targets)"
-        )
-    return value
-
-
-def _loss_weight(loss_fn: Any, reduction: str) -> Callable[[Any], Any] | None:
-    """What a mean-reduced ``CrossEntropyLoss`` / ``NLLLoss`` averages over in a batch, else ``None``."""
-    if reduction != "mean" or not isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
-        return None
-    return partial(_target_weight, loss_fn.weight, loss_fn.ignore_index)
-
-
-def _target_weight(class_weight: Tensor | None, ignore_index: int, batch: Any) -> Any:
-    """The divisor of torch's mean: the targets' class weights summed, ignored targets left out."""
-    targets = batch[1]
-    if targets.is_floating_point():  # class probabilities: a mean over samples (and positions)
-        return targets.numel() // targets.shape[1] if targets.dim() > 1 else 1
-    keep = targets != ignore_index
-    if class_weight is None:
-        return keep.sum()
-    w = class_weight.to(targets.device)[torch.where(keep, targets, 0)]
-    return (w * keep).sum()
+    problem = model_problem(model, loss_fn, data, params=params, reduction=reduction, batch_weight=batch_weight,
+                            options=options, valid=_valid_options())
+    return TorchBackend(**problem, **options)
 
 
 def _valid_options() -> list[str]:
     internal = {"self", "loss", "params", "dataset", "watch", "on_change", "check_state", "rng_seed"}
     return [k for k in inspect.signature(TorchBackend.__init__).parameters if k not in internal]
-
-
-def _check_unknown(options: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
-    valid = [*extra, *_valid_options()]
-    for name in options:
-        if name not in valid:
-            hint = ""
-            if name in ("cuda", "device", "gpu"):
-                hint = (" (the operator uses the model's device; move the model with model.to(...) and the data "
-                        "follows it)")
-            raise TypeError(
-                f"unknown option {name!r} for the torch backend{hint}; valid options: {', '.join(valid)}"
-            )
 
 
 def hessian_of(f: Callable[..., Tensor], params: Any, data: Any = None, *, reduction: str = "mean",
@@ -889,22 +610,5 @@ def hessian_of(f: Callable[..., Tensor], params: Any, data: Any = None, *, reduc
     ``params`` is a tensor, a list/tuple of tensors or a dict of tensors; ``f`` receives the same
     structure (fresh tensors at the same values) and must compute with it.
     """
-    if isinstance(params, torch.Tensor):
-        flat, rebuild = {"0": params}, lambda d: d["0"]
-    elif isinstance(params, dict):
-        flat, rebuild = dict(params), lambda d: d
-    elif isinstance(params, (list, tuple)):
-        kind = type(params)
-        flat = {str(i): p for i, p in enumerate(params)}
-        rebuild = lambda d: kind(d[str(i)] for i in range(len(flat)))  # noqa: E731
-    else:
-        raise TypeError(f"params must be a tensor or a list/tuple/dict of tensors, got {type(params).__name__}")
-
-    batch_weight = options.pop("batch_weight", None)
-    _check_unknown(options, ("reduction", "batch_weight"))
-    _check_autograd_available()
-    if data is None:
-        loss = lambda p, batch: f(rebuild(p))  # noqa: E731
-    else:
-        loss = lambda p, batch: f(rebuild(p), batch)  # noqa: E731
-    return TorchBackend(loss, flat, Dataset(data, reduction, weight=batch_weight), **options)
+    problem = function_problem(f, params, data, reduction=reduction, options=options, valid=_valid_options())
+    return TorchBackend(**problem, **options)

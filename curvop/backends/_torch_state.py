@@ -1,0 +1,102 @@
+"""Process-wide state the torch backend coordinates: one lock, the batch being evaluated, its seed.
+
+* :data:`LOCK`: ``functional_call`` swaps module attributes and forward-mode AD levels are
+  process-wide, so the parts of a product that run the model (and every ``jvp``) take this lock:
+  products from several threads are then correct and never leave the model holding another
+  thread's tensors.
+* :func:`at`: evaluate a function as batch ``i`` (in the order the data yields them), for the
+  per-batch seeds of ``train_mode=True`` (:class:`FixedRandomness`, :func:`batch_seed`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = ["LOCK", "FixedRandomness", "at", "batch_seed", "check_autograd_available", "inference_mode_error"]
+
+Tensor = torch.Tensor
+LossFn = Callable[[dict[str, Tensor], Any], Tensor]
+
+LOCK = threading.RLock()
+
+#: The index of the batch being evaluated, set around each batch by the backend (0 when unset).
+_BATCH = ContextVar("curvop_torch_batch", default=0)
+
+
+def at(index: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` evaluated as batch ``index`` (for the per-batch seeds of ``train_mode``)."""
+    token = _BATCH.set(index)
+    try:
+        return fn(*args)
+    finally:
+        _BATCH.reset(token)
+
+
+def batch_seed(seed: int, index: int, rank: int = 0) -> int:
+    """The torch seed under which ``train_mode=True`` evaluates batch ``index`` (on ``rank``).
+
+    Batches are counted in the order the data yields them, from 0 (per rank, over its shard, in
+    data-parallel products). Reproduce a mask with ``torch.manual_seed(batch_seed(seed, i))``
+    before the model's forward on batch ``i``.
+
+    Examples
+    --------
+    >>> from curvop.backends.torch import batch_seed
+    >>> batch_seed(7, 0) == batch_seed(7, 0) != batch_seed(7, 1)
+    True
+    """
+    return int(np.random.SeedSequence([seed, index, rank]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class FixedRandomness:
+    """Every loss evaluation on batch ``i`` draws from torch's generator seeded with ``batch_seed``.
+
+    Inside ``torch.random.fork_rng`` (the CPU generator, and the CUDA one of the model's device), so
+    the user's RNG state is what it was, and dropout draws one mask per batch, the same in every
+    product. Holds no reference to the backend.
+    """
+
+    def __init__(self, seed: int, device: torch.device, rank: int):
+        self.seed, self.rank = seed, rank
+        self.cuda = None if device.type != "cuda" else (
+            device.index if device.index is not None else torch.cuda.current_device())
+
+    @contextmanager
+    def fixed(self, index: int) -> Iterator[None]:
+        seed = batch_seed(self.seed, index, self.rank)
+        with LOCK, torch.random.fork_rng(devices=[] if self.cuda is None else [self.cuda], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            if self.cuda is not None:  # this device only: the others' generators are not forked
+                torch.cuda.default_generators[self.cuda].manual_seed(seed)
+            yield
+
+    def wrap(self, loss: LossFn) -> LossFn:
+        return partial(self._seeded_loss, loss)
+
+    def _seeded_loss(self, loss: LossFn, p: dict[str, Tensor], batch: Any) -> Tensor:
+        with self.fixed(_BATCH.get()):
+            return loss(p, batch)
+
+    def call(self, index: int, fn: Callable[[Tensor, bool], Tensor], v: Tensor, batched: bool) -> Tensor:
+        with self.fixed(index):
+            return fn(v, batched)
+
+
+def inference_mode_error(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"{what} needs autograd, which torch.inference_mode() disables; build the Hessian and multiply "
+        "by it outside inference_mode (torch.no_grad() around curvop calls is fine)"
+    )
+
+
+def check_autograd_available() -> None:
+    if torch.is_inference_mode_enabled():
+        raise inference_mode_error("curvop.hessian")
