@@ -13,23 +13,10 @@ from typing import Any, Callable
 import numpy as np
 
 from curvop import arrays
+from curvop._dtypes import numpy_dtype
 from curvop.backends.base import Backend
 
 Array = Any
-
-
-def numpy_dtype(dt: Any) -> np.dtype:
-    """The numpy dtype matching a framework dtype (``torch.float32``, ``tf.float64``, ...).
-
-    Dtypes that are not numpy's are matched by name without the module prefix
-    (``torch.float32``, ``array_api_strict.float64``).
-    """
-    if hasattr(dt, "as_numpy_dtype"):  # tensorflow
-        return np.dtype(dt.as_numpy_dtype)
-    try:
-        return np.dtype(dt)
-    except TypeError:
-        return np.dtype(str(dt).rpartition(".")[2])
 
 
 class ArrayBackend(Backend):

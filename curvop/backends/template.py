@@ -1,0 +1,358 @@
+"""The template of the framework backends: everything around the autodiff, written once.
+
+:class:`AutodiffBackend` owns option resolution and validation, the parameter checks, the
+scalar-loss check, the dataset loop and batch weighting (:class:`~curvop.backends.dataset.Dataset`),
+the determinism check, ``check_finite`` with the offending batch located, the fallback when a
+batched product fails, and the hooks of a data-parallel reduction. A framework subclass supplies
+its autodiff and its array glue only:
+
+* ``_product(v, batch, batched)``: the product (``batched``: an ``(n, k)`` block) on one batch,
+  already converted by ``_prepare_batch(batch)``;
+* optionally ``_linearize(batch) -> f(v, batched)``: what stays fixed between products on a batch;
+* ``is_native``, ``from_numpy``, ``_all_finite(y)`` (and ``check``, ``to_numpy``, ``describe``);
+* ``_auto_options()``: its defaults for ``"auto"``; ``batch_errors``: what its batching raises.
+
+Construction is two calls: ``_begin(...)`` (options and parameters checked, nothing computed),
+then, once the subclass has set ``size``, ``dtype``, ``device`` and its layout, ``_complete(...)``
+(loss checked on the first batch, ``"auto"`` resolved, ``_resolved()`` called, determinism
+checked on fresh products, cache built). Per product the template calls ``_follow()``, then per
+batch ``_product`` or a cached map inside ``_batch_context(i, cached)``, sums with ``_add`` and
+the dataset's weights, reduces through the optional collective, and checks finiteness once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from curvop._dtypes import precision_bits
+from curvop.backends.base import Backend, LossPrecisionError, check_deterministic
+from curvop.backends.dataset import Dataset
+from curvop.backends.faults import locate_nonfinite, nonfinite_error
+
+__all__ = ["AutodiffBackend", "Collective", "LossInfo", "ParamInfo", "check_options", "check_params",
+           "check_loss"]
+
+Array = Any
+_FLAGS = ("check_deterministic", "check_finite", "rewrite", "check_loss_dtype")
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A parameter as the checks see it: its name, dtype name (``"float32"``) and device (a string)."""
+
+    name: str
+    dtype: str
+    device: str
+    floating: bool = True
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """The loss value on the first batch, described framework-free (``finite=None``: not computed)."""
+
+    type_ok: bool
+    type_name: str
+    shape: tuple[int, ...]
+    dtype: str
+    floating: bool
+    finite: bool | None = None
+
+
+class Collective(Protocol):
+    """What a data-parallel reduction provides (``curvop.backends.distributed.TorchCollective``)."""
+
+    rank: int
+    world: int
+
+    def reduce_product(self, acc: Array, count: Any, reduction: str) -> Array: ...
+    def gather_ints(self, value: int, device: Any) -> list[int]: ...
+    def agree_seed(self, seed: Any, device: Any) -> Any: ...
+
+
+def check_options(**options: Any) -> None:
+    """Types and values of the options, the same for every framework (a string ``"False"`` is not ``False``).
+
+    ``hvp`` is ``"auto"``, ``"forward"`` or ``"reverse"``; ``cache`` and ``batched`` are booleans or
+    ``"auto"``; the flags (``check_deterministic``, ``check_finite``, ...) are booleans.
+    """
+    hvp = options.pop("hvp", "auto")
+    if not isinstance(hvp, str) or hvp not in ("auto", "forward", "reverse"):
+        raise ValueError(f"hvp must be 'forward', 'reverse' or 'auto', got {hvp!r}")
+    for name, value in options.items():
+        if isinstance(value, (bool, np.bool_)) or (isinstance(value, str) and value == "auto" and name not in _FLAGS):
+            continue
+        allowed = "True or False" + ("" if name in _FLAGS else " or 'auto'")
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+
+
+def check_params(params: Sequence[ParamInfo], *, what: str = "parameter", dtype_fix: str, device_fix: str,
+                 float_fix: str, half_fix: str) -> None:
+    """Non-empty, floating, one dtype (float32 or float64), one device; errors name the fix.
+
+    The ``*_fix`` strings are the framework's words (``"model.to(device)"``, ``tf.device``, ...).
+    """
+    if not params:
+        raise ValueError(f"no {what}s selected: the Hessian would be empty")
+    for p in params:
+        if not p.floating:
+            raise TypeError(f"{what} {p.name!r} has dtype {p.dtype}; the Hessian needs floating-point "
+                            f"{what}s ({float_fix})")
+    dtypes = sorted({p.dtype for p in params})
+    if len(dtypes) > 1:
+        raise TypeError(f"{what}s have mixed dtypes ({', '.join(dtypes)}); {dtype_fix}")
+    devices = sorted({p.device for p in params})
+    if len(devices) > 1:
+        raise ValueError(f"{what}s are on several devices ({', '.join(devices)}); curvop needs them on one "
+                         f"device: {device_fix}")
+    if dtypes[0] not in ("float32", "float64"):
+        raise TypeError(
+            f"the {what}s are {dtypes[0]}; curvop computes Hessians in float32 or float64 (16-bit products "
+            f"keep 2-3 digits, too few for Lanczos or a trace estimate, and numpy has no bfloat16): {half_fix}"
+        )
+
+
+def check_loss(info: LossInfo, param_dtype: str, *, framework: str, reduce_fix: str,
+               precision_message: Callable[[str], str] | None, zero_dim: bool = False) -> None:
+    """The loss on the first batch is a finite floating scalar of the parameters' precision.
+
+    ``precision_message(loss_dtype)`` gives the framework's advice when the loss is less precise
+    than the parameters (``None``: not checked, ``check_loss_dtype=False``). ``zero_dim``: the
+    framework's gradient needs shape ``()``, not only one element (JAX).
+    """
+    if not info.type_ok:
+        raise TypeError(f"the loss must return a {framework}, got {info.type_name}")
+    if int(np.prod(info.shape, dtype=np.int64)) != 1 or (zero_dim and tuple(info.shape) != ()):
+        raise ValueError(f"the loss must be a scalar, but it returned shape {tuple(info.shape)}; {reduce_fix}")
+    if not info.floating:
+        raise TypeError(f"the loss has dtype {info.dtype}; it must be floating point")
+    if info.finite is False:
+        raise FloatingPointError("the loss is NaN or Inf on the first batch; check the data and the model")
+    bits, ref = precision_bits(info.dtype), precision_bits(param_dtype)
+    if precision_message is not None and bits is not None and ref is not None and bits < ref:
+        raise LossPrecisionError(precision_message(info.dtype))
+
+
+class AutodiffBackend(Backend):
+    """The template: a backend whose products come from a framework's autodiff over a :class:`Dataset`.
+
+    Attributes set by the template: ``dataset``, ``mode`` (``"forward"``/``"reverse"``), ``cache``,
+    ``batched``, ``check_finite``. The subclass sets ``size``, ``dtype`` and ``device``.
+
+    Examples
+    --------
+    A backend for ``loss(w, (X, y)) = mean((X w - y)**2) / 2`` written against the template
+    (no autodiff needed: the Hessian is ``X^T X / n_b`` on each batch):
+
+    >>> import numpy as np
+    >>> from curvop.backends.dataset import Dataset
+    >>> class LeastSquares(AutodiffBackend):
+    ...     name = "lstsq"
+    ...     def __init__(self, w, data, **options):
+    ...         self._begin(Dataset(data), [ParamInfo("w", w.dtype.name, "cpu")], **options)
+    ...         self.size, self.dtype, self.device = w.size, w.dtype, "cpu"
+    ...         self._complete()
+    ...     def _product(self, v, batch, batched):
+    ...         X = batch[0]
+    ...         return X.T @ (X @ v) / len(X)
+    ...     def _all_finite(self, y): return bool(np.isfinite(y).all())
+    ...     def is_native(self, x): return isinstance(x, np.ndarray)
+    ...     def from_numpy(self, a): return np.asarray(a, dtype=self.dtype)
+    >>> X = np.arange(6.0).reshape(3, 2)
+    >>> B = LeastSquares(np.zeros(2), [(X[:2], X[:2, 0]), (X[2:], X[2:, 0])])
+    >>> np.allclose(B.hvp(np.ones(2)), X.T @ X @ np.ones(2) / 3)
+    True
+    """
+
+    #: Exceptions the framework's batching (vmap, vectorized_map) raises for an op it cannot batch:
+    #: ``hvp_batch`` then warns once and loops over the columns.
+    batch_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: The framework's words in the messages of the parameter checks.
+    param_word: ClassVar[str] = "parameter"
+    #: Whether the loss must have shape ``()`` (JAX's grad), not just one element.
+    loss_zero_dim: ClassVar[bool] = False
+    device: Any = None
+    _collective: Collective | None = None
+    _cached: list[tuple[Callable[[Array, bool], Array], Any]] | None = None
+
+    # --- construction ---------------------------------------------------------------------------
+    def _begin(self, dataset: Dataset, params: Sequence[ParamInfo], *, hvp: str = "auto",
+               cache: bool | str = "auto", batched: bool | str = "auto", check_deterministic: bool = True,
+               check_finite: bool = True, collective: Collective | None = None, **flags: bool) -> None:
+        """Check the options and the parameters; remember the options (``flags``: the framework's own)."""
+        check_options(hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
+                      check_finite=check_finite, **flags)
+        if cache is True and not self.can_cache():
+            raise ValueError(f"the {self.name} backend keeps no linearisation between products: "
+                             "cache must be False or 'auto'")
+        check_params(params, what=self.param_word, **self._param_advice())
+        self.dataset = dataset
+        self.check_finite = bool(check_finite)
+        self._collective = collective
+        self._options = {"hvp": hvp, "cache": cache, "batched": batched}
+        self._check_det = bool(check_deterministic)
+
+    def _complete(self, loss: LossInfo | None = None, check_loss_dtype: bool = True) -> None:
+        """Check the loss (``loss``: its value on the first batch), resolve ``"auto"``, check that
+        the products are deterministic and build the cache."""
+        if loss is not None:
+            check_loss(loss, self._param_dtype_name(), framework=self._loss_type(),
+                       reduce_fix=self._reduce_advice(),
+                       precision_message=self._precision_message if check_loss_dtype else None,
+                       zero_dim=self.loss_zero_dim)
+        auto = self._auto_options()
+        opts = {k: auto[k] if v == "auto" else v for k, v in self._options.items()}
+        self.mode = opts["hvp"]
+        self.batched = bool(opts["batched"])
+        want_cache = bool(opts["cache"]) and self.can_cache()
+        self.cache = want_cache
+        self._resolved()
+        if self._check_det:
+            v = self.random(self.size, "gaussian", np.random.default_rng(0))
+            check_deterministic(lambda u: self._finite(self._reduce(u, False, fresh=True), u, False, fresh=True),
+                                v, self.dtype)
+        self._cached = self._build_cache() if want_cache else None
+
+    def _build_cache(self) -> list[tuple[Callable[[Array, bool], Array], Any]]:
+        """One ``(linear map, weight)`` per batch (``_linearize`` under the batch's context)."""
+        cached = []
+        for i, batch, w in self.dataset.weighted_batches():
+            with self._batch_context(i, False):
+                cached.append((self._linearize(self._prepare_batch(batch)), w))
+        if not cached:
+            raise ValueError("data is empty: the data loader yielded no batches")
+        return cached
+
+    # --- what a framework supplies ----------------------------------------------------------------
+    def _product(self, v: Array, batch: Any, batched: bool) -> Array:
+        """``H_batch v`` (``batched``: ``v`` is ``(n, k)``), unweighted, on one prepared batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _product")
+
+    _linearize: Callable[[Any], Callable[[Array, bool], Array]] | None = None
+    """``_linearize(batch) -> f(v, batched)``: set it to a method where the framework can cache."""
+
+    def can_cache(self) -> bool:
+        """Whether this backend keeps a linearisation between products (it defines ``_linearize``)."""
+        return self._linearize is not None
+
+    def _all_finite(self, y: Array) -> bool:
+        """Whether every entry of native ``y`` is finite (one reduction and host sync)."""
+        return bool(np.isfinite(self.to_numpy(y)).all())
+
+    def _prepare_batch(self, batch: Any) -> Any:
+        """A batch as the product takes it (tensors on the device). Default: unchanged."""
+        return batch
+
+    def _auto_options(self) -> dict[str, Any]:
+        """The values of ``"auto"`` for ``hvp``, ``cache`` and ``batched`` (may look at ``self.device``)."""
+        return {"hvp": "forward", "cache": self.dataset.single, "batched": False}
+
+    def _param_advice(self) -> dict[str, str]:
+        """The fixes named by the parameter checks, in the framework's words."""
+        return {"dtype_fix": "convert them to one dtype", "device_fix": "move them to one device",
+                "float_fix": "leave it out of params", "half_fix": "convert them to float32 or float64"}
+
+    def _loss_type(self) -> str:
+        return f"{self.name} array"
+
+    def _reduce_advice(self) -> str:
+        return "use a reduced loss (a mean or a sum over samples), not one value per sample"
+
+    def _precision_message(self, loss_dtype: str) -> str:
+        return (f"the loss value is {loss_dtype}, but the parameters are {self._param_dtype_name()}: the Hessian "
+                "would silently lose digits; compute the loss in the parameters' dtype. Pass "
+                "check_loss_dtype=False to accept the lower precision.")
+
+    def _param_dtype_name(self) -> str:
+        return np.dtype(self.dtype).name
+
+    # --- hooks (no-ops by default) ----------------------------------------------------------------
+    def _resolved(self) -> None:
+        """Called once ``mode``, ``batched`` and ``cache`` are resolved, before the first product
+        (build what depends on them: compiled functions, op rewrites for a mode)."""
+
+    def _follow(self) -> None:
+        """Called before every product: follow in-place changes of the parameters (torch: version
+        counters; rebuild ``self._cached = self._build_cache()`` when they moved)."""
+
+    def _batch_context(self, index: int, cached: bool) -> ContextManager[Any]:
+        """Context around batch ``index``'s product or linearisation (``cached``: a cached map is
+        applied). Torch uses it to evaluate batch ``i`` under a fixed seed; default: none."""
+        return contextlib.nullcontext()
+
+    def _add(self, acc: Array, p: Array) -> Array:
+        """``acc + p`` when summing batches (an in-place add where the framework allows)."""
+        return acc + p
+
+    # --- the contract -----------------------------------------------------------------------------
+    def hvp(self, v: Array) -> Array:
+        self._follow()
+        return self._finite(self._reduce(v, False), v, False)
+
+    def hvp_batch(self, v: Array) -> Array:
+        if not self.batched:
+            return super().hvp_batch(v)
+        self._follow()
+        try:
+            y = self._reduce(v, True)
+        except self.batch_errors as err:  # an op without a batching rule
+            warnings.warn(
+                f"batched products failed ({type(err).__name__}: {str(err)[:200]}); falling back to one "
+                "product per column (pass batched=False to skip the attempt)", stacklevel=3)
+            self.batched = False
+            return super().hvp_batch(v)
+        return self._finite(y, v, True)
+
+    def agree_seed(self, seed: Any) -> Any:
+        return seed if self._collective is None else self._collective.agree_seed(seed, self.device)
+
+    def is_main_process(self) -> bool:
+        return self._collective is None or self._collective.rank == 0
+
+    def describe(self) -> str:
+        cache = "cached" if self._cached is not None else "uncached"
+        return f"{self.name} {self.mode} mode, {cache}, n={self.size}, {self.dtype} on {self.device}"
+
+    # --- the dataset loop -------------------------------------------------------------------------
+    def _products(self, v: Array, batched: bool, fresh: bool = False) -> Iterator[tuple[Array, Any]]:
+        """``(product, weight)`` per batch, lazily: from the cache, or computed afresh."""
+        if self._cached is not None and not fresh:
+            for i, (fn, w) in enumerate(self._cached):
+                with self._batch_context(i, True):
+                    p = fn(v, batched)
+                yield p, w
+            return
+        for i, batch, w in self.dataset.weighted_batches():
+            with self._batch_context(i, False):
+                p = self._product(v, self._prepare_batch(batch), batched)
+            yield p, w
+
+    def _reduce(self, v: Array, batched: bool, fresh: bool = False) -> Array:
+        """The product over the whole dataset (weighting rule of :mod:`curvop.backends.dataset`)."""
+        terms = self._products(v, batched, fresh)
+        if self.dataset.single and self._collective is None:
+            return next(terms)[0]  # one batch: its product, unweighted (exact)
+        acc, count = self.dataset.accumulate(terms, add=self._add)
+        if self._collective is not None:
+            return self._collective.reduce_product(acc, count, self.dataset.reduction)
+        return self.dataset.normalize(acc, count)
+
+    def _finite(self, y: Array, v: Array, batched: bool, fresh: bool = False) -> Array:
+        """``y`` if it is finite (one sync); else the error naming the first non-finite batch."""
+        if not self.check_finite or self._all_finite(y):
+            return y
+        if not self._all_finite(v):  # the vector, not the data
+            bad = np.argwhere(~np.isfinite(self.to_numpy(v)))[0]
+            where = int(bad[0]) if len(bad) == 1 else tuple(int(i) for i in bad)
+            raise ValueError(f"the vector contains NaN or Inf (first at index {where}), so H @ v is not finite "
+                             "whatever the data; check how the vector was computed")
+        bad_batch = locate_nonfinite((p for p, _ in self._products(v, batched, fresh)), self._all_finite)
+        culprits: list[int | None] = [bad_batch]
+        if self._collective is not None:  # every rank sees the reduced NaN and takes this path together
+            got = self._collective.gather_ints(-1 if bad_batch is None else bad_batch, self.device)
+            culprits = [None if i < 0 else i for i in got]
+        raise nonfinite_error(culprits, self.dataset.single)
