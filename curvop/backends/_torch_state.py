@@ -4,7 +4,7 @@
   process-wide, so the parts of a product that run the model (and every ``jvp``) take this lock:
   products from several threads are then correct and never leave the model holding another
   thread's tensors.
-* :func:`at`: evaluate a function as batch ``i`` (in the order the data yields them), for the
+* :func:`as_batch`: evaluate the loss as batch ``i`` (in the order the data yields them), for the
   per-batch seeds of ``train_mode=True`` (:class:`FixedRandomness`, :func:`batch_seed`).
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["LOCK", "FixedRandomness", "at", "batch_seed", "check_autograd_available", "inference_mode_error"]
+__all__ = ["LOCK", "FixedRandomness", "as_batch", "batch_seed", "check_autograd_available", "inference_mode_error"]
 
 Tensor = torch.Tensor
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
@@ -31,11 +31,12 @@ LOCK = threading.RLock()
 _BATCH = ContextVar("curvop_torch_batch", default=0)
 
 
-def at(index: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` evaluated as batch ``index`` (for the per-batch seeds of ``train_mode``)."""
+@contextmanager
+def as_batch(index: int) -> Iterator[None]:
+    """Loss evaluations inside are batch ``index``'s (for the per-batch seeds of ``train_mode``)."""
     token = _BATCH.set(index)
     try:
-        return fn(*args)
+        yield
     finally:
         _BATCH.reset(token)
 
