@@ -1,6 +1,7 @@
 """The torch model adapter: an ``nn.Module`` and a loss (or a function of tensors) as ``loss(params, batch)``.
 
-What :func:`curvop.backends.torch.hessian` and ``hessian_of`` need before any autodiff: the
+:func:`factories` builds :func:`curvop.backends.torch.hessian` and ``hessian_of`` around the
+backend class. What they need before any autodiff is here too: the
 module checks (layers in training mode), the parameter selection, copies of the buffers
 (:class:`Buffers`, never the user's), the ``train_mode`` seed, Hugging Face style models that
 compute their own loss, and the batch weights of class-weighted / ``ignore_index`` losses. The
@@ -9,6 +10,7 @@ result is the keyword arguments of :class:`curvop.backends.torch.TorchBackend`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, Callable
@@ -18,12 +20,109 @@ import torch
 from torch.func import functional_call
 
 from curvop.backends._torch_state import LOCK, check_autograd_available
+from curvop.backends.base import Backend
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.selection import select
 
-__all__ = ["Buffers", "check_unknown", "function_problem", "model_problem", "train_seed"]
+__all__ = ["Buffers", "check_unknown", "factories", "function_problem", "model_problem", "train_seed"]
 
 Tensor = torch.Tensor
+
+
+def factories(backend: type[Backend]) -> tuple[Callable[..., Backend], Callable[..., Backend]]:
+    """``hessian`` and ``hessian_of`` for the torch backend class ``backend`` (``TorchBackend``).
+
+    Built here, around the class, so that this adapter never imports the backend module.
+    """
+    internal = {"self", "loss", "params", "dataset", "watch", "on_change", "check_state", "rng_seed"}
+    valid = [k for k in inspect.signature(backend.__init__).parameters if k not in internal]
+
+    def hessian(
+        model: torch.nn.Module,
+        loss_fn: Callable[[Tensor, Any], Tensor] | None,
+        data: Any,
+        *,
+        params: Any = None,
+        reduction: str | None = None,
+        batch_weight: Callable[[Any], Any] | None = None,
+        **options: Any,
+    ) -> Backend:
+        """Torch backend for :func:`curvop.hessian`.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            In eval mode if it has BatchNorm or dropout layers, or any layer whose forward updates its
+            buffers in training mode (InstanceNorm with running stats, spectral_norm), unless
+            ``train_mode=True``. Products run on copies of its buffers: the model is never changed.
+        loss_fn : callable or None
+            ``loss_fn(model(inputs), targets)`` -> scalar tensor. ``None``: the model computes its own
+            loss (Hugging Face style): each batch is passed as ``model(**batch)`` (a dict),
+            ``model(*batch)`` (a tuple) or ``model(batch)`` (a tensor), and the loss is the output's
+            ``.loss``, its ``["loss"]``, or the output itself if it is a scalar tensor.
+        data : batch ``(inputs, targets)`` or a re-iterable of batches
+            ``inputs`` may be a tensor, a tuple (``model(*inputs)``) or a dict (``model(**inputs)``).
+            With ``loss_fn=None`` a batch is a dict, a tuple or a tensor.
+        params : None, names, parameters, or a predicate on names
+            ``None``: every parameter with ``requires_grad``. A name selects that parameter, or every
+            parameter of the module with that name (``"fc1"`` -> ``fc1.weight``, ``fc1.bias``). The
+            others are held fixed. A selected parameter the loss does not use gives zero rows.
+        reduction : {"mean", "sum"}, optional
+            How the loss reduces over samples; read from ``loss_fn.reduction`` when not given
+            (default ``"mean"``). Decides the weighting of batches (see :func:`curvop.hessian`). Over
+            several batches a loss without ``.reduction`` (a lambda) needs it.
+        batch_weight : callable, optional
+            ``batch_weight(batch)``: what a mean-reduced loss averages over in ``batch``, for the
+            weighting of several batches (default: the batch size; for ``CrossEntropyLoss`` and
+            ``NLLLoss`` the sum of the targets' class weights, ignored targets left out).
+        train_mode : bool
+            ``False`` (default): a layer in training mode is refused. ``True``: the Hessian of the
+            training-mode loss of each batch, layers in the mode they are in (curvop never calls
+            ``model.train()`` or ``.eval()``): normalisation layers in training mode use the batch's
+            statistics and their running statistics are neither read nor written; random ops
+            (dropout) draw one fixed mask per batch, the same in every product, so the operator is
+            deterministic and symmetric. Other layers that write buffers in training mode
+            (``spectral_norm``) and ``SyncBatchNorm`` are still refused.
+        seed : int, torch.Generator, numpy Generator or None
+            With ``train_mode=True``: batch ``i`` (in the order the data yields it) runs under
+            ``torch.manual_seed(batch_seed(seed, i))`` inside ``torch.random.fork_rng``, so the user's
+            RNG state is untouched. A generator is drawn from once. ``None``: drawn from torch's
+            global generator without advancing it (reproducible under ``torch.manual_seed``). The
+            seed used is ``H.backend.train_seed``.
+        **options
+            ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``process_group``, ``timeout``,
+            ``check_finite``, ``rewrite``, ``check_loss_dtype``: see :class:`TorchBackend`.
+
+        Examples
+        --------
+        >>> import torch, curvop
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> batch = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))
+        >>> curvop.hessian(model, torch.nn.CrossEntropyLoss(), batch).shape
+        (8, 8)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5),
+        ...                           torch.nn.Linear(4, 2)).double().train()
+        >>> H = curvop.hessian(net, torch.nn.CrossEntropyLoss(), batch, train_mode=True, seed=0)
+        >>> v = torch.ones(H.shape[0], dtype=torch.float64)
+        >>> bool(torch.equal(H @ v, H @ v)), net.training
+        (True, True)
+        """
+        problem = model_problem(model, loss_fn, data, params=params, reduction=reduction,
+                                batch_weight=batch_weight, options=options, valid=valid)
+        return backend(**problem, **options)
+
+
+    def hessian_of(f: Callable[..., Tensor], params: Any, data: Any = None, *, reduction: str = "mean",
+                   **options: Any) -> Backend:
+        """Torch backend for :func:`curvop.hessian_of`: the Hessian of ``f(params)`` or ``f(params, batch)``.
+
+        ``params`` is a tensor, a list/tuple of tensors or a dict of tensors; ``f`` receives the same
+        structure (fresh tensors at the same values) and must compute with it.
+        """
+        problem = function_problem(f, params, data, reduction=reduction, options=options, valid=valid)
+        return backend(**problem, **options)
+
+    return hessian, hessian_of
 
 
 def model_problem(model: Any, loss_fn: Any, data: Any, *, params: Any, reduction: str | None,

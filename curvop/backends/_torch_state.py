@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
 
-__all__ = ["LOCK", "FixedRandomness", "as_batch", "batch_seed", "check_autograd_available", "inference_mode_error"]
+__all__ = ["LOCK", "FixedRandomness", "as_batch", "batch_seed", "check_autograd_available",
+           "inference_mode_error", "train_randomness"]
 
 Tensor = torch.Tensor
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 
 LOCK = threading.RLock()
+_NULL = nullcontext()
 
 #: The index of the batch being evaluated, set around each batch by the backend (0 when unset).
 _BATCH = ContextVar("curvop_torch_batch", default=0)
@@ -86,9 +88,28 @@ class FixedRandomness:
         with self.fixed(_BATCH.get()):
             return loss(p, batch)
 
-    def call(self, index: int, fn: Callable[[Tensor, bool], Tensor], v: Tensor, batched: bool) -> Tensor:
-        with self.fixed(index):
-            return fn(v, batched)
+    def context(self, index: int, cached: bool, forward: bool) -> ContextManager[Any]:
+        """Around batch ``index``'s product: its seed for the loss evaluations inside; around a
+        cached map, the seed itself for a forward linearisation (it re-runs its random ops) and
+        nothing for a reverse graph (it holds its mask)."""
+        if cached:
+            return self.fixed(index) if forward else _NULL
+        return as_batch(index)
+
+
+def train_randomness(rng_seed: int | np.random.Generator | None, collective: Any,
+                     device: torch.device) -> FixedRandomness | None:
+    """The ``train_mode`` draws for ``rng_seed`` (``None``: eval mode), with one base seed on every
+    rank: a fixed int is checked to be the same everywhere, a drawn one is rank 0's draw."""
+    if rng_seed is None:
+        return None
+    seed = rng_seed
+    if collective is not None:
+        agreed = collective.agree_seed(rng_seed, device)  # raises when fixed seeds differ across ranks
+        seed = rng_seed if isinstance(rng_seed, int) else agreed
+    if not isinstance(seed, int):
+        seed = int(seed.integers(2**62))
+    return FixedRandomness(seed, device, 0 if collective is None else collective.rank)
 
 
 def inference_mode_error(what: str) -> RuntimeError:
