@@ -19,7 +19,7 @@ from typing import Any
 import cupy
 import numpy as np
 
-from curvop.backends.numpy import ArrayBackend
+from curvop.backends.array import ArrayBackend
 
 __all__ = ["CupyBackend", "hessian", "hessian_of", "from_dlpack"]
 
