@@ -1,5 +1,5 @@
 """Model adapters of the TensorFlow backend: Keras 3 / ``tf.Module`` variable discovery, selection,
-the loss object's dtype, and the loss built from ``(model, loss_fn)`` (no autodiff here)."""
+the loss object's dtype, batches as tensors, device keys (no autodiff here)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import tensorflow as tf
 
 from curvop.backends.base import LossPrecisionError
 from curvop.backends.selection import select
+from curvop.backends.template import LossInfo
 
-__all__ = ["model_variables", "check_loss_object", "hessian_of_variables", "precision_message", "var_name"]
+__all__ = ["model_variables", "check_loss_object", "hessian_of_variables", "precision_message", "var_name",
+           "to_tensors", "batch_spec", "device_key", "loss_info"]
 
 
 def var_name(v: Any) -> str:
@@ -149,3 +151,30 @@ def hessian_of_variables(params: Any) -> tuple[list[str], list[tf.Variable]]:
                 f"params must be a tf.Variable or a list/tuple/dict of tf.Variables, got {type(leaf).__name__}"
             )
     return names, [underlying(v) for v in leaves]
+
+
+# --- batches, devices, the loss value ----------------------------------------------------------------
+def to_tensors(batch: Any) -> Any:
+    """A batch as (a structure of) tensors; lists become tuples so every batch has one structure."""
+    if isinstance(batch, list):
+        batch = tuple(batch)
+    return tf.nest.map_structure(lambda a: a if isinstance(a, tf.Tensor) else tf.convert_to_tensor(a), batch)
+
+
+def batch_spec(t: tf.Tensor) -> tf.TensorSpec:
+    shape = list(t.shape)
+    return tf.TensorSpec([None] + shape[1:] if shape else [], t.dtype)
+
+
+def device_key(device: str) -> tuple[str, int]:
+    spec = tf.DeviceSpec.from_string(device or "")
+    return ((spec.device_type or "CPU").upper(), spec.device_index or 0)
+
+
+def loss_info(value: Any) -> LossInfo:
+    """The loss value on the first batch, for the template's check."""
+    if not isinstance(value, (tf.Tensor, tf.Variable)):
+        return LossInfo(False, type(value).__name__, (), "", False)
+    floating = value.dtype.is_floating
+    finite = bool(tf.reduce_all(tf.math.is_finite(value))) if floating else None
+    return LossInfo(True, "tf.Tensor", tuple(value.shape), value.dtype.name, floating, finite)

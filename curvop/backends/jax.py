@@ -16,7 +16,7 @@ and what is kept between products, chosen with ``cache=``:
   then every product is the jitted linear map (the saved residuals stay in memory);
 * ``cache=False``: every product recomputes the forward and backward pass.
 
-``"auto"`` picks what measured fastest (``docs/performance.md``): the linearized map when the
+``"auto"`` picks what ``benchmarks/hvp_jax.py`` measured as fastest: the linearized map when the
 data is one batch (``cache="auto"``), forward-over-reverse otherwise.
 
 float64 needs ``jax.config.update("jax_enable_x64", True)`` *before* the parameters are created:
@@ -53,13 +53,14 @@ class JaxBackend(AutodiffBackend):
         The point at which the Hessian is taken: one floating dtype (float32 or float64), one device.
     dataset : Dataset
     hvp : {"auto", "forward", "reverse"}
-        ``"auto"`` is ``"forward"`` (measured faster than reverse on CPU, ``docs/performance.md``).
+        ``"auto"`` is ``"forward"`` (faster than reverse on CPU in ``benchmarks/hvp_jax.py``).
     cache : {"auto", True, False}
         Linearize once per batch (``True``) or recompute per product. ``"auto"``: cache when the
         data is a single batch. With ``cache=True`` the mode is forward (a linearization).
     batched : {"auto", True, False}
         ``hvp_batch`` with ``jax.vmap`` over the columns (``True``) or a loop (``False``).
-        ``"auto"`` is ``vmap`` (measured faster than a loop on CPU; on GPUs it batches the kernels).
+        ``"auto"`` is ``vmap`` (faster than a loop on CPU in ``benchmarks/hvp_jax.py``; on GPUs it
+        batches the kernels).
     check_deterministic : bool
         Compare two products with the same vector when the operator is built (default on).
     check_finite : bool

@@ -26,11 +26,11 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from curvop.backends._tf_model import (check_loss_object, hessian_of_variables, model_variables,
-                                       precision_message, var_name)
+from curvop.backends._tf_model import (batch_spec, check_loss_object, device_key, hessian_of_variables,
+                                       loss_info, model_variables, precision_message, to_tensors, var_name)
 from curvop.backends.base import LossPrecisionError
 from curvop.backends.dataset import Dataset, resolve_reduction
-from curvop.backends.template import AutodiffBackend, LossInfo, ParamInfo
+from curvop.backends.template import AutodiffBackend, ParamInfo
 
 __all__ = ["TensorFlowBackend", "LossPrecisionError", "hessian", "hessian_of"]
 
@@ -49,14 +49,15 @@ class TensorFlowBackend(AutodiffBackend):
     names : list of str, optional
         Names of the variables (for messages and :meth:`describe`).
     hvp : {"auto", "forward", "reverse"}
-        ``"auto"`` picks forward-over-reverse (measured faster on CPU, see ``docs/performance.md``);
+        ``"auto"`` picks forward-over-reverse (faster on CPU in ``benchmarks/hvp_tensorflow.py``);
         it also keeps less of the second-order graph alive.
     cache : {"auto", False}
         TensorFlow keeps no linearisation between products; ``cache=True`` is refused.
     batched : {"auto", True, False}
         Whether ``hvp_batch`` uses ``tf.vectorized_map`` over the columns (``True``) or a loop of
         single products (``False``). ``"auto"`` vectorizes on a GPU and loops on CPU, where the
-        vectorized forward product measured slower on a CNN and takes seconds to trace.
+        vectorized forward product measured slower on a CNN and takes seconds to trace
+        (``benchmarks/hvp_tensorflow.py``).
     check_deterministic : bool
         Compare two products with the same vector when the operator is built (default True).
     check_finite : bool
@@ -97,7 +98,7 @@ class TensorFlowBackend(AutodiffBackend):
         for name, v in zip(names, variables):
             if not isinstance(v, tf.Variable):
                 raise TypeError(f"variable {name!r} is a {type(v).__name__}, not a tf.Variable")
-        infos = [ParamInfo(n, v.dtype.name, "%s:%d" % _device_key(v.device), v.dtype.is_floating)
+        infos = [ParamInfo(n, v.dtype.name, "%s:%d" % device_key(v.device), v.dtype.is_floating)
                  for n, v in zip(names, variables)]
         self._begin(dataset, infos, hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
                     check_finite=check_finite, check_loss_dtype=check_loss_dtype)
@@ -112,14 +113,14 @@ class TensorFlowBackend(AutodiffBackend):
         first = None if dataset.data is None else self._prepare_batch(dataset.first())
         #: number of times the product functions were traced (one each, however many products)
         self.traces = 0
-        self._bspec = None if first is None else tf.nest.map_structure(_batch_spec, first)
+        self._bspec = None if first is None else tf.nest.map_structure(batch_spec, first)
         self._single = self._function(self._one, tf.TensorSpec([self.size], self.tf_dtype))
         self._block = self._function(self._many, tf.TensorSpec([self.size, None], self.tf_dtype))
-        self._complete(_loss_info(loss(first)), check_loss_dtype)
+        self._complete(loss_info(loss(first)), check_loss_dtype)
 
     # --- the template's hooks ---------------------------------------------------------------------
     def _auto_options(self) -> dict[str, Any]:
-        return {"hvp": "forward", "cache": False, "batched": _device_type(self.device) == "GPU"}
+        return {"hvp": "forward", "cache": False, "batched": device_key(self.device)[0] == "GPU"}
 
     def _param_advice(self) -> dict[str, str]:
         return {
@@ -142,7 +143,7 @@ class TensorFlowBackend(AutodiffBackend):
         return precision_message(f"the loss value is {loss_dtype}", self.tf_dtype)
 
     def _prepare_batch(self, batch: Any) -> Any:
-        return None if batch is None else _to_tensors(batch)
+        return None if batch is None else to_tensors(batch)
 
     def _product(self, v: tf.Tensor, batch: Any, batched: bool) -> tf.Tensor:
         fn = self._block if batched else self._single
@@ -165,7 +166,7 @@ class TensorFlowBackend(AutodiffBackend):
                 f"vector has dtype {x.dtype.name}, but the variables are {self.tf_dtype.name}; "
                 f"convert it with tf.cast(x, tf.{self.tf_dtype.name})"
             )
-        if _device_key(x.device) != _device_key(self.device):
+        if device_key(x.device) != device_key(self.device):
             raise ValueError(
                 f"vector is on {x.device}, but the variables are on {self.device}; move it with "
                 f"`with tf.device('{self.device}'): x = tf.identity(x)`"
@@ -181,7 +182,7 @@ class TensorFlowBackend(AutodiffBackend):
     def describe(self) -> str:
         how = "vectorized" if self.batched else "looped"
         return (f"tensorflow {self.mode} mode, {how} blocks, n={self.size}, {self.tf_dtype.name} on "
-                f"{_device_type(self.device)}:{tf.DeviceSpec.from_string(self.device).device_index or 0}")
+                f"{device_key(self.device)[0]}:{tf.DeviceSpec.from_string(self.device).device_index or 0}")
 
     # --- products (traced) ------------------------------------------------------------------------
     def _function(self, body: Callable[[tf.Tensor, Any], tf.Tensor], vspec: tf.TensorSpec):
@@ -242,36 +243,6 @@ class TensorFlowBackend(AutodiffBackend):
 
     def _flat(self, parts: list[tf.Tensor]) -> tf.Tensor:
         return tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
-
-
-def _to_tensors(batch: Any) -> Any:
-    """A batch as (a structure of) tensors; lists become tuples so every batch has one structure."""
-    if isinstance(batch, list):
-        batch = tuple(batch)
-    return tf.nest.map_structure(lambda a: a if isinstance(a, tf.Tensor) else tf.convert_to_tensor(a), batch)
-
-
-def _batch_spec(t: tf.Tensor) -> tf.TensorSpec:
-    shape = list(t.shape)
-    return tf.TensorSpec([None] + shape[1:] if shape else [], t.dtype)
-
-
-def _device_type(device: str) -> str:
-    return _device_key(device)[0]
-
-
-def _device_key(device: str) -> tuple[str, int]:
-    spec = tf.DeviceSpec.from_string(device or "")
-    return ((spec.device_type or "CPU").upper(), spec.device_index or 0)
-
-
-def _loss_info(value: Any) -> LossInfo:
-    """The loss value on the first batch, for the template's check."""
-    if not isinstance(value, (tf.Tensor, tf.Variable)):
-        return LossInfo(False, type(value).__name__, (), "", False)
-    floating = value.dtype.is_floating
-    finite = bool(tf.reduce_all(tf.math.is_finite(value))) if floating else None
-    return LossInfo(True, "tf.Tensor", tuple(value.shape), value.dtype.name, floating, finite)
 
 
 def hessian(
