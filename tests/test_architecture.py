@@ -170,7 +170,7 @@ def test_allow_list_has_no_stale_entries():
 
 def test_contract_modules_import_no_concrete_backend():
     """base.py (the contract) and template.py import only framework-free modules."""
-    for mod in ("curvop.backends.base", "curvop.backends.template", "curvop.backends.dataset",
+    for mod in ("curvop.backends.base", "curvop.backends.template", "curvop.backends.checks", "curvop.backends.dataset",
                 "curvop.backends.faults", "curvop.backends.selection", "curvop._dtypes"):
         assert not external_imports(mod) & set(FRAMEWORKS), f"{mod} imports a framework"
         concrete = [b for b in GRAPH[mod] if b.startswith("curvop.backends.") and b.rpartition(".")[2] in (

@@ -48,9 +48,6 @@ class CupyBackend(ArrayBackend):
         with cupy.cuda.Device(self.device_id):
             return self._matvec(v)
 
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return cupy.asnumpy(x)  # one device -> host copy
-
     def from_numpy(self, a: np.ndarray) -> Any:
         with cupy.cuda.Device(self.device_id):
             return cupy.asarray(np.asarray(a, dtype=self.dtype))  # one host -> device copy

@@ -172,9 +172,6 @@ class TensorFlowBackend(AutodiffBackend):
                 f"`with tf.device('{self.device}'): x = tf.identity(x)`"
             )
 
-    def to_numpy(self, x: tf.Tensor) -> np.ndarray:
-        return x.numpy()
-
     def from_numpy(self, a: np.ndarray) -> tf.Tensor:
         with tf.device(self.device):
             return tf.convert_to_tensor(np.asarray(a, dtype=self.dtype), dtype=self.tf_dtype)
