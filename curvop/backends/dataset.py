@@ -40,7 +40,12 @@ def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
 
 
 def batch_size(batch: Any) -> int:
-    """Number of samples in a batch: the leading dimension of its targets (or of its only array)."""
+    """Number of samples in a batch: the leading dimension of its targets (or of its only array).
+
+    Only the top level of the batch is looked at, so no tree library is needed: this module is
+    framework-free and ``optree`` is not a dependency; the backends walk nested batches with their
+    framework's own tree utilities (``tf.nest``, ``jax.tree_util``).
+    """
     item = batch
     if isinstance(batch, Mapping):  # e.g. {"input_ids": ..., "labels": ...}: the first array's leading dimension
         item = next((v for v in batch.values() if hasattr(v, "shape")), None)
