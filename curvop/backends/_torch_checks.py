@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from curvop._dtypes import dtype_name
-from curvop.backends.template import LossInfo, ParamInfo
+from curvop.backends.checks import LossInfo, ParamInfo
 
 __all__ = ["TorchAdvice", "loss_info", "param_infos"]
 
