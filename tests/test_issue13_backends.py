@@ -92,6 +92,19 @@ def test_issue13_template_nan_batch_is_named():
         B.hvp(np.array([0.0, np.nan, 0.0]))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_issue13_template_looped_block_syncs_once_and_still_names_the_batch():
+    data = _batches(sizes=(4, 4, 4))
+    B = LeastSquares(3, data, batched=False, check_deterministic=False)
+    calls = []
+    B._all_finite = lambda y: calls.append(y.shape) or bool(np.isfinite(y).all())
+    B.hvp_batch(np.eye(3))
+    assert calls == [(3, 3)]  # one check for the block, not one per column
+    data[1][0][0, 0] = np.inf
+    with pytest.raises(NonFiniteProductError, match=r"batch 1 \(0-based"):
+        B.hvp_batch(np.eye(3))
+
+
 @pytest.mark.parametrize("option, value, error", [
     ("hvp", "sideways", ValueError), ("hvp", 1, ValueError), ("cache", "False", TypeError),
     ("batched", "yes", TypeError), ("check_deterministic", "no", TypeError), ("check_finite", 0, TypeError)])

@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol, 
 
 import numpy as np
 
+from curvop import arrays
 from curvop.backends.base import Backend, check_deterministic
 from curvop.backends.checks import LossInfo, ParamInfo, check_loss, check_options, check_params
 from curvop.backends.dataset import Dataset
@@ -210,18 +211,27 @@ class AutodiffBackend(Backend):
         return self._finite(self._reduce(v, False), v, False)
 
     def hvp_batch(self, v: Array) -> Array:
-        if not self.batched:
-            return super().hvp_batch(v)
         self._follow()
-        try:
-            y = self._reduce(v, True)
-        except self.batch_errors as err:  # an op without a batching rule
-            warnings.warn(
-                f"batched products failed ({type(err).__name__}: {str(err)[:200]}); falling back to one "
-                "product per column (pass batched=False to skip the attempt)", stacklevel=3)
-            self.batched = False
-            return super().hvp_batch(v)
-        return self._finite(y, v, True)
+        if self.batched:
+            try:
+                y = self._reduce(v, True)
+            except self.batch_errors as err:  # an op without a batching rule
+                warnings.warn(
+                    f"batched products failed ({type(err).__name__}: {str(err)[:200]}); falling back to one "
+                    "product per column (pass batched=False to skip the attempt)", stacklevel=3)
+                self.batched = False
+            else:
+                return self._finite(y, v, True)
+        return self._looped(v)
+
+    def _looped(self, v: Array) -> Array:
+        """One product per column, checked once for the block (one sync, not one per column)."""
+        cols = [self._reduce(v[:, j], False) for j in range(v.shape[1])]
+        y = arrays.stack(cols, axis=1)
+        if self.check_finite and not self._all_finite(y):
+            for j, col in enumerate(cols):
+                self._finite(col, v[:, j], False)  # raises for the first column that is not finite
+        return y
 
     def agree_seed(self, seed: Any) -> Any:
         return seed if self._collective is None else self._collective.agree_seed(seed, self.device)
