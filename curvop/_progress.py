@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -14,16 +15,17 @@ class _NoBar:
         pass
 
 
-def progress_bar(enabled: bool, total: int | None, desc: str) -> Any:
+def progress_bar(enabled: bool, total: int | None, desc: str, main: bool | None = None) -> Any:
     """A tqdm bar counting Hessian-vector products when ``enabled``, else a no-op object.
 
     Both have ``update(n)`` and ``close()``; ``close()`` ends the bar at the products counted so
-    far (an early stop then reads as complete). In a data-parallel run only the main process (rank 0)
-    draws a bar (:func:`curvop.backends.distributed.is_main_process`).
+    far (an early stop then reads as complete). In a data-parallel run only the main process draws
+    a bar: ``main`` is the caller's ``H.backend.is_main_process()``; when not given, the launcher's
+    ``$RANK`` (torchrun, SLURM wrappers) decides (no framework is asked).
     """
-    from curvop.backends.distributed import is_main_process
-
-    if not enabled or not is_main_process():
+    if main is None:
+        main = int(os.environ.get("RANK", "0") or 0) == 0
+    if not enabled or not main:
         return _NoBar()
     from tqdm.auto import tqdm
 

@@ -1,7 +1,7 @@
 """The generic array-API path on CPU, with array-api-strict standing in for CuPy.
 
 CuPy (and any array library that is not numpy, torch or TensorFlow) reaches curvop through
-``array_api_compat.array_namespace`` and the generic :class:`curvop.backends.numpy.ArrayBackend`.
+``array_api_compat.array_namespace`` and the generic :class:`curvop.backends.array.ArrayBackend`.
 No GPU here, so these tests run that path with ``array_api_strict``, the reference implementation
 of the Array API standard: no methods beyond the standard, no implicit mixing of devices, and on
 its non-default devices (``Device("device1")``) numpy cannot read an array implicitly -- like an

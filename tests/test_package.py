@@ -36,7 +36,7 @@ def test_available_lists_installed_backends():
 
 def test_register_and_get():
     def factory(model, loss_fn, data, *, params=None):
-        from curvop.backends.numpy import dense
+        from curvop.backends.array import dense
 
         return dense(np.asarray(model, dtype=float))
 
@@ -55,7 +55,7 @@ def test_entry_point_backend_is_found(tmp_path, monkeypatch):
     pkg = tmp_path / "ep_backend.py"
     pkg.write_text(textwrap.dedent('''
         import numpy as np
-        from curvop.backends.numpy import dense
+        from curvop.backends.array import dense
         def hessian(model, loss_fn, data, *, params=None):
             return dense(3.0 * np.eye(2))
     '''))

@@ -27,7 +27,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "tensorflow": ("tensorflow", "curvop.backends.tensorflow"),
     "jax": ("jax", "curvop.backends.jax"),
     "cupy": ("cupy", "curvop.backends.cupy"),
-    "numpy": ("numpy", "curvop.backends.numpy"),
+    "numpy": ("numpy", "curvop.backends.callables"),
 }
 _REGISTERED: dict[str, dict[str, Callable[..., Any]]] = {}
 

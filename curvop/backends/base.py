@@ -1,25 +1,43 @@
 """The backend contract: what a framework must provide for curvop to multiply by its Hessian.
 
 A backend is small on purpose (like scipy's ``_matvec``): the operator and all algorithms are
-derived from these few members. See ``docs/backends.md`` for a complete example.
+derived from these few members. :class:`Backend` is the minimal contract (an ``abc.ABC``: three
+abstract methods, three attributes); :class:`curvop.backends.template.AutodiffBackend` is the
+template the framework backends build on. See ``docs/architecture.md`` and ``docs/backends.md``.
 """
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import numpy as np
 
 from curvop import arrays
+from curvop._dtypes import numpy_dtype
+
+__all__ = ["Backend", "LossPrecisionError", "NondeterministicProductError", "check_deterministic"]
 
 Array = Any
 
 
-class Backend:
-    """Base class of HVP backends.
+class Backend(abc.ABC):
+    """Base class of HVP backends: the minimal contract.
 
-    Subclasses must set ``name``, ``size`` (the dimension n), ``dtype`` (a numpy dtype) and
-    implement :meth:`hvp` and :meth:`is_native`. Everything else has a working default.
+    A subclass sets the attributes ``name``, ``size`` (the dimension n) and ``dtype`` (a numpy
+    dtype) and implements the three abstract methods :meth:`hvp`, :meth:`is_native` and
+    :meth:`from_numpy`. Every other member has a working default.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> class Diagonal(Backend):
+    ...     name, size, dtype = "diag", 3, np.dtype(np.float64)
+    ...     def hvp(self, v): return np.array([1.0, 2.0, 3.0]) * v
+    ...     def is_native(self, x): return isinstance(x, np.ndarray)
+    ...     def from_numpy(self, a): return np.asarray(a, dtype=self.dtype)
+    >>> Diagonal().hvp(np.ones(3))
+    array([1., 2., 3.])
     """
 
     name: str = "base"
@@ -27,13 +45,17 @@ class Backend:
     dtype: np.dtype
 
     # --- required -------------------------------------------------------------------------
+    @abc.abstractmethod
     def hvp(self, v: Array) -> Array:
         """Hessian times a native 1-D vector of length ``size``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def is_native(self, x: Any) -> bool:
         """True if ``x`` is an array of this backend's framework."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def from_numpy(self, a: np.ndarray) -> Array:
+        """numpy array to a native array of this backend's dtype, on its device."""
 
     # --- optional, with defaults ----------------------------------------------------------
     def hvp_batch(self, v: Array) -> Array:
@@ -43,8 +65,6 @@ class Backend:
 
     def check(self, x: Array) -> None:
         """Raise a clear error if native ``x`` has the wrong dtype or device (shape is checked by the operator)."""
-        from curvop.backends.numpy import numpy_dtype
-
         dt = getattr(x, "dtype", None)
         if dt is not None and numpy_dtype(dt) != self.dtype:
             raise TypeError(
@@ -56,11 +76,7 @@ class Backend:
         """Native array to numpy (shares memory on CPU where the framework allows)."""
         return arrays.to_numpy(x)
 
-    def from_numpy(self, a: np.ndarray) -> Array:
-        """numpy array to a native array of this backend's dtype, on its device."""
-        raise NotImplementedError
-
-    def random(self, shape, kind: str, rng: np.random.Generator) -> Array:
+    def random(self, shape: Any, kind: str, rng: np.random.Generator) -> Array:
         """Native random probes. Default: generated on the host by numpy, then moved over."""
         return self.from_numpy(arrays.random_probes(rng, shape, kind, dtype=self.dtype))
 
@@ -74,7 +90,13 @@ class Backend:
         """
         return seed
 
+    def is_main_process(self) -> bool:
+        """Whether this process reports (progress bars, printing). Default True; a data-parallel
+        backend answers ``rank == 0``."""
+        return True
+
     def describe(self) -> str:
+        """One line naming the backend, n and dtype (shown by ``repr(H)``)."""
         return f"{self.name} backend, n={self.size}, dtype={self.dtype}"
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import cupy
 import numpy as np
 
-from curvop.backends.numpy import ArrayBackend
+from curvop.backends.array import ArrayBackend
 
 __all__ = ["CupyBackend", "hessian", "hessian_of", "from_dlpack"]
 
@@ -47,9 +47,6 @@ class CupyBackend(ArrayBackend):
     def hvp(self, v: Any) -> Any:
         with cupy.cuda.Device(self.device_id):
             return self._matvec(v)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return cupy.asnumpy(x)  # one device -> host copy
 
     def from_numpy(self, a: np.ndarray) -> Any:
         with cupy.cuda.Device(self.device_id):

@@ -13,7 +13,8 @@ function giving what the loss averages over in a batch; ``n_b`` is then that wei
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import operator
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Iterator
 
 __all__ = ["Dataset", "batch_size", "resolve_reduction"]
@@ -39,7 +40,12 @@ def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
 
 
 def batch_size(batch: Any) -> int:
-    """Number of samples in a batch: the leading dimension of its targets (or of its only array)."""
+    """Number of samples in a batch: the leading dimension of its targets (or of its only array).
+
+    Only the top level of the batch is looked at, so no tree library is needed: this module is
+    framework-free and ``optree`` is not a dependency; the backends walk nested batches with their
+    framework's own tree utilities (``tf.nest``, ``jax.tree_util``).
+    """
     item = batch
     if isinstance(batch, Mapping):  # e.g. {"input_ids": ..., "labels": ...}: the first array's leading dimension
         item = next((v for v in batch.values() if hasattr(v, "shape")), None)
@@ -116,34 +122,41 @@ class Dataset:
             return batch
         raise ValueError("data is empty: the data loader yielded no batches")
 
-    def weighted_sum(self, product: Callable[[Any], Any], on_batch: Callable[[int, Any], None] | None = None) -> Any:
-        """``sum_b w_b product(batch_b)`` with the weights of the weighting rule."""
-        if self.single:
-            return product(self.data)
-        acc, total = self.partial_sum(product, on_batch)
-        return acc / total if self.reduction == "mean" else acc
-
-    def partial_sum(self, product: Callable[[Any], Any],
-                    on_batch: Callable[[int, Any], None] | None = None) -> tuple[Any, int]:
-        """The unnormalised sum and the sample count ``(sum_b n_b product(batch_b), sum_b n_b)``.
-
-        For a sum-reduced loss the sum is ``sum_b product(batch_b)`` and the count is the number
-        of batches (unused). ``weighted_sum`` is ``acc / count`` (mean) or ``acc`` (sum); a data-parallel
-        caller all-reduces both over its shards before dividing (``curvop.backends.distributed``).
-        A single batch counts its samples (1 when there is no data).
-        """
-        total, acc = 0, None
+    def weighted_batches(self) -> Iterator[tuple[int, Any, Any]]:
+        """``(index, batch, weight)`` per batch: the weight ``n_b`` of the weighting rule (1 for a
+        sum-reduced loss or no data). The one place a batch's weight is computed."""
+        mean = self.reduction == "mean"
         for i, batch in enumerate(self.batches()):
-            p = product(batch)
-            if on_batch is not None:
-                on_batch(i, p)
-            if self.reduction == "mean":
-                nb = 1 if batch is None else self.weight(batch)
-                p = p * nb
-            else:
-                nb = 1
-            total += nb
-            acc = p if acc is None else acc + p
+            yield i, batch, (self.weight(batch) if mean and batch is not None else 1)
+
+    def accumulate(self, terms: Iterable[tuple[Any, Any]],
+                   add: Callable[[Any, Any], Any] = operator.add) -> tuple[Any, Any]:
+        """``(sum_b w_b p_b, sum_b w_b)`` over ``(p_b, w_b)`` pairs (mean), ``(sum_b p_b, count)`` (sum).
+
+        ``add(acc, p)`` adds a term (an in-place add where the framework allows). A data-parallel
+        caller all-reduces both over its shards before :meth:`normalize` (``curvop.backends.distributed``).
+        """
+        mean = self.reduction == "mean"
+        acc, total = None, 0
+        for p, w in terms:
+            if mean:
+                p = p * w
+            total = total + w
+            acc = p if acc is None else add(acc, p)
         if acc is None:
             raise ValueError("data is empty: the data loader yielded no batches")
         return acc, total
+
+    def normalize(self, acc: Any, count: Any) -> Any:
+        """``acc / count`` for a mean-reduced loss, ``acc`` for a sum."""
+        return acc / count if self.reduction == "mean" else acc
+
+    def weighted_sum(self, product: Callable[[Any], Any]) -> Any:
+        """``sum_b w_b product(batch_b)`` with the weights of the weighting rule (one batch: unweighted)."""
+        if self.single:
+            return product(self.data)
+        return self.normalize(*self.partial_sum(product))
+
+    def partial_sum(self, product: Callable[[Any], Any]) -> tuple[Any, Any]:
+        """The unnormalised sum and the weight :meth:`accumulate` gives for ``product`` on every batch."""
+        return self.accumulate((product(b), w) for _, b, w in self.weighted_batches())

@@ -10,25 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
 
+from curvop._errors import NonFiniteProductError
+
 __all__ = ["NonFiniteProductError", "locate_nonfinite", "nonfinite_error"]
-
-
-class NonFiniteProductError(FloatingPointError):
-    """A Hessian-vector product contains NaN or Inf.
-
-    Attributes
-    ----------
-    batch : int or None
-        0-based index of the first batch (in the order the data yields them, on ``rank``) whose
-        product is not finite; ``None`` if every batch's product was finite (the sum overflowed).
-    rank : int or None
-        The rank whose shard holds that batch, in a data-parallel run.
-    """
-
-    def __init__(self, message: str, batch: int | None = None, rank: int | None = None):
-        super().__init__(message)
-        self.batch = batch
-        self.rank = rank
 
 
 def locate_nonfinite(products: Iterable[Any], all_finite: Callable[[Any], bool]) -> int | None:

@@ -1,0 +1,284 @@
+"""The template of the framework backends: everything around the autodiff, written once.
+
+:class:`AutodiffBackend` owns option resolution and validation, the parameter checks, the
+scalar-loss check, the dataset loop and batch weighting (:class:`~curvop.backends.dataset.Dataset`),
+the determinism check, ``check_finite`` with the offending batch located, the fallback when a
+batched product fails, and the hooks of a data-parallel reduction. A framework subclass supplies
+its autodiff and its array glue only:
+
+* ``_product(v, batch, batched)``: the product (``batched``: an ``(n, k)`` block) on one batch,
+  already converted by ``_prepare_batch(batch)``;
+* optionally ``_linearize(batch) -> f(v, batched)``: what stays fixed between products on a batch;
+* ``is_native``, ``from_numpy``, ``_all_finite(y)`` (and ``check``, ``to_numpy``, ``describe``);
+* ``_auto_options()``: its defaults for ``"auto"``; ``batch_errors``: what its batching raises.
+
+The checks themselves (``ParamInfo``, ``LossInfo``, ``check_options``, ...) are in
+:mod:`curvop.backends.checks` and re-exported here.
+
+Construction is two calls: ``_begin(...)`` (options and parameters checked, nothing computed),
+then, once the subclass has set ``size``, ``dtype``, ``device`` and its layout, ``_complete(...)``
+(loss checked on the first batch, ``"auto"`` resolved, ``_resolved()`` called, determinism
+checked on fresh products, cache built). Per product the template calls ``_follow()``, then per
+batch ``_product`` or a cached map inside ``_batch_context(i, cached)``, sums with ``_add`` and
+the dataset's weights, reduces through the optional collective, and checks finiteness once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from curvop import arrays
+from curvop.backends.base import Backend, check_deterministic
+from curvop.backends.checks import LossInfo, ParamInfo, check_loss, check_options, check_params
+from curvop.backends.dataset import Dataset
+from curvop.backends.faults import locate_nonfinite, nonfinite_error
+
+__all__ = ["AutodiffBackend", "Collective", "LossInfo", "ParamInfo", "check_options", "check_params",
+           "check_loss"]
+
+Array = Any
+
+
+class Collective(Protocol):
+    """What a data-parallel reduction provides (``curvop.backends.distributed.TorchCollective``)."""
+
+    rank: int
+    world: int
+
+    def reduce_product(self, acc: Array, count: Any, reduction: str) -> Array: ...
+    def gather_ints(self, value: int, device: Any) -> list[int]: ...
+    def agree_seed(self, seed: Any, device: Any) -> Any: ...
+
+
+class AutodiffBackend(Backend):
+    """The template: a backend whose products come from a framework's autodiff over a :class:`Dataset`.
+
+    Attributes set by the template: ``dataset``, ``mode`` (``"forward"``/``"reverse"``), ``cache``,
+    ``batched``, ``check_finite``. The subclass sets ``size``, ``dtype`` and ``device``.
+
+    Examples
+    --------
+    A backend for ``loss(w, (X, y)) = mean((X w - y)**2) / 2`` written against the template
+    (no autodiff needed: the Hessian is ``X^T X / n_b`` on each batch):
+
+    >>> import numpy as np
+    >>> from curvop.backends.dataset import Dataset
+    >>> class LeastSquares(AutodiffBackend):
+    ...     name = "lstsq"
+    ...     def __init__(self, w, data, **options):
+    ...         self._begin(Dataset(data), [ParamInfo("w", w.dtype.name, "cpu")], **options)
+    ...         self.size, self.dtype, self.device = w.size, w.dtype, "cpu"
+    ...         self._complete()
+    ...     def _product(self, v, batch, batched):
+    ...         X = batch[0]
+    ...         return X.T @ (X @ v) / len(X)
+    ...     def _all_finite(self, y): return bool(np.isfinite(y).all())
+    ...     def is_native(self, x): return isinstance(x, np.ndarray)
+    ...     def from_numpy(self, a): return np.asarray(a, dtype=self.dtype)
+    >>> X = np.arange(6.0).reshape(3, 2)
+    >>> B = LeastSquares(np.zeros(2), [(X[:2], X[:2, 0]), (X[2:], X[2:, 0])])
+    >>> np.allclose(B.hvp(np.ones(2)), X.T @ X @ np.ones(2) / 3)
+    True
+    """
+
+    #: Exceptions the framework's batching (vmap, vectorized_map) raises for an op it cannot batch:
+    #: ``hvp_batch`` then warns once and loops over the columns.
+    batch_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: The framework's words in the messages of the parameter checks.
+    param_word: ClassVar[str] = "parameter"
+    #: Whether the loss must have shape ``()`` (JAX's grad), not just one element.
+    loss_zero_dim: ClassVar[bool] = False
+    device: Any = None
+    _collective: Collective | None = None
+    _cached: list[tuple[Callable[[Array, bool], Array], Any]] | None = None
+
+    # --- construction ---------------------------------------------------------------------------
+    def _begin(self, dataset: Dataset, params: Sequence[ParamInfo], *, hvp: str = "auto",
+               cache: bool | str = "auto", batched: bool | str = "auto", check_deterministic: bool = True,
+               check_finite: bool = True, collective: Collective | None = None, **flags: bool) -> None:
+        """Check the options and the parameters; remember the options (``flags``: the framework's own)."""
+        check_options(hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
+                      check_finite=check_finite, **flags)
+        if cache is True and not self.can_cache():
+            raise ValueError(f"the {self.name} backend keeps no linearisation between products: "
+                             "cache must be False or 'auto'")
+        check_params(params, what=self.param_word, **self._param_advice())
+        self.dataset = dataset
+        self.check_finite = bool(check_finite)
+        self._collective = collective
+        self._options = {"hvp": hvp, "cache": cache, "batched": batched}
+        self._check_det = bool(check_deterministic)
+
+    def _complete(self, loss: LossInfo | None = None, check_loss_dtype: bool = True) -> None:
+        """Check the loss (``loss``: its value on the first batch), resolve ``"auto"``, check that
+        the products are deterministic and build the cache."""
+        if loss is not None:
+            check_loss(loss, self._param_dtype_name(), framework=self._loss_type(),
+                       reduce_fix=self._reduce_advice(),
+                       precision_message=self._precision_message if check_loss_dtype else None,
+                       zero_dim=self.loss_zero_dim)
+        auto = self._auto_options()
+        opts = {k: auto[k] if v == "auto" else v for k, v in self._options.items()}
+        self.mode = opts["hvp"]
+        self.batched = bool(opts["batched"])
+        want_cache = bool(opts["cache"]) and self.can_cache()
+        self.cache = want_cache
+        self._resolved()
+        if self._check_det:
+            v = self.random(self.size, "gaussian", np.random.default_rng(0))
+            check_deterministic(lambda u: self._finite(self._reduce(u, False, fresh=True), u, False, fresh=True),
+                                v, self.dtype)
+        self._cached = self._build_cache() if want_cache else None
+
+    def _build_cache(self) -> list[tuple[Callable[[Array, bool], Array], Any]]:
+        """One ``(linear map, weight)`` per batch (``_linearize`` under the batch's context)."""
+        cached = []
+        for i, batch, w in self.dataset.weighted_batches():
+            with self._batch_context(i, False):
+                cached.append((self._linearize(self._prepare_batch(batch)), w))
+        if not cached:
+            raise ValueError("data is empty: the data loader yielded no batches")
+        return cached
+
+    # --- what a framework supplies ----------------------------------------------------------------
+    def _product(self, v: Array, batch: Any, batched: bool) -> Array:
+        """``H_batch v`` (``batched``: ``v`` is ``(n, k)``), unweighted, on one prepared batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _product")
+
+    _linearize: Callable[[Any], Callable[[Array, bool], Array]] | None = None
+    """``_linearize(batch) -> f(v, batched)``: set it to a method where the framework can cache."""
+
+    def can_cache(self) -> bool:
+        """Whether this backend keeps a linearisation between products (it defines ``_linearize``)."""
+        return self._linearize is not None
+
+    def _all_finite(self, y: Array) -> bool:
+        """Whether every entry of native ``y`` is finite (one reduction and host sync)."""
+        return bool(np.isfinite(self.to_numpy(y)).all())
+
+    def _prepare_batch(self, batch: Any) -> Any:
+        """A batch as the product takes it (tensors on the device). Default: unchanged."""
+        return batch
+
+    def _auto_options(self) -> dict[str, Any]:
+        """The values of ``"auto"`` for ``hvp``, ``cache`` and ``batched`` (may look at ``self.device``)."""
+        return {"hvp": "forward", "cache": self.dataset.single, "batched": False}
+
+    def _param_advice(self) -> dict[str, str]:
+        """The fixes named by the parameter checks, in the framework's words."""
+        return {"dtype_fix": "convert them to one dtype", "device_fix": "move them to one device",
+                "float_fix": "leave it out of params", "half_fix": "convert them to float32 or float64"}
+
+    def _loss_type(self) -> str:
+        return f"{self.name} array"
+
+    def _reduce_advice(self) -> str:
+        return "use a reduced loss (a mean or a sum over samples), not one value per sample"
+
+    def _precision_message(self, loss_dtype: str) -> str:
+        return (f"the loss value is {loss_dtype}, but the parameters are {self._param_dtype_name()}: the Hessian "
+                "would silently lose digits; compute the loss in the parameters' dtype. Pass "
+                "check_loss_dtype=False to accept the lower precision.")
+
+    def _param_dtype_name(self) -> str:
+        return np.dtype(self.dtype).name
+
+    # --- hooks (no-ops by default) ----------------------------------------------------------------
+    def _resolved(self) -> None:
+        """Called once ``mode``, ``batched`` and ``cache`` are resolved, before the first product
+        (build what depends on them: compiled functions, op rewrites for a mode)."""
+
+    def _follow(self) -> None:
+        """Called before every product: follow in-place changes of the parameters (torch: version
+        counters; rebuild ``self._cached = self._build_cache()`` when they moved)."""
+
+    def _batch_context(self, index: int, cached: bool) -> ContextManager[Any]:
+        """Context around batch ``index``'s product or linearisation (``cached``: a cached map is
+        applied). Torch uses it to evaluate batch ``i`` under a fixed seed; default: none."""
+        return contextlib.nullcontext()
+
+    def _add(self, acc: Array, p: Array) -> Array:
+        """``acc + p`` when summing batches (an in-place add where the framework allows)."""
+        return acc + p
+
+    # --- the contract -----------------------------------------------------------------------------
+    def hvp(self, v: Array) -> Array:
+        self._follow()
+        return self._finite(self._reduce(v, False), v, False)
+
+    def hvp_batch(self, v: Array) -> Array:
+        self._follow()
+        if self.batched:
+            try:
+                y = self._reduce(v, True)
+            except self.batch_errors as err:  # an op without a batching rule
+                warnings.warn(
+                    f"batched products failed ({type(err).__name__}: {str(err)[:200]}); falling back to one "
+                    "product per column (pass batched=False to skip the attempt)", stacklevel=3)
+                self.batched = False
+            else:
+                return self._finite(y, v, True)
+        return self._looped(v)
+
+    def _looped(self, v: Array) -> Array:
+        """One product per column, checked once for the block (one sync, not one per column)."""
+        cols = [self._reduce(v[:, j], False) for j in range(v.shape[1])]
+        y = arrays.stack(cols, axis=1)
+        if self.check_finite and not self._all_finite(y):
+            for j, col in enumerate(cols):
+                self._finite(col, v[:, j], False)  # raises for the first column that is not finite
+        return y
+
+    def agree_seed(self, seed: Any) -> Any:
+        return seed if self._collective is None else self._collective.agree_seed(seed, self.device)
+
+    def is_main_process(self) -> bool:
+        return self._collective is None or self._collective.rank == 0
+
+    def describe(self) -> str:
+        cache = "cached" if self._cached is not None else "uncached"
+        return f"{self.name} {self.mode} mode, {cache}, n={self.size}, {self.dtype} on {self.device}"
+
+    # --- the dataset loop -------------------------------------------------------------------------
+    def _products(self, v: Array, batched: bool, fresh: bool = False) -> Iterator[tuple[Array, Any]]:
+        """``(product, weight)`` per batch, lazily: from the cache, or computed afresh."""
+        if self._cached is not None and not fresh:
+            for i, (fn, w) in enumerate(self._cached):
+                with self._batch_context(i, True):
+                    p = fn(v, batched)
+                yield p, w
+            return
+        for i, batch, w in self.dataset.weighted_batches():
+            with self._batch_context(i, False):
+                p = self._product(v, self._prepare_batch(batch), batched)
+            yield p, w
+
+    def _reduce(self, v: Array, batched: bool, fresh: bool = False) -> Array:
+        """The product over the whole dataset (weighting rule of :mod:`curvop.backends.dataset`)."""
+        terms = self._products(v, batched, fresh)
+        if self.dataset.single and self._collective is None:
+            return next(terms)[0]  # one batch: its product, unweighted (exact)
+        acc, count = self.dataset.accumulate(terms, add=self._add)
+        if self._collective is not None:
+            return self._collective.reduce_product(acc, count, self.dataset.reduction)
+        return self.dataset.normalize(acc, count)
+
+    def _finite(self, y: Array, v: Array, batched: bool, fresh: bool = False) -> Array:
+        """``y`` if it is finite (one sync); else the error naming the first non-finite batch."""
+        if not self.check_finite or self._all_finite(y):
+            return y
+        if not self._all_finite(v):  # the vector, not the data
+            bad = np.argwhere(~np.isfinite(self.to_numpy(v)))[0]
+            where = int(bad[0]) if len(bad) == 1 else tuple(int(i) for i in bad)
+            raise ValueError(f"the vector contains NaN or Inf (first at index {where}), so H @ v is not finite "
+                             "whatever the data; check how the vector was computed")
+        bad_batch = locate_nonfinite((p for p, _ in self._products(v, batched, fresh)), self._all_finite)
+        culprits: list[int | None] = [bad_batch]
+        if self._collective is not None:  # every rank sees the reduced NaN and takes this path together
+            got = self._collective.gather_ints(-1 if bad_batch is None else bad_batch, self.device)
+            culprits = [None if i < 0 else i for i in got]
+        raise nonfinite_error(culprits, self.dataset.single)

@@ -1,0 +1,262 @@
+"""Issue 13, backend side: the template (curvop.backends.template.AutodiffBackend) gives every framework
+backend the same options, checks, weighting and NaN location. Template behaviour is tested on a small
+numpy backend against explicit matrices; the drift bugs it fixes are tested on TensorFlow and JAX."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import curvop
+from curvop.backends.base import Backend, NondeterministicProductError
+from curvop.backends.dataset import Dataset
+from curvop.backends.faults import NonFiniteProductError
+from curvop.backends.template import AutodiffBackend, ParamInfo
+
+
+# --- a numpy backend on the template: loss(w, (X, y)) = mean((X w - y)**2) / 2, H_b = X^T X / n_b ---------
+class LeastSquares(AutodiffBackend):
+    name = "lstsq"
+    batch_errors = (NotImplementedError,)
+
+    def __init__(self, n: int, data, reduction: str = "mean", block_fails: bool = False, collective=None, **options):
+        self._begin(Dataset(data, reduction), [ParamInfo("w", "float64", "cpu")], collective=collective, **options)
+        self.size, self.dtype, self.device = n, np.dtype(np.float64), "cpu"
+        self.block_fails, self.products = block_fails, 0
+        self._complete()
+
+    def _product(self, v, batch, batched):
+        if batched and self.block_fails:
+            raise NotImplementedError("no batching rule for this op")
+        self.products += 1
+        X = batch[0]
+        return X.T @ (X @ v) / (len(X) if self.dataset.reduction == "mean" else 1)
+
+    def _all_finite(self, y):
+        return bool(np.isfinite(y).all())
+
+    def is_native(self, x):
+        return isinstance(x, np.ndarray)
+
+    def from_numpy(self, a):
+        return np.asarray(a, dtype=self.dtype)
+
+
+def _batches(sizes=(5, 3, 4), n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((m, n)), rng.standard_normal(m)) for m in sizes]
+
+
+def test_issue13_backend_is_an_abc_with_three_abstract_methods():
+    assert Backend.__abstractmethods__ == {"hvp", "is_native", "from_numpy"}
+    with pytest.raises(TypeError, match="abstract"):
+        type("Half", (Backend,), {"hvp": lambda self, v: v})()
+    assert LeastSquares(3, _batches()).is_main_process()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_issue13_template_weighting_is_the_hessian_of_the_whole_dataset(reduction):
+    data = _batches()
+    X = np.concatenate([b[0] for b in data])
+    dense = X.T @ X / (len(X) if reduction == "mean" else 1)
+    B = LeastSquares(3, data, reduction)
+    v = np.arange(1.0, 4.0)
+    np.testing.assert_allclose(B.hvp(v), dense @ v, rtol=1e-13)
+    V = np.eye(3)
+    np.testing.assert_allclose(B.hvp_batch(V), dense, rtol=1e-13)
+
+
+def test_issue13_template_single_batch_is_unweighted():
+    (X, y), = _batches(sizes=(7,))
+    B = LeastSquares(3, (X, y))
+    v = np.ones(3)
+    assert np.array_equal(B.hvp(v), X.T @ (X @ v) / 7)  # bit-exact: no n_b * ... / n_b
+
+
+def test_issue13_template_batched_fallback_warns_once_and_loops():
+    B = LeastSquares(3, _batches(), block_fails=True, batched=True)
+    with pytest.warns(UserWarning, match="batched products failed.*NotImplementedError"):
+        Y = B.hvp_batch(np.eye(3))
+    assert B.batched is False
+    np.testing.assert_allclose(Y, LeastSquares(3, _batches()).hvp_batch(np.eye(3)), rtol=1e-13)
+
+
+def test_issue13_template_nan_batch_is_named():
+    data = _batches(sizes=(4, 4, 4, 4))
+    B = LeastSquares(3, data, check_deterministic=False)
+    data[2][0][1, 1] = np.nan
+    with pytest.raises(NonFiniteProductError, match=r"batch 2 \(0-based") as info:
+        B.hvp(np.ones(3))
+    assert info.value.batch == 2
+    with pytest.raises(ValueError, match=r"vector contains NaN or Inf \(first at index 1\)"):
+        B.hvp(np.array([0.0, np.nan, 0.0]))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_issue13_template_looped_block_syncs_once_and_still_names_the_batch():
+    data = _batches(sizes=(4, 4, 4))
+    B = LeastSquares(3, data, batched=False, check_deterministic=False)
+    calls = []
+    B._all_finite = lambda y: calls.append(y.shape) or bool(np.isfinite(y).all())
+    B.hvp_batch(np.eye(3))
+    assert calls == [(3, 3)]  # one check for the block, not one per column
+    data[1][0][0, 0] = np.inf
+    with pytest.raises(NonFiniteProductError, match=r"batch 1 \(0-based"):
+        B.hvp_batch(np.eye(3))
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("hvp", "sideways", ValueError), ("hvp", 1, ValueError), ("cache", "False", TypeError),
+    ("batched", "yes", TypeError), ("check_deterministic", "no", TypeError), ("check_finite", 0, TypeError)])
+def test_issue13_template_validates_options_alike(option, value, error):
+    with pytest.raises(error, match=option):
+        LeastSquares(3, _batches(), **{option: value})
+
+
+@pytest.mark.parametrize("params, match", [
+    ([], "no parameters selected"),
+    ([ParamInfo("a", "float32", "cpu"), ParamInfo("b", "float64", "cpu")], "mixed dtypes.*one dtype"),
+    ([ParamInfo("a", "float64", "cpu"), ParamInfo("b", "float64", "gpu:0")], "several devices.*one device"),
+    ([ParamInfo("a", "bfloat16", "cpu")], "bfloat16.*float32 or float64"),
+    ([ParamInfo("a", "int64", "cpu", floating=False)], "'a' has dtype int64.*floating-point"),
+])
+def test_issue13_template_checks_parameters(params, match):
+    class Checked(LeastSquares):
+        def __init__(self):
+            self._begin(Dataset(None), params)
+
+    with pytest.raises((TypeError, ValueError), match=match):
+        Checked()
+
+
+def test_issue13_template_determinism_check_on_fresh_products():
+    class Noisy(LeastSquares):
+        def _product(self, v, batch, batched):
+            return super()._product(v, batch, batched) * (1 + 1e-6 * np.random.default_rng().standard_normal())
+
+    with pytest.raises(NondeterministicProductError, match="differ"):
+        Noisy(3, _batches())
+
+
+class _FakeCollective:
+    """Two ranks holding the same shard: the reduction sums both."""
+
+    rank, world = 1, 2
+
+    def __init__(self):
+        self.calls = []
+
+    def reduce_product(self, acc, count, reduction):
+        self.calls.append(("reduce", count, reduction))
+        return 2 * acc / (2 * count) if reduction == "mean" else 2 * acc
+
+    def gather_ints(self, value, device):
+        return [-1, value]
+
+    def agree_seed(self, seed, device):
+        return 1234
+
+
+def test_issue13_template_calls_the_collective():
+    coll = _FakeCollective()
+    data = _batches()
+    B = LeastSquares(3, data, collective=coll, check_deterministic=False)
+    X = np.concatenate([b[0] for b in data])
+    np.testing.assert_allclose(B.hvp(np.ones(3)), X.T @ X @ np.ones(3) / len(X), rtol=1e-13)
+    assert coll.calls == [("reduce", 12, "mean")]
+    assert B.agree_seed(None) == 1234 and not B.is_main_process()
+    data[1][0][0, 0] = np.inf
+    with pytest.raises(NonFiniteProductError, match="batch 1 .*rank 1") as info:
+        B.hvp(np.ones(3))
+    assert info.value.rank == 1
+
+
+def test_issue13_template_cache_is_refused_without_linearize():
+    with pytest.raises(ValueError, match="keeps no linearisation.*cache must be False"):
+        LeastSquares(3, _batches(), cache=True)
+
+
+# --- TensorFlow: the drift bugs the template fixes --------------------------------------------------
+def _tf_problem(sizes=(4, 4, 4, 4)):
+    tf = pytest.importorskip("tensorflow")
+    w = tf.Variable(np.array([0.5, -1.0, 2.0]), dtype=tf.float64)
+    data = [(X, y) for X, y in _batches(sizes)]
+
+    def f(w, batch):
+        X, y = batch
+        return tf.reduce_mean(tf.math.log(1 + tf.exp(tf.linalg.matvec(X, w) - y)))
+
+    return tf, w, data, f
+
+
+def test_issue13_tensorflow_nan_batch_is_named():
+    tf, w, data, f = _tf_problem()
+    data[2][0][0, 0] = np.nan
+    with pytest.raises(NonFiniteProductError, match=r"batch 2 \(0-based"):
+        curvop.hessian_of(f, w, data)  # the determinism check's product finds it
+    H = curvop.hessian_of(f, w, data, check_deterministic=False)
+    with pytest.raises(NonFiniteProductError, match=r"batch 2") as info:
+        H @ tf.ones(3, tf.float64)
+    assert info.value.batch == 2
+
+
+@pytest.mark.parametrize("option, value", [("cache", "False"), ("batched", "yes"), ("check_deterministic", "no"),
+                                           ("check_finite", 0), ("hvp", 1), ("check_loss_dtype", "False")])
+def test_issue13_tensorflow_option_types_are_validated(option, value):
+    tf, w, data, f = _tf_problem()
+    with pytest.raises((TypeError, ValueError), match=option):
+        curvop.hessian_of(f, w, data, **{option: value})
+
+
+def test_issue13_tensorflow_half_precision_is_refused():
+    tf = pytest.importorskip("tensorflow")
+    w = tf.Variable(np.ones(3, np.float16))
+    with pytest.raises(TypeError, match="float16.*float32 or float64"):
+        curvop.hessian_of(lambda w: tf.reduce_sum(w ** 4), w)
+
+
+# --- JAX: the drift bugs the template fixes ---------------------------------------------------------
+def _jax_problem(sizes=(4, 4, 4, 4)):
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    def f(w, batch):
+        X, y = batch
+        return jnp.mean(jnp.log1p(jnp.exp(X @ w - y)))
+
+    return jax, jnp, jnp.array([0.5, -1.0, 2.0]), _batches(sizes), f
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_issue13_jax_nan_batch_is_named(cache):
+    jax, jnp, w, data, f = _jax_problem()
+    data[2][0][0, 0] = np.nan
+    with pytest.raises(NonFiniteProductError, match=r"batch 2 \(0-based"):
+        curvop.hessian_of(f, w, data, cache=cache)
+    H = curvop.hessian_of(f, w, data, check_deterministic=False, cache=cache)
+    with pytest.raises(NonFiniteProductError, match=r"batch 2") as info:
+        H @ jnp.ones(3)
+    assert info.value.batch == 2
+    with pytest.raises(NonFiniteProductError, match=r"batch 2"):
+        H.matmat(jnp.ones((3, 2)))
+
+
+@pytest.mark.parametrize("option, value", [("cache", "False"), ("batched", "yes"), ("check_deterministic", "no"),
+                                           ("check_finite", 0), ("hvp", 1), ("check_loss_dtype", "False")])
+def test_issue13_jax_option_types_are_validated(option, value):
+    jax, jnp, w, data, f = _jax_problem()
+    with pytest.raises((TypeError, ValueError), match=option):
+        curvop.hessian_of(f, w, data, **{option: value})
+
+
+def test_issue13_jax_half_precision_and_low_precision_loss_are_refused():
+    jax, jnp, w, data, f = _jax_problem()
+    with pytest.raises(TypeError, match="float16.*float32 or float64"):
+        curvop.hessian_of(lambda w: jnp.sum(w ** 4), jnp.ones(3, jnp.float16))
+    from curvop.backends.base import LossPrecisionError
+
+    with pytest.raises(LossPrecisionError, match="float32.*float64"):
+        curvop.hessian_of(lambda w: jnp.sum(w ** 4).astype(jnp.float32), jnp.ones(3))
+    H = curvop.hessian_of(lambda w: jnp.sum(w ** 4).astype(jnp.float32), jnp.ones(3), check_loss_dtype=False)
+    assert H.shape == (3, 3)
