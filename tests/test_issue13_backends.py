@@ -52,6 +52,7 @@ def test_issue13_backend_is_an_abc_with_three_abstract_methods():
     with pytest.raises(TypeError, match="abstract"):
         type("Half", (Backend,), {"hvp": lambda self, v: v})()
     assert LeastSquares(3, _batches()).is_main_process()
+    assert AutodiffBackend.__abstractmethods__ == {"_product", "is_native", "from_numpy"}
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

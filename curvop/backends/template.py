@@ -25,6 +25,7 @@ the dataset's weights, reduces through the optional collective, and checks finit
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import warnings
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol, Sequence
@@ -145,9 +146,9 @@ class AutodiffBackend(Backend):
         return cached
 
     # --- what a framework supplies ----------------------------------------------------------------
+    @abc.abstractmethod
     def _product(self, v: Array, batch: Any, batched: bool) -> Array:
         """``H_batch v`` (``batched``: ``v`` is ``(n, k)``), unweighted, on one prepared batch."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _product")
 
     _linearize: Callable[[Any], Callable[[Array, bool], Array]] | None = None
     """``_linearize(batch) -> f(v, batched)``: set it to a method where the framework can cache."""

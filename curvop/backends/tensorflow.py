@@ -106,6 +106,7 @@ class TensorFlowBackend(AutodiffBackend):
         self.tf_dtype = variables[0].dtype
         self.dtype = np.dtype(self.tf_dtype.as_numpy_dtype)
         self.device = variables[0].device
+        self._on_cpu = device_key(self.device)[0] == "CPU"
         self._shapes = [tuple(int(d) for d in v.shape) for v in variables]
         self._sizes = [int(np.prod(s, dtype=np.int64)) for s in self._shapes]
         self.size = int(sum(self._sizes))
@@ -154,6 +155,8 @@ class TensorFlowBackend(AutodiffBackend):
             return super()._reduce(v, batched, fresh)
 
     def _all_finite(self, y: tf.Tensor) -> bool:
+        if self._on_cpu:  # numpy reads the CPU buffer in place: ~13 us, where two eager TF ops take ~300 us
+            return bool(np.isfinite(y.numpy()).all())
         return bool(tf.reduce_all(tf.math.is_finite(y)))
 
     # --- array glue -------------------------------------------------------------------------------
