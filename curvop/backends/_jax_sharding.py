@@ -54,10 +54,12 @@ def place(names: Sequence[str], leaves: list) -> list:
 
     One device, or every leaf on the same several devices (sharded or replicated over a mesh),
     is accepted. Uncommitted leaves (``jnp.asarray`` of numpy, created without a device) follow
-    the others: replicated over their devices. Anything else is a ``ValueError`` naming two
+    the committed ones: onto their device, or replicated over their devices. Anything else is a ``ValueError`` naming two
     leaves and their devices.
     """
-    committed = [(name, x) for name, x in zip(names, leaves) if x.committed] or list(zip(names, leaves))
+    committed = [(name, x) for name, x in zip(names, leaves) if x.committed]
+    if not committed:
+        return leaves  # all on the default device, wherever jit runs them
     first_name, first = committed[0]
     for name, x in committed[1:]:
         if _devices(x) != _devices(first):
@@ -67,11 +69,8 @@ def place(names: Sequence[str], leaves: list) -> list:
                 "or every leaf sharded or replicated over the same devices, e.g. one jax.sharding.Mesh: "
                 "jax.device_put(leaf, NamedSharding(mesh, PartitionSpec(...)))"
             )
-    target = _devices(first)
-    if len(target) == 1:
-        return leaves
-    replicated = _replicated(first)
-    return [x if x.committed else jax.device_put(x, replicated) for x in leaves]
+    where = first.sharding if len(_devices(first)) == 1 else _replicated(first)
+    return [x if x.committed else jax.device_put(x, where) for x in leaves]
 
 
 def _replicated(x: jax.Array) -> Any:
@@ -81,24 +80,24 @@ def _replicated(x: jax.Array) -> Any:
     return NamedSharding(Mesh(np.array(sorted(s.device_set, key=lambda d: d.id)), ("devices",)), PartitionSpec())
 
 
-def layout(params: Any, first_batch: Callable[[], Any] | None = None) -> "ShardedLayout | None":
+def layout(params: Any, batch: Any = None) -> "ShardedLayout | None":
     """The layout for ``params`` if some leaf is sharded over several devices, else ``None``.
 
     ``None`` (the plain ``ravel_pytree`` path) covers one device and data parallelism (every leaf
-    replicated). ``first_batch()``, if given, is called for sharded parameters only and checked:
-    its committed arrays must be on the parameters' devices (else jit fails, "incompatible devices").
+    replicated). ``batch`` (the first batch) is checked in every case: its committed arrays must be
+    on the parameters' devices, else jit would fail with "incompatible devices".
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     devices = _devices(leaves[0])
-    if len(devices) == 1 or all(x.sharding.is_fully_replicated for x in leaves):
-        return None
-    for x in jax.tree_util.tree_leaves(first_batch() if first_batch else None):
+    for x in jax.tree_util.tree_leaves(batch):
         if isinstance(x, jax.Array) and x.committed and _devices(x) != devices:
             raise ValueError(
-                f"a batch array is on {_fmt(_devices(x))}, but the parameters are sharded over "
-                f"{_fmt(devices)}; put the data on the same devices (e.g. "
+                f"a batch array is on {_fmt(_devices(x))}, but the parameters are on {_fmt(devices)}; put "
+                "the data on the parameters' devices (jax.device_put(batch, device), or for a mesh "
                 "jax.device_put(batch, NamedSharding(mesh, PartitionSpec()))) or leave it uncommitted"
             )
+    if len(devices) == 1 or all(x.sharding.is_fully_replicated for x in leaves):
+        return None
     return ShardedLayout(leaves, treedef)
 
 
@@ -125,7 +124,7 @@ class ShardedLayout:
     True
     """
 
-    def __init__(self, leaves: list, treedef: Any):
+    def __init__(self, leaves: list, treedef: Any, groups: int | None = None):
         self._treedef = treedef
         self._shapes = [tuple(x.shape) for x in leaves]
         self._shardings = [x.sharding for x in leaves]
@@ -133,11 +132,12 @@ class ShardedLayout:
         self.size = int(self._offsets[-1])
         self.dtype = leaves[0].dtype
         devices = _ordered_devices(leaves)
-        self.devices, self.groups = len(devices), math.gcd(self.size, len(devices))
+        # groups: how many parts the vectors are split into (gcd(n, D) unless given, for measurements)
+        self.devices, self.groups = len(devices), groups or math.gcd(self.size, len(devices))
         mesh = Mesh(np.array(devices, dtype=object).reshape(self.groups, -1), (FLAT, COPIES))
         self.sharding = NamedSharding(mesh, PartitionSpec(FLAT))  # (n,) and (n, k): rows split
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        if self.groups < self.devices:
+        if groups is None and self.groups < self.devices:
             warnings.warn(
                 f"the {self.size} parameters cannot be split evenly over {self.devices} devices (JAX shards "
                 f"only evenly), so curvop's vectors are split over {self.groups} group(s) of devices and each "
