@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from curvop.backends import _jax_sharding
 from curvop.backends.base import Backend
 from curvop.backends.base import check_deterministic as assert_deterministic
 from curvop.backends.dataset import Dataset, batch_size, resolve_reduction
@@ -77,17 +78,9 @@ def prepare_params(params: Any) -> Any:
             f"parameters have mixed dtypes ({', '.join(sorted(map(str, dtypes)))}); the flattened operator needs "
             "one dtype: convert them, e.g. jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)"
         )
-    devices = set()
-    for x in out:
-        devices |= set(x.devices())
-    # several devices are fine when every leaf is replicated on all of them (data parallelism,
-    # see curvop.backends.distributed.jax_data_parallel)
-    replicated = all(x.sharding.is_fully_replicated and set(x.devices()) == devices for x in out)
-    if len(devices) > 1 and not replicated:
-        raise ValueError(
-            f"parameters are on several devices ({', '.join(sorted(map(str, devices)))}); curvop needs them "
-            "on one device: jax.device_put(params, device)"
-        )
+    # one device, or every leaf sharded/replicated over the same devices (curvop.backends._jax_sharding)
+    out = _jax_sharding.place([jax.tree_util.keystr(p) or "params" for p, _ in
+                               jax.tree_util.tree_flatten_with_path(params)[0]], out)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -130,16 +123,18 @@ class JaxBackend(Backend):
         params = prepare_params(params)
         self._loss = loss
         self._params = params
-        flat, self._unravel = ravel_pytree(params)
+        first = dataset.first()
+        self._layout = _jax_sharding.layout(params, first)  # None unless leaves are sharded
+        flat, self._unravel = ravel_pytree(params) if self._layout is None else self._layout.spec()
         self.size = int(flat.shape[0])
         if self.size == 0:
             raise ValueError("params has no entries: the Hessian would be empty")
         self.jax_dtype = flat.dtype
         self.dtype = np.dtype(flat.dtype)
         self.device = next(iter(flat.devices()))
-        self.sharding = flat.sharding  # one device, or replicated over a mesh (data parallelism)
+        self.sharding = flat.sharding  # one device, replicated over a mesh, or the sharded layout's
         self.dataset = dataset
-        _check_scalar_loss(loss, params, dataset.first())
+        _check_scalar_loss(loss, params, first)
 
         if hvp == "auto":
             hvp = "forward"
@@ -153,7 +148,7 @@ class JaxBackend(Backend):
             batched = True
         self.batched = bool(batched)
 
-        ravel = lambda tree: ravel_pytree(tree)[0]  # noqa: E731
+        ravel = (lambda tree: ravel_pytree(tree)[0]) if self._layout is None else self._layout.ravel
         unravel = self._unravel
         grad_fn = jax.grad(loss)
 
@@ -224,11 +219,13 @@ class JaxBackend(Backend):
         return a if a.flags.writeable else a.copy()
 
     def from_numpy(self, a: np.ndarray) -> Array:
-        return jax.device_put(np.asarray(a, dtype=self.dtype), self.sharding)
+        where = self.sharding if self._layout is None else self._layout.sharding_for(np.shape(a))
+        return jax.device_put(np.asarray(a, dtype=self.dtype), where)
 
     def describe(self) -> str:
         how = "linearized (cached)" if self._cached is not None else f"{self.mode} mode, uncached"
-        return f"jax {how}, n={self.size}, {self.dtype} on {self.device}"
+        where = self.device if self._layout is None else self._layout.describe()
+        return f"jax {how}, n={self.size}, {self.dtype} on {where}"
 
     # --- sums over batches ------------------------------------------------------------------------
     def _sum(self, product: Callable[[Any], Array]) -> Array:
