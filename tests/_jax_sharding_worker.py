@@ -7,6 +7,7 @@ is switched on here only, never in the test process).
 """
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -68,7 +69,7 @@ def one_device(p):
 
 
 def spec(x):
-    return str(x.sharding.spec) if hasattr(x.sharding, "spec") else type(x.sharding).__name__
+    return list(x.sharding.spec) if hasattr(x.sharding, "spec") else type(x.sharding).__name__
 
 
 def shards(x):
@@ -144,6 +145,14 @@ def check():
             res["uneven2"]["eig"] = [curvop.eigenvalues(H, 3, seed=0).eigenvalues.tolist(),
                                      curvop.eigenvalues(ref, 3, seed=0).eigenvalues.tolist()]
 
+    if N >= 4:  # a 2-D mesh: the batch split over "data", the weights over "model"
+        mesh2 = Mesh(np.array(DEV[:4]).reshape(2, 2), ("data", "model"))
+        p2 = {k: jax.device_put(np.asarray(x), NamedSharding(mesh2, x.sharding.spec)) for k, x in params.items()}
+        d2 = [jax.device_put(b, NamedSharding(mesh2, P("data"))) for b in batches]
+        H2 = curvop.hessian_of(loss, p2, d2, backend="jax")
+        y2 = H2 @ H2.from_numpy(V)
+        res["mesh2d"] = {"diff": float(np.abs(np.asarray(y2) - dense @ V).max()), "y_shards": shards(y2),
+                         "eig": curvop.eigenvalues(H2, 3, seed=0).eigenvalues.tolist()}
     _tick("uneven")
     # leaves on different device sets, and data committed elsewhere: curvop errors
     errors = {}
@@ -165,10 +174,21 @@ def check():
         errors["data_elsewhere"] = "no error"
     except Exception as err:  # noqa: BLE001
         errors["data_elsewhere"] = f"{type(err).__module__}.{type(err).__name__}: {err}"
+    try:  # unsharded parameters on one device, data committed to another: the same check
+        curvop.hessian_of(loss, one_device(params), [(jax.device_put(x, DEV[1]), y) for x, y in batches],
+                          backend="jax")
+        errors["data_elsewhere_one_device"] = "no error"
+    except Exception as err:  # noqa: BLE001
+        errors["data_elsewhere_one_device"] = f"{type(err).__module__}.{type(err).__name__}: {err}"
     # uncommitted leaves (numpy converted by jnp.asarray) next to sharded ones are replicated on the mesh
     mixed = dict(params, b2=np.zeros(4))
     Hm = curvop.hessian_of(loss, mixed, batches, backend="jax")
     errors["mixed_uncommitted_diff"] = float(np.abs(Hm @ v - dense @ v).max())
+    # one device: a leaf committed to device 1 and a numpy leaf; the numpy one follows it there
+    on1 = dict(jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), DEV[1]), params), b2=np.zeros(4))
+    H1 = curvop.hessian_of(loss, on1, [jax.device_put(b, DEV[1]) for b in batches], backend="jax")
+    errors["mixed_one_device_diff"] = float(np.abs(H1 @ v - dense @ v).max())
+    errors["mixed_one_device_where"] = str(H1.backend.device)
     res["errors"] = errors
     _tick("errors")
     return res
@@ -181,15 +201,13 @@ def measure():
     params = make(rng, width=1024, classes=256, d_in=512)
     batch = (jnp.asarray(rng.standard_normal((64, 512))), jnp.asarray(rng.integers(0, 256, 64)))
     out = {}
-    layouts = {"split": None, "replicated": 1}
-    for name, groups in layouts.items():
-        real = _jax_sharding.math.gcd
-        if groups:
-            _jax_sharding.math.gcd = lambda a, b: 1  # force the replicated flat layout
+    real = _jax_sharding.ShardedLayout
+    for name, groups in {"split": None, "replicated": 1}.items():
+        _jax_sharding.ShardedLayout = functools.partial(real, groups=groups)  # force the flat layout
         try:
             H = curvop.hessian_of(loss, params, batch, backend="jax", cache=False)
         finally:
-            _jax_sharding.math.gcd = real
+            _jax_sharding.ShardedLayout = real
         out[name] = _time(H)
     out["one_device"] = _time(curvop.hessian_of(loss, one_device(params), batch, backend="jax", cache=False))
     return out

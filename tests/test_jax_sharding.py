@@ -39,11 +39,13 @@ def result(request, tmp_path_factory):
 
 def test_issue15_item5_sharded_products_match_dense_hessian(result):
     _, r = result
-    assert r["leaf_specs"]["w1"] == "PartitionSpec('model', None)"  # the model really is sharded
+    assert r["leaf_specs"]["w1"] == ["model", None]  # the model really is sharded
     for name, d in r["diffs"].items():
         assert d < 1e-10, (name, d)
     assert r["dense_err"] < 1e-10
     assert r["errors"]["mixed_uncommitted_diff"] < 1e-10
+    assert r["errors"]["mixed_one_device_diff"] < 1e-10
+    assert r["errors"]["mixed_one_device_where"] == "cpu:1"
 
 
 def test_issue15_item5_vectors_stay_sharded_over_all_devices(result):
@@ -53,7 +55,7 @@ def test_issue15_item5_vectors_stay_sharded_over_all_devices(result):
     for name, nat in r["native"].items():
         assert nat["err"] < 1e-10, name
         assert nat["y_devices"] == devices, name
-        assert nat["y_spec"] == "PartitionSpec('curvop_flat',)", (name, nat["y_spec"])
+        assert nat["y_spec"] == nat["Y_spec"] == ["curvop_flat"], (name, nat["y_spec"])
         assert nat["y_shards"] == [[n // devices]], (name, nat["y_shards"])  # n/D entries per device
         assert nat["Y_shards"] == [[n // devices, 3]], (name, nat["Y_shards"])
     assert f"sharded over {devices} of {devices} devices" in r["describe"]
@@ -103,4 +105,16 @@ def test_issue15_item5_leaves_on_different_devices_is_a_curvop_error(result):
     if devices >= 4:  # sharded over two different meshes
         assert e["two_meshes"].startswith(msg + "(cpu:2, cpu:3 vs cpu:0, cpu:1)"), e["two_meshes"]
     assert e["data_elsewhere"].startswith("builtins.ValueError: a batch array is on cpu:0, but the parameters are "
-                                          "sharded over"), e["data_elsewhere"]
+                                          "on cpu:0, cpu:1"), e["data_elsewhere"]
+    assert e["data_elsewhere_one_device"].startswith(
+        "builtins.ValueError: a batch array is on cpu:1, but the parameters are on cpu:0;"), e["data_elsewhere_one_device"]
+
+
+def test_issue15_item5_two_dimensional_mesh_data_and_model(result):
+    devices, r = result
+    if devices < 4:
+        pytest.skip("a 2 x 2 mesh needs 4 devices")
+    m = r["mesh2d"]
+    assert m["diff"] < 1e-10
+    assert m["y_shards"] == [[r["n"] // 4, 3]]
+    np.testing.assert_allclose(m["eig"], r["single"]["eig"], rtol=0, atol=1e-10)
