@@ -58,7 +58,7 @@ def test_issue15_item5_vectors_stay_sharded_over_all_devices(result):
         assert nat["y_spec"] == nat["Y_spec"] == ["curvop_flat"], (name, nat["y_spec"])
         assert nat["y_shards"] == [[n // devices]], (name, nat["y_shards"])  # n/D entries per device
         assert nat["Y_shards"] == [[n // devices, 3]], (name, nat["Y_shards"])
-    assert f"sharded over {devices} of {devices} devices" in r["describe"]
+    assert f"float64 on {devices} devices, vectors split {devices} ways" in r["describe"]
 
 
 def test_issue15_item5_native_product_has_no_host_transfer(result):

@@ -166,8 +166,7 @@ class ShardedLayout:
         return self.sharding if len(shape) in (1, 2) and shape[0] == self.size else self.replicated
 
     def describe(self) -> str:
-        return f"sharded over {self.groups} of {self.devices} devices" if self.groups > 1 else \
-            f"replicated on {self.devices} devices"
+        return f"{self.devices} devices, vectors split {self.groups} ways"
 
 
 def _ordered_devices(leaves: list) -> list:
