@@ -15,7 +15,7 @@ __all__ = ["require_finite"]
 
 
 def require_finite(values: Any, where: str) -> None:
-    """Raise :class:`~curvop.backends.faults.NonFiniteProductError` unless every value is finite.
+    """Raise :class:`~curvop.backends.faults.NonFiniteProductError` (defined in :mod:`curvop._errors`) unless every value is finite.
 
     ``values`` are host numbers already computed (no extra synchronisation); a tuple of floats
     takes a fast path, as this runs once per Lanczos step. ``where`` names the caller in the message.
@@ -25,7 +25,7 @@ def require_finite(values: Any, where: str) -> None:
     if not np.all(np.isfinite(values)):
         # Imported here, on the error path only: faults.py is framework-free, and no algorithm
         # module imports a module under curvop.backends at import time.
-        from curvop.backends.faults import NonFiniteProductError
+        from curvop._errors import NonFiniteProductError
 
         raise NonFiniteProductError(
             f"{where}: the Hessian-vector products contain NaN or Inf, so no result can be computed; "

@@ -144,7 +144,9 @@ def _device(x: Array):
 
     if _is_tensorflow(x):
         return x.device
-    return array_api_compat.device(x)
+    d = array_api_compat.device(x)
+    spec = getattr(d, "spec", None)  # a jax.Array sharded over a mesh: small arrays go replicated on it
+    return type(d)(d.mesh, type(spec)()) if spec is not None and any(a is not None for a in spec) else d
 
 
 def dot(x: Array, y: Array) -> float:

@@ -152,7 +152,7 @@ class HessianOperator(LinearOperator):
         >>> H @ np.array([1.0, 0.0])
         array([2., 1.])
         """
-        from curvop.backends.numpy import from_hvp
+        from curvop.backends.callables import from_hvp
 
         return cls(from_hvp(hvp_fn, x0, matmat_fn=matmat_fn))
 
@@ -184,7 +184,7 @@ class HessianOperator(LinearOperator):
         >>> np.allclose(H @ np.array([1.0, 0.0]), [3.0, 0.0])
         True
         """
-        from curvop.backends.numpy import from_grad
+        from curvop.backends.callables import from_grad
 
         return cls(from_grad(grad_fn, x0, step=step, richardson=richardson))
 
@@ -330,7 +330,7 @@ def aslinearoperator(A: Any, *, shape: tuple[int, int] | None = None, like: Any 
     from scipy.sparse import issparse
     from scipy.sparse.linalg import aslinearoperator as scipy_aslinop
 
-    from curvop.backends.numpy import ArrayBackend, dense
+    from curvop.backends.array import ArrayBackend, dense
 
     if isinstance(A, HessianOperator):
         return A

@@ -21,6 +21,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from curvop.eigen import eigenvalues
+from curvop.factory import hessian
+from curvop.trace_estimation import trace
+
 __all__ = ["Measurement", "SharpnessTracker"]
 
 
@@ -116,20 +120,18 @@ class SharpnessTracker:
 
         ``step`` defaults to the number of measurements so far.
         """
-        import curvop
-
         step = len(self.history) if step is None else int(step)
         t0 = time.perf_counter()
         with _training_untouched(self.model):
             H = self._operator(params)
             ss = np.random.SeedSequence([self.seed, step & 0xFFFFFFFF])
-            r = curvop.eigenvalues(H, k=self.k, tol=self.tol, max_matvecs=self.max_matvecs,
+            r = eigenvalues(H, k=self.k, tol=self.tol, max_matvecs=self.max_matvecs,
                                    seed=np.random.default_rng(ss.spawn(1)[0]),
                                    v0=self._previous if self.warm_start else None)
             products = r.num_matvecs
             tr = None
             if self.trace:
-                t = curvop.trace(H, num_matvecs=self.trace_matvecs, seed=np.random.default_rng(ss.spawn(2)[1]))
+                t = trace(H, num_matvecs=self.trace_matvecs, seed=np.random.default_rng(ss.spawn(2)[1]))
                 tr, products = float(t.estimate), products + t.num_matvecs
         self._previous = r
         m = Measurement(step, float(r.eigenvalues[0]), int(products), time.perf_counter() - t0,
@@ -138,8 +140,6 @@ class SharpnessTracker:
         return m
 
     def _operator(self, params: Any) -> Any:
-        import curvop
-
         model = self.model
         if params is not None:
             model = (model[0] if isinstance(model, tuple) else model, params)
@@ -148,7 +148,7 @@ class SharpnessTracker:
         opts = dict(self.hessian_options)
         if self._built:  # the determinism check costs two products; once per tracker is enough
             opts.setdefault("check_deterministic", False)
-        H = curvop.hessian(model, self.loss_fn, self.data, **opts)
+        H = hessian(model, self.loss_fn, self.data, **opts)
         self._built = True
         return H
 

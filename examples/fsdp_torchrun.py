@@ -25,7 +25,6 @@ from torch.distributed.fsdp import fully_shard
 
 import curvop
 from curvop.backends.distributed import is_main_process
-from curvop.backends.fsdp import hessian_fsdp
 
 
 def build(kind: str, dtype: torch.dtype, rank: int, world: int, shard: bool = True):
@@ -64,7 +63,7 @@ def measure(args: argparse.Namespace) -> None:
         for factor in (0.1, 1.0, 10.0):
             model, shard = build("cpu", dtype, rank, world)
             step = factor * default_step(dtype)
-            H = hessian_fsdp(model, nn.CrossEntropyLoss(), shard, step=step, timeout=args.timeout)
+            H = curvop.hessian(model, nn.CrossEntropyLoss(), shard, step=step, timeout=args.timeout)
             err = np.linalg.norm(H @ V - TV, axis=0) / np.linalg.norm(TV, axis=0)
             lam = curvop.eigenvalues(H, 1, tol=1e-8 if dtype == torch.float64 else 1e-5, seed=0).eigenvalues[0]
             rows.append(f"| {str(dtype)[6:]} | {factor:g} x eps^(1/3) = {step:.1e} | {err.max():.1e} "
@@ -96,7 +95,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
 
     model, batches = build(kind, dtype, rank, world)  # this rank's shards and share of the data
-    H = hessian_fsdp(model, nn.CrossEntropyLoss(), batches, timeout=args.timeout)  # every rank
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), batches, timeout=args.timeout)  # every rank
     eig = curvop.eigenvalues(H, 3, tol=1e-4, seed=0, progress=True)
     tr = curvop.trace(H, num_matvecs=30, seed=0, progress=True)
     dens = curvop.spectral_density(H, num_steps=30, num_probes=2, seed=0, progress=True)

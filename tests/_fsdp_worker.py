@@ -21,68 +21,7 @@ from torch.distributed.fsdp import fully_shard
 import curvop
 from curvop import arrays
 from curvop.backends.distributed import DistributedError
-from curvop.backends.fsdp import FSDPBackend, hessian_fsdp, is_fsdp_model
-
-
-def install_proposed_hook() -> bool:
-    """The arrays.py hook this work proposes (see the report), applied here while arrays.py lacks it.
-
-    Returns True when it had to be applied (arrays.py does not have it yet).
-    """
-    if hasattr(arrays, "register_namespace"):
-        return False
-    hooks: list = []
-    original_namespace, original_restart = arrays.namespace, arrays.Basis.restart
-
-    def namespace(x):
-        for hook in hooks:
-            xp = hook(x)
-            if xp is not None:
-                return xp
-        return original_namespace(x)
-
-    def restart(self, coeffs, chunk=None):
-        local = getattr(self._xp, "local", None)
-        if local is None or self._rows is not None:
-            return original_restart(self, coeffs, chunk)
-        Q, l = local(self._matrix()), int(np.shape(coeffs)[1])
-        Ct = local(arrays._coeffs(np.ascontiguousarray(np.asarray(coeffs).T), self._matrix()))
-        S, n = local(self._S), Q.shape[1]
-        step = max(1, n // max(1, self.size)) if chunk is None else int(chunk)
-        for a in range(0, n, step):
-            S[:l, a : a + step] = torch.matmul(Ct, Q[:, a : a + step])
-        self.size = l
-
-    def init(self, like, capacity, *, location="device", dtype=None, runs=None):
-        local = getattr(namespace(like), "local", None)
-        if local is None:
-            return original_init(self, like, capacity, location=location, dtype=dtype, runs=runs)
-        # arrays.Basis.__init__ with its one proposed change: ``_like`` is sliced from this rank's part
-        if location not in ("device", "host"):
-            raise ValueError(f"the basis location must be 'device' or 'host', got {location!r}")
-        self.capacity, self.runs, self.size = int(capacity), runs, 0
-        self.host = location == "host"
-        n = like.shape[0]
-        shape = (self.capacity, n) if runs is None else (int(runs), self.capacity, n)
-        self._like = local(like)[:1] * 0 if runs is None else local(like)[:1, :1] * 0
-        self._xp = namespace(like) if not self.host else arrays.namespace(np.zeros(0))
-        if self.host:
-            self.dtype = np.dtype(dtype) if dtype is not None else arrays.to_numpy(self._like).dtype
-        else:
-            self.dtype = like.dtype if dtype is None else getattr(self._xp, str(np.dtype(dtype)))
-        self.nbytes = int(np.prod(shape)) * (np.dtype(self.dtype).itemsize if self.host else arrays.itemsize(
-            self._xp.zeros(1, dtype=self.dtype, device=arrays._device(like))))
-        self._rows, self._stacked = None, None
-        xp = self._xp
-        self._S = xp.empty(shape, dtype=self.dtype, **({} if self.host else {"device": arrays._device(like)}))
-
-    original_init = arrays.Basis.__init__
-    arrays._NAMESPACE_HOOKS = hooks
-    arrays.register_namespace = hooks.append
-    arrays.namespace = namespace
-    arrays.Basis.restart = restart
-    arrays.Basis.__init__ = init
-    return True
+from curvop.backends.fsdp import FSDPBackend, is_fsdp_model
 
 
 def build(dtype, rank, world, shard=True):
@@ -108,7 +47,7 @@ def _rel(a, b):
 
 
 def agree(rank, world, out):
-    res = {"hook_applied": install_proposed_hook()}
+    res = {}
     loss = nn.CrossEntropyLoss()
     for name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
         model, shard = build(dtype, rank, world)
@@ -119,7 +58,7 @@ def agree(rank, world, out):
         for p, m in zip(model.parameters(), marker):
             p.grad = m
         rng = torch.get_rng_state()
-        H = hessian_fsdp(model, loss, shard, timeout=30)
+        H = curvop.hessian(model, loss, shard, timeout=30)
         n = H.shape[0]
         V = np.random.default_rng(5).standard_normal((n, 3))
         HV, TV = H @ V, T @ V.astype(T.dtype)
@@ -141,14 +80,14 @@ def agree(rank, world, out):
         r["restored_after_algorithms"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
         res[name] = r
     res["no_hook"] = without_hook(rank, world)
-    # dispatch: the lines proposed for curvop.backends.torch.hessian
+    # dispatch: curvop.hessian reaches the FSDP backend
     model, shard = build(torch.float64, rank, world)
     res["is_fsdp"] = [is_fsdp_model(model), is_fsdp_model(build(torch.float64, rank, world, shard=False)[0])]
-    H = _dispatch(model, loss, shard, timeout=30)
+    H = curvop.hessian(model, loss, shard, timeout=30)
     res["dispatch"] = isinstance(H.backend, FSDPBackend)
     model, shard = build(torch.bfloat16, rank, world)
     try:
-        hessian_fsdp(model, loss, shard, timeout=30)
+        curvop.hessian(model, loss, shard, timeout=30)
         res["bf16"] = None
     except Exception as err:  # noqa: BLE001 - the test checks the type
         res["bf16"] = f"{type(err).__name__}: {err}"
@@ -163,7 +102,7 @@ def without_hook(rank, world):
     x = DTensor.from_local(torch.full((3,), float(rank + 1), dtype=torch.float64), mesh, [Shard(0)], run_check=False)
     out = {"dtensor_float_sum": float(torch.sum(x * x)), "global": float(3 * sum((r + 1) ** 2 for r in range(world)))}
     model, shard = build(torch.float64, rank, world)
-    H = hessian_fsdp(model, nn.CrossEntropyLoss(), shard, timeout=30)
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), shard, timeout=30)
     hooks = getattr(arrays, "_NAMESPACE_HOOKS", [])
     saved = list(hooks)
     hooks.clear()
@@ -177,17 +116,9 @@ def without_hook(rank, world):
     return out
 
 
-def _dispatch(model, loss_fn, data, **options):
-    """curvop.hessian with the FSDP branch proposed for curvop.backends.torch.hessian."""
-    if is_fsdp_model(model):
-        return hessian_fsdp(model, loss_fn, data, **options)
-    return curvop.hessian(model, loss_fn, data, **options)
-
-
 def die(rank, world, out):
-    install_proposed_hook()
     model, shard = build(torch.float64, rank, world)
-    H = hessian_fsdp(model, nn.CrossEntropyLoss(), shard, timeout=4)
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), shard, timeout=4)
     v = np.ones(H.shape[0])
     H @ v
     if rank == 1:
@@ -201,10 +132,9 @@ def die(rank, world, out):
 
 
 def example():
-    """examples/fsdp_torchrun.py as torchrun runs it (with the proposed arrays hook while it is missing)."""
+    """examples/fsdp_torchrun.py as torchrun runs it."""
     import runpy
 
-    install_proposed_hook()
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "fsdp_torchrun.py")
     sys.argv = [path, "--timeout", "60"]
     runpy.run_path(path, run_name="__main__")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvop.backends import _jax_sharding
 from curvop.backends.template import ParamInfo
 
 __all__ = ["prepare_params", "model_apply"]
@@ -23,13 +24,14 @@ def prepare_params(params: Any) -> tuple[Any, list[ParamInfo]]:
 
     numpy leaves are converted with ``jnp.asarray`` (one copy); float64 numpy leaves are refused
     while ``jax_enable_x64`` is off, because JAX would silently round them to float32. A leaf may
-    live on several devices only when replicated on them (data parallelism,
+    live on one device or on several devices, sharded or replicated, when every leaf is on the same
+    ones (:mod:`curvop.backends._jax_sharding`; data parallelism:
     :func:`curvop.backends.distributed.jax_data_parallel`).
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if not leaves:
         raise ValueError("params has no array leaves: the Hessian would be empty")
-    out, infos = [], []
+    out, names, dtypes = [], [], []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = jax.tree_util.keystr(path) or "params"
         if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, float)):
@@ -40,15 +42,12 @@ def prepare_params(params: Any) -> tuple[Any, list[ParamInfo]]:
                 f"parameter {name} is float64 but JAX's 64-bit mode is off, so JAX would compute in float32; "
                 'call jax.config.update("jax_enable_x64", True) at start-up, or convert params to float32'
             )
-        x = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
-        devices = sorted(map(str, x.devices()))
-        if len(devices) > 1 and not x.sharding.is_fully_replicated:
-            raise ValueError(
-                f"parameter {name} is sharded over {', '.join(devices)}; curvop needs the parameters on one "
-                "device (or replicated): jax.device_put(params, device)"
-            )
-        out.append(x)
-        infos.append(ParamInfo(name, dt.name, "+".join(devices), dt.kind == "f"))
+        out.append(leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf))
+        names.append(name)
+        dtypes.append(dt)
+    out = _jax_sharding.place(names, out)  # one device set for every leaf, or a clear error
+    infos = [ParamInfo(name, dt.name, "+".join(sorted(map(str, x.devices()))), dt.kind == "f")
+             for name, dt, x in zip(names, dtypes, out)]
     return jax.tree_util.tree_unflatten(treedef, out), infos
 
 

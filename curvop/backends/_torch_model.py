@@ -107,6 +107,11 @@ def factories(backend: type[Backend]) -> tuple[Callable[..., Backend], Callable[
         >>> bool(torch.equal(H @ v, H @ v)), net.training
         (True, True)
         """
+        from curvop.backends.fsdp import hessian_fsdp, is_fsdp_model
+
+        if is_fsdp_model(model):  # FSDP2: finite differences through FSDP, sharded vectors
+            extra = {} if batch_weight is None else {"batch_weight": batch_weight}
+            return hessian_fsdp(model, loss_fn, data, params=params, reduction=reduction, **extra, **options)
         problem = model_problem(model, loss_fn, data, params=params, reduction=reduction,
                                 batch_weight=batch_weight, options=options, valid=valid)
         return backend(**problem, **options)

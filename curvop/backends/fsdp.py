@@ -364,7 +364,8 @@ def _is_collective_failure(err: BaseException) -> bool:
 def hessian_fsdp(model: Any, loss_fn: Callable[[Any, Any], Any], data: Any, *, step: float | None = None,
                  reduction: str | None = None, timeout: float | None = None, process_group: Any = None,
                  params: Any = None, **options: Any) -> Any:
-    """The Hessian of an FSDP2 model's loss as a :class:`~curvop.HessianOperator` (a collective call).
+    """The FSDP2 backend of :func:`curvop.hessian` (a collective call): ``curvop.hessian(model, ...)``
+    on a ``fully_shard`` model reaches it.
 
     Parameters
     ----------
@@ -391,11 +392,9 @@ def hessian_fsdp(model: Any, loss_fn: Callable[[Any, Any], Any], data: Any, *, s
     Under ``torchrun`` (see ``examples/fsdp_torchrun.py``)::
 
         fully_shard(model); model.eval()
-        H = hessian_fsdp(model, torch.nn.CrossEntropyLoss(), (x_local, y_local))
+        H = curvop.hessian(model, torch.nn.CrossEntropyLoss(), (x_local, y_local))
         top = curvop.eigenvalues(H, k=1, tol=1e-3, seed=0)   # the same on every rank
     """
-    from curvop.operator import HessianOperator
-
     if params is not None or options:
         given = (["params"] if params is not None else []) + sorted(options)
         raise TypeError(
@@ -404,5 +403,5 @@ def hessian_fsdp(model: Any, loss_fn: Callable[[Any, Any], Any], data: Any, *, s
             "reduction=, timeout= and process_group="
         )
     reduction = "mean" if reduction is None else reduction
-    return HessianOperator(FSDPBackend(model, loss_fn, data, step=step, reduction=reduction, timeout=timeout,
-                                       process_group=process_group))
+    return FSDPBackend(model, loss_fn, data, step=step, reduction=reduction, timeout=timeout,
+                       process_group=process_group)

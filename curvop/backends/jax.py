@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from curvop.backends import _jax_sharding
 from curvop.backends._jax_model import model_apply, prepare_params
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.template import AutodiffBackend, LossInfo
@@ -98,22 +99,24 @@ class JaxBackend(AutodiffBackend):
         self._begin(dataset, infos, hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
                     check_finite=check_finite, check_loss_dtype=check_loss_dtype)
         self._loss, self._params = loss, params
-        flat, self._unravel = ravel_pytree(params)
+        first = dataset.first()
+        self._layout = _jax_sharding.layout(params, first)  # None unless leaves are sharded
+        flat, self._unravel = ravel_pytree(params) if self._layout is None else self._layout.spec()
         self.size = int(flat.shape[0])
         if self.size == 0:
             raise ValueError("params has no entries: the Hessian would be empty")
         self.jax_dtype = flat.dtype
         self.dtype = np.dtype(flat.dtype)
         self.device = next(iter(flat.devices()))
-        self.sharding = flat.sharding  # one device, or replicated over a mesh (data parallelism)
-        self._complete(_loss_info(loss, params, dataset.first()), check_loss_dtype)
+        self.sharding = flat.sharding  # one device, replicated over a mesh, or the sharded layout's
+        self._complete(_loss_info(loss, params, first), check_loss_dtype)
 
     # --- the template's hooks ---------------------------------------------------------------------
     def _auto_options(self) -> dict[str, Any]:
         return {"hvp": "forward", "cache": self.dataset.single, "batched": True}
 
     def _resolved(self) -> None:
-        ravel = lambda tree: ravel_pytree(tree)[0]  # noqa: E731
+        ravel = (lambda tree: ravel_pytree(tree)[0]) if self._layout is None else self._layout.ravel  # noqa: E731
         unravel, grad_fn = self._unravel, jax.grad(self._loss)
 
         def forward(p, batch, v):
@@ -182,11 +185,13 @@ class JaxBackend(AutodiffBackend):
         return a if a.flags.writeable else a.copy()
 
     def from_numpy(self, a: np.ndarray) -> Array:
-        return jax.device_put(np.asarray(a, dtype=self.dtype), self.sharding)
+        where = self.sharding if self._layout is None else self._layout.sharding_for(np.shape(a))
+        return jax.device_put(np.asarray(a, dtype=self.dtype), where)
 
     def describe(self) -> str:
         how = "linearized (cached)" if self._cached is not None else f"{self.mode} mode, uncached"
-        return f"jax {how}, n={self.size}, {self.dtype} on {self.device}"
+        where = self.device if self._layout is None else self._layout.describe()
+        return f"jax {how}, n={self.size}, {self.dtype} on {where}"
 
 
 _all_finite = jax.jit(lambda y: jnp.isfinite(y).all())
