@@ -389,7 +389,12 @@ class Basis:
         else:
             st = _t(xp, s)[:, None, :]  # (p, 1, n)
             corr = _t(xp, xp.matmul(xp.matmul(st, _t(xp, Q)), Q)[:, 0, :])
-        return w - self._load(corr)
+        corr = self._load(corr)
+        if _immutable(corr) or getattr(corr, "shape", None) != getattr(w, "shape", None):
+            return w - corr
+        corr *= -1  # w - corr formed in the temporary: with w, two vectors at peak instead of three
+        corr += w
+        return corr
 
     def lincomb(self, coeffs: np.ndarray) -> Array:
         """``Qᵀ @ coeffs`` for host coefficients ``(m,)`` or ``(m, k)``: native, ``(n,)`` or ``(n, k)``."""
