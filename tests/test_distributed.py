@@ -25,15 +25,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, tmp_path, world: int = 2):
-    """Start ``world`` ranks the way torchrun would (env:// rendezvous on a free port)."""
+def _launch(scenario: str, tmp_path, world: int = 2, worker: str = "_dist_worker.py"):
+    """Start ``world`` ranks of ``tests/<worker>`` the way torchrun would (env:// rendezvous on a free port)."""
     port = _free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "_dist_worker.py"), scenario,
+        procs.append(subprocess.Popen([sys.executable, str(HERE / worker), scenario,
                                        str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     return procs
@@ -52,6 +52,15 @@ def _finish(procs, timeout):
             p.kill()
             outs.append(p.communicate()[0])
     return outs
+
+
+def _run_ok(scenario: str, tmp_path, timeout: float = 200, worker: str = "_dist_worker.py"):
+    """Run a two-rank scenario that must succeed on both ranks; their results."""
+    procs = _launch(scenario, tmp_path, worker=worker)
+    outs = _finish(procs, timeout)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return _result(tmp_path, 0), _result(tmp_path, 1)
 
 
 @pytest.mark.timeout(180)

@@ -7,10 +7,8 @@ are the measured accuracy (float64 3e-11, float32 2e-5 relative) with a margin o
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -21,53 +19,21 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.fsdp")
 
+from test_distributed import _finish, _free_port, _result, _run_ok  # noqa: E402  (the same launcher)
+from test_distributed import _launch as launch  # noqa: E402
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 FD_RTOL = {"float64": 1e-9, "float32": 6e-4}  # product accuracy of the central difference (measured x30)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(scenario: str, tmp_path, world: int = 2):
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "_fsdp_worker.py"), scenario,
-                                       str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    return procs
-
-
-def _finish(procs, timeout):
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            p.kill()
-            outs.append(p.communicate()[0])
-    return outs
-
-
-def _result(tmp_path, rank):
-    return json.loads((tmp_path / f"out.{rank}.json").read_text())
+    return launch(scenario, tmp_path, world, worker="_fsdp_worker.py")
 
 
 @pytest.fixture(scope="module")
 def agree(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("fsdp")
-    procs = _launch("agree", tmp_path)
-    outs = _finish(procs, 200)
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    return _result(tmp_path, 0), _result(tmp_path, 1)
+    return _run_ok("agree", tmp_path_factory.mktemp("fsdp"), worker="_fsdp_worker.py")
 
 
 @pytest.mark.timeout(240)

@@ -10,18 +10,13 @@ import pytest
 
 pytest.importorskip("torch")
 
-from test_distributed import _finish, _launch, _rank0_error, _result  # noqa: E402  (the same launcher)
+from test_distributed import _finish, _launch, _rank0_error, _result, _run_ok  # noqa: E402  (the same launcher)
 
 
 @pytest.fixture(scope="module")
 def seeds_run(tmp_path_factory):
     """One run of the "seeds" scenario (tests/_dist_worker.py), shared by the item-8 tests."""
-    tmp_path = tmp_path_factory.mktemp("seeds")
-    procs = _launch("seeds", tmp_path)
-    outs = _finish(procs, 200)
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    return _result(tmp_path, 0), _result(tmp_path, 1)
+    return _run_ok("seeds", tmp_path_factory.mktemp("seeds"))
 
 
 @pytest.mark.timeout(240)
