@@ -109,6 +109,7 @@ class JaxBackend(AutodiffBackend):
         self.dtype = np.dtype(flat.dtype)
         self.device = next(iter(flat.devices()))
         self.sharding = flat.sharding  # one device, replicated over a mesh, or the sharded layout's
+        self._host_readable = len(self.sharding.device_set) == 1 and self.device.platform == "cpu"
         self._complete(_loss_info(loss, params, first), check_loss_dtype)
 
     # --- the template's hooks ---------------------------------------------------------------------
@@ -143,6 +144,8 @@ class JaxBackend(AutodiffBackend):
         return partial(_apply_linear, self._lin, self._linearize_jit(self._params, batch))  # no reference to self
 
     def _all_finite(self, y: Array) -> bool:
+        if self._host_readable:  # numpy reads a one-CPU-device buffer in place (~13 us for 26k entries)
+            return bool(np.isfinite(np.asarray(y)).all())
         return bool(_all_finite(y))  # one compiled reduction: eager isfinite + all dispatch twice
 
     def _param_advice(self) -> dict[str, str]:
