@@ -84,10 +84,10 @@ def test_two_ranks_match_single_process(tmp_path):
     assert "eigenvalues" in outs[0] and "eigenvalues" not in outs[1]
 
 
-def _rank0_error(scenario, tmp_path, timeout):
+def _rank0_error(scenario, tmp_path, timeout, worker: str = "_dist_worker.py"):
     """Run ``scenario``, wait for rank 0 alone (the others are killed after it); return rank 0's
     result, which must be a ``DistributedError``, and the processes."""
-    procs = _launch(scenario, tmp_path)
+    procs = _launch(scenario, tmp_path, worker=worker)
     try:
         out0 = procs[0].communicate(timeout=timeout)[0]
     finally:

@@ -19,16 +19,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.fsdp")
 
-from test_distributed import _finish, _free_port, _result, _run_ok  # noqa: E402  (the same launcher)
-from test_distributed import _launch as launch  # noqa: E402
+from test_distributed import _free_port, _rank0_error, _run_ok  # noqa: E402  (the same launcher)
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 FD_RTOL = {"float64": 1e-9, "float32": 6e-4}  # product accuracy of the central difference (measured x30)
-
-
-def _launch(scenario: str, tmp_path, world: int = 2):
-    return launch(scenario, tmp_path, world, worker="_fsdp_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +76,7 @@ def test_issue15_item4_fsdp_dispatch_and_detection(agree):
 @pytest.mark.timeout(120)
 def test_issue15_item6_fsdp_dead_rank_fails_clearly_within_timeout(tmp_path):
     start = time.monotonic()
-    procs = _launch("die", tmp_path)
-    try:
-        out0 = procs[0].communicate(timeout=90)[0]
-    finally:
-        for p in procs[1:]:
-            p.kill()
-        _finish(procs[1:], 10)
-    assert procs[0].returncode == 0, out0[-3000:]
-    r0 = _result(tmp_path, 0)
-    assert r0["type"] == "DistributedError", r0
+    r0, procs = _rank0_error("die", tmp_path, 90, worker="_fsdp_worker.py")
     assert "rank 0 of 2" in r0["error"]
     assert r0["elapsed"] < 4 + 6  # the timeout was 4 s (a dead peer is noticed at once)
     assert time.monotonic() - start < 90
