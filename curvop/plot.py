@@ -133,12 +133,20 @@ def compare_densities(densities: Mapping[str, Any], *, top: Mapping[str, float] 
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("density (log scale)")
-    for ax in list(axes.flat)[len(names):]:
+    return finish_grid(fig, axes, len(names), title, path, close=True)
+
+
+def finish_grid(fig: Any, axes: Any, used: int, title: str | None, path: Any, *, close: bool = False) -> Any:
+    """Hide the unused panels of a grid, add the title, lay out and save (closing the figure if asked)."""
+    for ax in list(axes.flat)[used:]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
-        plt.close(fig)
+        if close:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
     return fig

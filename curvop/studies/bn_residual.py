@@ -243,14 +243,9 @@ def plot_densities(densities: dict[str, list[tuple[float, Any]]], *, labels: Seq
         ax.set_ylabel("density (log scale)")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize="x-small", loc="upper right")
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    from curvop.plot import finish_grid
+
+    return finish_grid(fig, axes, len(names), title, path)
 
 
 def _steps(k: int) -> str:
