@@ -14,15 +14,29 @@ old default), ``no conv`` keeps torch's convolutions and only writes BatchNorm a
 the median over interleaved repeats of one product divided by the median of one gradient
 (forward + backward) measured in the same rounds, on one thread. Writes
 ``benchmarks/results/models.json``.
+
+"default / best" is paired: in every round the default's product time is divided by each other
+mode's, and the table gives the largest median of those ratios (the mode the default loses most
+to) with a 90 % confidence interval for that median from the order statistics of the rounds. A
+ratio of medians taken separately, and the minimum over eight noisy medians, are both biased
+towards the default losing; the paired ratio is not. "job" adds each mode's build cost: the
+default's time for its build plus 40 products (about a top-5 eigenvalue solve) over the fastest
+mode's.
+
+    python benchmarks/models.py --workers 12 --first-cpu 4   # one configuration per core, in parallel
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -45,6 +59,9 @@ MODES = {  # label -> curvop.hessian options
     "fwd": dict(hvp="forward", cache=False),
 }
 CNNS = ["resnet18", "mobilenet_v3_small", "convnext_atto", "tinynet_e"]
+DEFAULT = "rev cached"
+JOB_PRODUCTS = 40  # about what a top-5 eigenvalue solve takes
+MIN_SAMPLE_S = 0.02  # shorter calls are timed several times per sample
 
 
 def problem(name: str, dtype, batch: int):
@@ -128,33 +145,66 @@ def measure(name: str, dtype_name: str, batch: int, repeats: int) -> dict:
     ops, setup = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for label, options in MODES.items():
-            setup[label] = _timed(lambda: ops.__setitem__(label, build(model, loss_fn, (x, y), options)))
+        for _ in range(2):  # the first pass pays the one-time costs (lazy imports, first traces)
+            for label, options in MODES.items():
+                t = _timed(lambda: ops.__setitem__(label, build(model, loss_fn, (x, y), options)))
+                setup[label] = min(t, setup.get(label, t))
     v = torch.randn(ops["rev"].shape[0], dtype=dtype, generator=torch.Generator().manual_seed(2))
     gradient()
     for H in ops.values():  # warm-up
         H.backend.hvp(v)
     times: dict[str, list[float]] = {"grad": [], **{k: [] for k in ops}}
-    for _ in range(repeats):  # interleaved rounds
-        times["grad"].append(_timed(gradient))
-        for label, H in ops.items():
-            times[label].append(_timed(lambda: H.backend.hvp(v)))
+    order = random.Random(0)
+    reps = max(1, round(MIN_SAMPLE_S / _timed(gradient)))  # a sample of a tiny model is several calls
+    runs = {"grad": gradient, **{k: (lambda H=H: H.backend.hvp(v)) for k, H in ops.items()}}
+    for _ in range(repeats):  # interleaved rounds, each in a new order (no mode always runs first)
+        for label in order.sample(list(runs), len(runs)):
+            times[label].append(_timed(lambda: [runs[label]() for _ in range(reps)]) / reps)
     g = statistics.median(times["grad"])
+    hvp = {k: statistics.median(t) / g for k, t in times.items() if k != "grad"}
+    paired = {k: median_ci([d / o for d, o in zip(times[DEFAULT], t)]) for k, t in times.items()
+              if k not in ("grad", DEFAULT)}
+    setup_g = {k: t / g for k, t in setup.items()}
+    job = {k: setup_g[k] + JOB_PRODUCTS * hvp[k] for k in hvp}
     return {"model": name, "dtype": dtype_name, "batch": batch, "params": sum(p.numel() for p in params),
             "grad_ms": round(1e3 * g, 2), "repeats": repeats,
-            "hvp": {k: round(statistics.median(t) / g, 3) for k, t in times.items() if k != "grad"},
-            "setup": {k: round(t / g, 1) for k, t in setup.items()}}
+            "hvp": {k: round(v, 3) for k, v in hvp.items()},
+            "paired": {k: [round(x, 3) for x in v] for k, v in paired.items()},
+            "setup": {k: round(v, 1) for k, v in setup_g.items()},
+            "job": {k: round(v / job[DEFAULT], 3) for k, v in job.items()},
+            "rounds_ms": {k: [round(1e3 * x, 3) for x in t] for k, t in times.items()}}
+
+
+def median_ci(ratios: list[float], level: float = 0.9) -> tuple[float, float, float]:
+    """(median, low, high): a distribution-free ``level`` interval for the median from order statistics."""
+    from scipy.stats import binom
+
+    x, n = sorted(ratios), len(ratios)
+    j = 0  # (x[j], x[n-1-j]) misses the median with probability 2 P(Bin(n, 1/2) <= j)
+    while j + 1 < n - 1 - (j + 1) and 2 * binom.cdf(j + 1, n, 0.5) <= 1 - level:
+        j += 1
+    return statistics.median(x), x[j], x[n - 1 - j]
+
+
+def worst(row: dict) -> tuple[str, list[float]]:
+    """The mode the default loses most to, and [median, low, high] of default / that mode."""
+    label = max(row["paired"], key=lambda k: row["paired"][k][0])
+    return label, row["paired"][label]
 
 
 def table(rows: list[dict]) -> str:
     labels = list(MODES)
-    head = "| model | dtype | batch | grad ms | " + " | ".join(labels) + " | default / best |"
-    lines = [head, "|" + "---|" * (len(labels) + 5)]
+    head = ("| model | dtype | batch | grad ms | " + " | ".join(labels)
+            + " | default / best | 90 % CI | best (paired) | default / torch ops | job: default / best |")
+    lines = [head, "|" + "---|" * (len(labels) + 9)]
     for r in rows:
         best = min(r["hvp"].values())
         cells = [f"**{r['hvp'][k]:.2f}**" if r["hvp"][k] == best else f"{r['hvp'][k]:.2f}" for k in labels]
+        label, (m, lo, hi) = worst(r)
+        job = 1 / min(r["job"].values())
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['grad_ms']:.0f} | " + " | ".join(cells)
-                     + f" | {r['hvp']['rev cached'] / best:.2f} |")
+                     + f" | {m:.2f} | {lo:.2f}-{hi:.2f} | {label} | {r['paired']['rev cached torch ops'][0]:.2f}"
+                     + f" | {job:.2f} |")
     return "\n".join(lines)
 
 
@@ -199,7 +249,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batches", nargs="*", type=int, default=[4, 32])
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default=str(HERE / "results" / "models.json"))
+    ap.add_argument("--workers", type=int, default=1, help="configurations measured at once, one process per core")
+    ap.add_argument("--first-cpu", type=int, default=0, help="with --workers: the first core to pin to")
+    ap.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)  # a worker's core
     args = ap.parse_args(argv)
+    if args.cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.cpu})
     import torch
 
     torch.set_num_threads(1)
@@ -212,6 +267,10 @@ def main(argv=None) -> list[dict]:
         configs = [(n, d, b) for d, b in (("float64", 4), ("float32", 32), ("float32", 4), ("float64", 32))
                    for n in names if d in args.dtypes and b in args.batches]
     repeats = args.repeats or (1 if args.quick else 5)
+    if args.workers > 1 and not args.quick:
+        rows = parallel(configs, repeats, args.workers, args.first_cpu, args.out)
+        print(table(rows))
+        return rows
     rows = []
     for name, dtype, batch in configs:
         rows.append(measure(name, dtype, batch, repeats))
@@ -219,6 +278,36 @@ def main(argv=None) -> list[dict]:
         if not args.quick:
             pathlib.Path(args.out).write_text(json.dumps({"torch_threads": 1, "rows": rows}, indent=1) + "\n")
     print(table(rows))
+    return rows
+
+
+def parallel(configs: list, repeats: int, workers: int, first_cpu: int, out_path: str) -> list[dict]:
+    """Each configuration in its own process pinned to its own core, ``workers`` at a time; the rows
+    measured so far are written to ``out_path`` as each process ends."""
+    order = {c: i for i, c in enumerate(configs)}
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cost = {"float64": 2, "float32": 1}  # the largest configurations first, so none starts last
+        pending = sorted(enumerate(configs), key=lambda c: -c[1][2] * cost.get(c[1][1], 1))
+        running = {}
+        free = list(range(first_cpu, first_cpu + workers))
+        while pending or running:
+            while pending and free:
+                i, (name, dtype, batch) = pending.pop(0)
+                cpu = free.pop(0)
+                out = os.path.join(tmp, f"{i}.json")
+                cmd = [sys.executable, __file__, "--models", name, "--dtypes", dtype, "--batches", str(batch),
+                       "--repeats", str(repeats), "--out", out, "--cpu", str(cpu)]
+                running[subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})] = (cpu, out)
+            time.sleep(0.5)
+            for proc in [p for p in running if p.poll() is not None]:
+                cpu, out = running.pop(proc)
+                free.append(cpu)
+                if proc.returncode == 0 and os.path.exists(out):
+                    new = json.loads(pathlib.Path(out).read_text())["rows"]
+                    print("\n".join(table(new).splitlines()[2:]), flush=True)
+                    rows = sorted(rows + new, key=lambda r: order[(r["model"], r["dtype"], r["batch"])])
+                    pathlib.Path(out_path).write_text(json.dumps({"torch_threads": 1, "rows": rows}, indent=1) + "\n")
     return rows
 
 

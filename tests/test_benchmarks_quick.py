@@ -20,6 +20,10 @@ def test_accuracy_quick():
     assert first[("top eigenvalue", "lanczos")] < first[("top eigenvalue", "power iteration")]
 
 
+MODES_PRINTED = {"rev cached torch ops", "rev cached every conv", "rev cached no conv", "rev", "rev torch ops",
+                 "fwd cached", "fwd"}  # every mode but the default, which the last columns compare with
+
+
 def test_models_quick():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "models.py"), "--quick"],
@@ -30,4 +34,5 @@ def test_models_quick():
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| tiny_vit") or
             line.startswith("| mobilenet")]
     assert len(rows) == 4  # each printed as measured, then in the table
-    assert all(float(c.strip(" *")) > 0 for r in rows for c in r[5:-1])  # every mode ran, attention and hardsigmoid included
+    assert all(float(c.strip(" *")) > 0 for r in rows for c in r[5:13])  # every mode ran, attention and hardsigmoid included
+    assert all(float(r[13]) > 0 and r[15].strip() in MODES_PRINTED for r in rows)  # default / best, paired, and against which mode
