@@ -119,17 +119,23 @@ def _timed(fn) -> float:
 
 
 def build(model, loss_fn, data, options: dict):
+    import torch
+
     import curvop
     from curvop.backends import _torch_ops
 
     options = dict(options)
     convs = options.pop("convs", None)
-    real = _torch_ops.conv_wins
+    ratios = options.pop("ratios", {})  # {(dtype name, kind): threshold}: a candidate rule
+    real, real_ratio = _torch_ops.conv_wins, {k: dict(v) for k, v in _torch_ops.RATIO.items()}
     _torch_ops.conv_wins = {"all": lambda *a: True, "none": lambda *a: False}.get(convs, real)
+    for (dtype, kind), threshold in ratios.items():
+        _torch_ops.RATIO[getattr(torch, dtype)][kind] = threshold
     try:
         return curvop.hessian(model, loss_fn, data, check_deterministic=False, **options)
     finally:
         _torch_ops.conv_wins = real
+        _torch_ops.RATIO.update(real_ratio)
 
 
 def measure(name: str, dtype_name: str, batch: int, repeats: int) -> dict:
@@ -165,7 +171,8 @@ def measure(name: str, dtype_name: str, batch: int, repeats: int) -> dict:
     paired = {k: median_ci([d / o for d, o in zip(times[DEFAULT], t)]) for k, t in times.items()
               if k not in ("grad", DEFAULT)}
     setup_g = {k: t / g for k, t in setup.items()}
-    job = {k: setup_g[k] + JOB_PRODUCTS * hvp[k] for k in hvp}
+    # a job: the build and JOB_PRODUCTS products, each mode's product cost from its paired ratio
+    job = {k: setup_g[k] + JOB_PRODUCTS * hvp[DEFAULT] / (paired[k][0] if k in paired else 1.0) for k in hvp}
     return {"model": name, "dtype": dtype_name, "batch": batch, "params": sum(p.numel() for p in params),
             "grad_ms": round(1e3 * g, 2), "repeats": repeats,
             "hvp": {k: round(v, 3) for k, v in hvp.items()},
@@ -252,7 +259,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--workers", type=int, default=1, help="configurations measured at once, one process per core")
     ap.add_argument("--first-cpu", type=int, default=0, help="with --workers: the first core to pin to")
     ap.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)  # a worker's core
+    ap.add_argument("--candidate", action="append", default=[], metavar="DTYPE:KIND=T[,...]",
+                    help="one more cached reverse mode with conv_wins thresholds changed, e.g. float64:pointwise=64")
     args = ap.parse_args(argv)
+    for spec in args.candidate:
+        ratios = {tuple(k.split(":")): float(t) for k, t in (item.split("=") for item in spec.split(","))}
+        MODES[f"candidate {spec}"] = dict(hvp="reverse", cache=True, ratios=ratios)
     if args.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
     import torch
@@ -268,7 +280,7 @@ def main(argv=None) -> list[dict]:
                    for n in names if d in args.dtypes and b in args.batches]
     repeats = args.repeats or (1 if args.quick else 5)
     if args.workers > 1 and not args.quick:
-        rows = parallel(configs, repeats, args.workers, args.first_cpu, args.out)
+        rows = parallel(configs, repeats, args.workers, args.first_cpu, args.out, args.candidate)
         print(table(rows))
         return rows
     rows = []
@@ -281,7 +293,8 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-def parallel(configs: list, repeats: int, workers: int, first_cpu: int, out_path: str) -> list[dict]:
+def parallel(configs: list, repeats: int, workers: int, first_cpu: int, out_path: str,
+             candidates: list[str] = ()) -> list[dict]:
     """Each configuration in its own process pinned to its own core, ``workers`` at a time; the rows
     measured so far are written to ``out_path`` as each process ends."""
     order = {c: i for i, c in enumerate(configs)}
@@ -298,6 +311,7 @@ def parallel(configs: list, repeats: int, workers: int, first_cpu: int, out_path
                 out = os.path.join(tmp, f"{i}.json")
                 cmd = [sys.executable, __file__, "--models", name, "--dtypes", dtype, "--batches", str(batch),
                        "--repeats", str(repeats), "--out", out, "--cpu", str(cpu)]
+                cmd += [a for spec in candidates for a in ("--candidate", spec)]
                 running[subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})] = (cpu, out)
             time.sleep(0.5)
             for proc in [p for p in running if p.poll() is not None]:
