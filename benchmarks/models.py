@@ -3,6 +3,7 @@
     python benchmarks/models.py             # every model, float64/float32, batch 4/32 (long)
     python benchmarks/models.py --quick     # one small configuration per family; seconds
     python benchmarks/models.py --layers    # one convolution's cached product, curvop's conv vs torch's
+    python benchmarks/models.py --layers-of mobilenet_v3_small --dtypes float64 --batches 32   # per layer
 
 Models (32x32 inputs, 10 classes, random weights, eval mode; ``_real_models.py``): torchvision
 resnet18 and mobilenet_v3_small, timm convnext_atto and tinynet_e, a tiny ViT (SDPA), an
@@ -171,14 +172,11 @@ def measure(name: str, dtype_name: str, batch: int, repeats: int) -> dict:
     paired = {k: median_ci([d / o for d, o in zip(times[DEFAULT], t)]) for k, t in times.items()
               if k not in ("grad", DEFAULT)}
     setup_g = {k: t / g for k, t in setup.items()}
-    # a job: the build and JOB_PRODUCTS products, each mode's product cost from its paired ratio
-    job = {k: setup_g[k] + JOB_PRODUCTS * hvp[DEFAULT] / (paired[k][0] if k in paired else 1.0) for k in hvp}
     return {"model": name, "dtype": dtype_name, "batch": batch, "params": sum(p.numel() for p in params),
             "grad_ms": round(1e3 * g, 2), "repeats": repeats,
             "hvp": {k: round(v, 3) for k, v in hvp.items()},
             "paired": {k: [round(x, 3) for x in v] for k, v in paired.items()},
             "setup": {k: round(v, 1) for k, v in setup_g.items()},
-            "job": {k: round(v / job[DEFAULT], 3) for k, v in job.items()},
             "rounds_ms": {k: [round(1e3 * x, 3) for x in t] for k, t in times.items()}}
 
 
@@ -191,6 +189,15 @@ def median_ci(ratios: list[float], level: float = 0.9) -> tuple[float, float, fl
     while j + 1 < n - 1 - (j + 1) and 2 * binom.cdf(j + 1, n, 0.5) <= 1 - level:
         j += 1
     return statistics.median(x), x[j], x[n - 1 - j]
+
+
+def jobs(row: dict) -> dict[str, float]:
+    """Each mode's build plus :data:`JOB_PRODUCTS` products over the default's, the products' costs
+    taken from the paired ratios (robust to the machine's drift) and the default's median."""
+    h = row["hvp"][DEFAULT]
+    job = {k: row["setup"][k] + JOB_PRODUCTS * h / (row["paired"][k][0] if k in row["paired"] else 1.0)
+           for k in row["hvp"]}
+    return {k: v / job[DEFAULT] for k, v in job.items()}
 
 
 def worst(row: dict) -> tuple[str, list[float]]:
@@ -208,20 +215,35 @@ def table(rows: list[dict]) -> str:
         best = min(r["hvp"].values())
         cells = [f"**{r['hvp'][k]:.2f}**" if r["hvp"][k] == best else f"{r['hvp'][k]:.2f}" for k in labels]
         label, (m, lo, hi) = worst(r)
-        job = 1 / min(r["job"].values())
+        job = 1 / min(jobs(r).values())
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['grad_ms']:.0f} | " + " | ".join(cells)
                      + f" | {m:.2f} | {lo:.2f}-{hi:.2f} | {label} | {r['paired']['rev cached torch ops'][0]:.2f}"
                      + f" | {job:.2f} |")
     return "\n".join(lines)
 
 
-def layers(repeats: int = 5) -> list[dict]:
+def _conv_product_times(x, w, stride, padding, dilation, groups, repeats: int) -> dict[str, float]:
     """One convolution's cached reverse product (input and weight both differentiated), torch's
-    conv2d vs curvop's, for the layer shapes of the models above."""
+    conv2d vs curvop's: the median seconds of each."""
     import torch
     import torch.nn.functional as F
 
     from curvop.backends._torch_ops import conv2d
+
+    x, w = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    t = {}
+    for name, conv in (("torch", F.conv2d), ("curvop", conv2d)):
+        gr = torch.autograd.grad(torch.tanh(conv(x, w, None, stride, padding, dilation, groups)).sum(), (x, w),
+                                 create_graph=True)
+        vs = [torch.randn_like(gr[0]), torch.randn_like(gr[1])]
+        t[name] = statistics.median(_timed(lambda: torch.autograd.grad(gr, (x, w), vs, retain_graph=True))
+                                    for _ in range(repeats))
+    return t
+
+
+def layers(repeats: int = 5) -> list[dict]:
+    """The per-layer convolution table for the layer shapes of the models above."""
+    import torch
 
     shapes = [  # batch, c_in, c_out, kernel, size, groups
         (4, 64, 64, 3, 8, 1), (32, 64, 64, 3, 8, 1), (4, 512, 512, 3, 1, 1), (4, 16, 16, 3, 32, 1),
@@ -231,19 +253,38 @@ def layers(repeats: int = 5) -> list[dict]:
     for dtype in (torch.float64, torch.float32):
         for b, ci, co, k, s, groups in shapes:
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(b, ci, s, s, dtype=dtype, generator=g, requires_grad=True)
-            w = torch.randn(co, ci // groups, k, k, dtype=dtype, generator=g, requires_grad=True)
-            t = {}
-            for name, conv in (("torch", F.conv2d), ("curvop", conv2d)):
-                gr = torch.autograd.grad(torch.tanh(conv(x, w, None, 1, k // 2, 1, groups)).sum(), (x, w),
-                                         create_graph=True)
-                vs = [torch.randn_like(gr[0]), torch.randn_like(gr[1])]
-                t[name] = statistics.median(_timed(lambda: torch.autograd.grad(gr, (x, w), vs, retain_graph=True))
-                                            for _ in range(repeats))
-            ratio = b * co * s * s / w.numel()
-            rows.append({"dtype": str(dtype)[6:], "shape": [b, ci, co, k, s, groups], "out/weight": round(ratio, 2),
+            x = torch.randn(b, ci, s, s, dtype=dtype, generator=g)
+            w = torch.randn(co, ci // groups, k, k, dtype=dtype, generator=g)
+            t = _conv_product_times(x, w, 1, k // 2, 1, groups, repeats)
+            rows.append({"dtype": str(dtype)[6:], "shape": [b, ci, co, k, s, groups],
+                         "out/weight": round(b * co * s * s / w.numel(), 2),
                          "curvop/torch": round(t["curvop"] / t["torch"], 2)})
             print(rows[-1], flush=True)
+    return rows
+
+
+def layers_of(name: str, dtype_name: str, batch: int, repeats: int = 7) -> list[dict]:
+    """The same comparison for every convolution of one model, with the inputs it sees."""
+    import torch
+
+    model, _, (x, _) = problem(name, getattr(torch, dtype_name), batch)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((i[0], m))) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    rows, total = [], {}
+    for xi, m in seen:
+        kind = "pointwise" if m.kernel_size == (1, 1) else "dense" if m.groups == 1 else "depthwise"
+        t = _conv_product_times(xi, m.weight, m.stride, m.padding, m.dilation, m.groups, repeats)
+        total[kind] = [a + b for a, b in zip(total.get(kind, [0.0, 0.0]), (t["torch"], t["curvop"]))]
+        rows.append({"kind": kind, "input": list(xi.shape), "weight": list(m.weight.shape),
+                     "torch_ms": round(1e3 * t["torch"], 2), "curvop/torch": round(t["curvop"] / t["torch"], 2)})
+        print(rows[-1], flush=True)
+    print({"model": name, "dtype": dtype_name, "batch": batch,  # per kind: torch's ms, curvop's ms
+           **{kind: [round(1e3 * v, 1) for v in ms] for kind, ms in total.items()}})
     return rows
 
 
@@ -251,6 +292,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the tiny ViT and MobileNetV3, batch 2, one repeat")
     ap.add_argument("--layers", action="store_true", help="the per-layer convolution table")
+    ap.add_argument("--layers-of", metavar="MODEL", help="the same for every convolution of MODEL (--dtypes, --batches)")
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--dtypes", nargs="*", default=["float64", "float32"])
     ap.add_argument("--batches", nargs="*", type=int, default=[4, 32])
@@ -259,9 +301,15 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--workers", type=int, default=1, help="configurations measured at once, one process per core")
     ap.add_argument("--first-cpu", type=int, default=0, help="with --workers: the first core to pin to")
     ap.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)  # a worker's core
+    ap.add_argument("--table", metavar="JSON", help="print the table of a saved run and exit")
     ap.add_argument("--candidate", action="append", default=[], metavar="DTYPE:KIND=T[,...]",
                     help="one more cached reverse mode with conv_wins thresholds changed, e.g. float64:pointwise=64")
     args = ap.parse_args(argv)
+    if args.table:
+        rows = json.loads(pathlib.Path(args.table).read_text())["rows"]
+        MODES.update({k: {} for r in rows for k in r["hvp"] if k not in MODES})
+        print(table(rows))
+        return rows
     for spec in args.candidate:
         ratios = {tuple(k.split(":")): float(t) for k, t in (item.split("=") for item in spec.split(","))}
         MODES[f"candidate {spec}"] = dict(hvp="reverse", cache=True, ratios=ratios)
@@ -272,6 +320,8 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(1)
     if args.layers:
         return layers()
+    if args.layers_of:
+        return [r for d in args.dtypes for b in args.batches for r in layers_of(args.layers_of, d, b)]
     if args.quick:
         configs = [("tiny_vit", "float64", 2), ("mobilenet_v3_small", "float32", 2)]
     else:

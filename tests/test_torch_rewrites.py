@@ -179,6 +179,29 @@ def test_issue11_item6_conv_rewritten_per_layer_only_where_measured_faster():
                          1, 1, 1, 72)
 
 
+def test_issue11_item6_float64_depthwise_conv_rewritten_by_batch():
+    """A float64 depthwise convolution is curvop's from batch 16 on, whatever its size (torch's double
+    backward of it measured 1.1-1.3x slower at batch 16-32, faster at 4-8: benchmarks/models.py
+    --layers-of), and the product still matches the dense Hessian with it rewritten."""
+    from curvop.backends._torch_ops import DEPTHWISE_MIN_BATCH, conv_wins
+
+    w = torch.empty(576, 1, 5, 5, dtype=torch.float64)
+    at = DEPTHWISE_MIN_BATCH[torch.float64]
+    assert conv_wins(torch.empty(at, 576, 1, 1, dtype=torch.float64), w, 1, 2, 1, 576)  # a 1x1 map: ratio 0.6
+    assert not conv_wins(torch.empty(at // 2, 72, 32, 32, dtype=torch.float64), w[:72], 1, 2, 1, 72)  # ratio 327
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), _bn2d(4), nn.Tanh(), nn.Conv2d(4, 4, 3, groups=4),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    x, y = torch.randn(at, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (at,))
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
+    nodes = _nodes(g[0])
+    assert "_WeightGradBackward" in nodes and "ConvolutionBackwardBackward0" not in nodes  # both convs rewritten
+    D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
+    v = np.random.default_rng(0).standard_normal(D.shape[0])
+    np.testing.assert_allclose(H @ v, D @ v, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("size, affine", [(4, False), (48, True)])
 def test_issue11_item6_unfolded_batchnorm_is_an_affine_map_only_on_large_activations(size, affine):
     """After a convolution that stays torch's (1x1), BatchNorm is rewritten only when its input has

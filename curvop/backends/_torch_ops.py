@@ -113,11 +113,18 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.
 # --layers`` measures one conv's cached product both ways (torch 2.13, one CPU thread); the rewrite
 # is used where out.numel() >= RATIO * weight.numel(), by dtype and kind of convolution:
 # float64 3x3 at ratio >= 3.5 measured 0.69-0.94x torch's time, below 0.44 0.94-1.3x; 1x1 below 7
-# up to 16x (!) and 0.90x at 51 (not worth the risk: never rewritten);
-# depthwise 0.94x at 228, 1.07-1.52x below 28. float32: depthwise 0.30-0.71x at every size, 3x3
-# 0.62-0.93x at ratio >= 227 and 1.07-1.6x below 28, 1x1 1.1-7x. Whole models: docs/performance.md.
-RATIO = {torch.float64: {"dense": 2.0, "pointwise": float("inf"), "depthwise": 128.0},
+# up to 16x (!) and 0.90x at 51 (not worth the risk: never rewritten). float32: depthwise
+# 0.30-0.71x at every size, 3x3 0.62-0.93x at ratio >= 227 and 1.07-1.6x below 28, 1x1 1.1-7x.
+RATIO = {torch.float64: {"dense": 2.0, "pointwise": float("inf"), "depthwise": float("inf")},
          torch.float32: {"dense": 128.0, "pointwise": float("inf"), "depthwise": 0.0}}
+# A float64 depthwise convolution goes by its batch instead: torch's double backward of it is the
+# bulk of a depthwise network's product in float64 (MobileNetV3 at batch 32: 575 of 690 ms over its
+# convolutions), and the rewrite took 0.57-1.08x its time in every layer of MobileNetV3, tinynet_e
+# and ConvNeXt at batch 32 and 0.54-1.17x at 16, whatever the layer's size, but 0.72-1.41x at 8 and
+# 1.05-1.53x at 4 (``benchmarks/models.py --layers-of MODEL --batches B``). Whole models on a quiet
+# 16-core host (docs/performance.md): rewriting every convolution was 1.16x faster than the old
+# per-size rule on MobileNetV3 and tinynet_e in float64 at batch 32, and 0.86-0.88x at batch 4.
+DEPTHWISE_MIN_BATCH = {torch.float64: 16}
 
 
 # An eval BatchNorm not folded into a convolution is an affine map only on large activations, where
@@ -133,6 +140,8 @@ def conv_wins(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, group
     if ratios is None:
         return False
     kind = "pointwise" if w.shape[-2:] == (1, 1) else "dense" if groups == 1 else "depthwise"
+    if kind == "depthwise" and x.dtype in DEPTHWISE_MIN_BATCH:
+        return x.shape[0] >= DEPTHWISE_MIN_BATCH[x.dtype]
     out = 1
     for size, k, s, p, d in zip(x.shape[-2:], w.shape[-2:], _pair(stride), _pair(padding), _pair(dilation)):
         out *= max(0, (size + 2 * p - d * (k - 1) - 1) // s + 1)
