@@ -13,7 +13,8 @@ measurement batch are computed to ``tol=1e-3`` three ways, on the same operator:
 
 and compared with a tight cold solve (``tol=1e-8``, top 3). ``--tol-on`` picks the stopping rule of
 cold and warm solves alike (``curvop.eigenvalues(..., tol_on=...)``); given several, each rule gets
-its own cold and warm runs (rows ``cold [eigenvalue]`` ...) against the same tight solve. It prints the mean products per
+its own cold and warm runs (rows ``cold [eigenvalue]`` ...) against the same tight solve, and each
+warm row is compared with the cold row of its rule. It prints the mean products per
 solve, the ratio warm/cold (the issue's target is <= 1/3) and the largest relative eigenvalue
 error of each, and how far the top eigenvector moved between measurements: the sine of its angle
 to the previous top eigenvector and to the span of the previous top three (where a block start

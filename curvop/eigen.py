@@ -409,7 +409,6 @@ def eigenvalues(
             converged = bool(np.all((errs if tol_on == "eigenvalue" else res) <= tol * scale))
         else:
             lam, V, res, converged = _power(H, k, which, tol, max_matvecs, rng, bar)
-            errs = res
             order = order_by(lam, which)  # sorted as Lanczos's are
             lam, res, V = lam[order], res[order], stack([V[:, int(i)] for i in order], axis=1)
             errs = res
