@@ -1,6 +1,7 @@
 """Warm-started top eigenvalue during training: products of a warm start against a cold one.
 
     PYTHONPATH=. python benchmarks/warm_start.py [--steps 300] [--every 10] [--k 1] [--quick]
+        [--tol-on residual|eigenvalue ...]
 
 The digits CNN (:func:`curvop.studies.digits.cnn`, float64) is trained with plain SGD on
 mini-batches; every ``--every`` steps the top-k eigenvalues of the loss Hessian on a fixed
@@ -10,7 +11,10 @@ measurement batch are computed to ``tol=1e-3`` three ways, on the same operator:
 * warm: ``v0=`` the previous measurement's :class:`curvop.EigenResult` (combined start);
 * for k > 1 also "warm top-1": ``v0=`` the previous top eigenvector only,
 
-and compared with a tight cold solve (``tol=1e-8``, top 3). It prints the mean products per
+and compared with a tight cold solve (``tol=1e-8``, top 3). ``--tol-on`` picks the stopping rule of
+cold and warm solves alike (``curvop.eigenvalues(..., tol_on=...)``); given several, each rule gets
+its own cold and warm runs (rows ``cold [eigenvalue]`` ...) against the same tight solve, and each
+warm row is compared with the cold row of its rule. It prints the mean products per
 solve, the ratio warm/cold (the issue's target is <= 1/3) and the largest relative eigenvalue
 error of each, and how far the top eigenvector moved between measurements: the sine of its angle
 to the previous top eigenvector and to the span of the previous top three (where a block start
@@ -69,7 +73,7 @@ def _span_start(H, U: np.ndarray, step: int) -> tuple[int, float]:
 
 
 def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: int, measure_size: int,
-        span_starts: bool = False) -> dict:
+        span_starts: bool = False, tol_on: tuple[str, ...] = ("residual",)) -> dict:
     torch.manual_seed(seed)
     data = digits.load(seed=seed)
     x, y = data.x_train.double(), data.y_train
@@ -78,9 +82,11 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
     batch = (x[:measure_size], y[:measure_size])
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    rows = {"cold": [], **{f"warm noise={s:g}": [] for s in noises}}
-    if k > 1:
-        rows["warm top-1 only"] = []
+    starts = ["cold", *(f"warm noise={s:g}" for s in noises)] + (["warm top-1 only"] if k > 1 else [])
+    label = (lambda start, rule: start) if len(tol_on) == 1 else (lambda start, rule: f"{start} [{rule}]")
+    spec = {label(start, rule): (start, rule) for rule in tol_on for start in starts}  # row -> start, rule
+    rows = {name: [] for name in spec}
+    cold_of = {name: label("cold", rule) for name, (_, rule) in spec.items()}
     span_row = {"Rayleigh-Ritz in previous top-3 span (+3 products)": []} if span_starts and k == 1 else {}
     prev: dict[str, curvop.EigenResult | None] = {name: None for name in rows}
     order = torch.randperm(len(y), generator=gen)
@@ -102,26 +108,26 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
                 span_row["Rayleigh-Ritz in previous top-3 span (+3 products)"].append(
                     (mv, abs(lam - ref[0]) / abs(ref[0]), True))
             prev_V = V
-            for name in rows:
-                v0 = prev[name]
-                if name.startswith("warm noise="):
-                    eigen.WARM_START_NOISE = float(name.split("=")[1])
-                elif name == "warm top-1 only" and v0 is not None:
+            for name in spec:
+                (start, rule), v0 = spec[name], prev[name]
+                if start.startswith("warm noise="):
+                    eigen.WARM_START_NOISE = float(start.split("=")[1])
+                elif start == "warm top-1 only" and v0 is not None:
                     v0 = v0.eigenvectors[:, 0]
-                if name == "cold":
+                if start == "cold":
                     v0 = None
                 _HISTORY.clear()
-                r = curvop.eigenvalues(H, k=k, tol=1e-3, seed=step, v0=v0)
+                r = curvop.eigenvalues(H, k=k, tol=1e-3, seed=step, v0=v0, tol_on=rule)
                 history[name] = list(_HISTORY)
                 err = float(np.max(np.abs(r.eigenvalues - ref) / np.abs(ref)))
                 if step > 0:  # the first warm solve is a cold one: step 0 is not counted
                     rows[name].append((r.num_matvecs, err, r.converged))
                 prev[name] = r
             if step > 0 and k == 1:
-                for name in rows:
-                    if name != "cold":
+                for name in spec:
+                    if spec[name][0] != "cold":
                         first = history[name][0]
-                        saved[name].append((first, _cold_products_to(history["cold"], first)))
+                        saved[name].append((first, _cold_products_to(history[cold_of[name]], first)))
             eigen.WARM_START_NOISE = 1.0
         if step == steps:
             break
@@ -134,11 +140,11 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
     krylov._ritz = _ritz
     rows.update(span_row)
     seconds = time.perf_counter() - t0
-    cold_mv = np.array([m for m, _, _ in rows["cold"]], dtype=float)
-    cold = cold_mv.mean()
+    cold_mvs = {name: np.array([m for m, _, _ in rows[cold_of.get(name, label("cold", tol_on[0]))]], dtype=float)
+                for name in rows}
     print(f"digits CNN (n = {sum(p.numel() for p in model.parameters())}), SGD lr={lr}, {steps} steps, "
-          f"top-{k} eigenvalue(s) to tol=1e-3 every {every} steps on {measure_size} images "
-          f"({len(rows['cold'])} solves, {seconds:.0f} s)")
+          f"top-{k} eigenvalue(s) to tol=1e-3 (tol_on={', '.join(tol_on)}) every {every} steps on "
+          f"{measure_size} images ({len(rows[label('cold', tol_on[0])])} solves, {seconds:.0f} s)")
     moved = np.array(moved)
     print(f"between measurements the top eigenvector's angle to the previous top-1 span has mean sine "
           f"{moved[:, 0].mean():.3f}, to the previous top-3 span {moved[:, 1].mean():.3f}")
@@ -146,6 +152,8 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
     print("| start | mean products | warm / cold | first half | second half | max rel. error vs tol=1e-8 | all converged |")
     print("|---|---|---|---|---|---|---|")
     for name, vals in rows.items():
+        cold_mv = cold_mvs[name]
+        cold = cold_mv.mean()
         mv = np.array([m for m, _, _ in vals], dtype=float)
         errs = np.array([e for _, e, _ in vals])
         h = len(mv) // 2
@@ -163,7 +171,7 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
                 first, reach = np.mean([f for f, _ in vals]), np.mean([c for _, c in vals])
                 mv = np.mean([m for m, _, _ in rows[name]])
                 out[name].update(first_residual=float(first), cold_products_to_reach_it=float(reach))
-                print(f"| {name} | {first:.2e} | {reach:.1f} | {mv:.1f} | {cold:.1f} |")
+                print(f"| {name} | {first:.2e} | {reach:.1f} | {mv:.1f} | {cold_mvs[name].mean():.1f} |")
     return out
 
 
@@ -177,13 +185,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--measure-size", type=int, default=512)
     ap.add_argument("--noise", type=float, nargs="+", default=[1.0])
     ap.add_argument("--quick", action="store_true", help="60 steps on 256 images")
+    ap.add_argument("--tol-on", nargs="+", choices=["residual", "eigenvalue"], default=["residual"],
+                    help="stopping rule(s) of the cold and warm solves (curvop.eigenvalues' tol_on)")
     ap.add_argument("--span-starts", action="store_true",
                     help="also a block start: Rayleigh-Ritz in the previous tight solve's top-3 span, then Lanczos")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.quick:
         a.steps, a.measure_size = 60, 256
-    return run(a.steps, a.every, a.k, a.noise, a.lr, a.seed, a.measure_size, a.span_starts)
+    return run(a.steps, a.every, a.k, a.noise, a.lr, a.seed, a.measure_size, a.span_starts, tuple(a.tol_on))
 
 
 if __name__ == "__main__":

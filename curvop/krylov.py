@@ -27,7 +27,7 @@ from curvop.operator import aslinearoperator
 from curvop._checks import require_finite as _require_finite
 
 __all__ = ["LanczosStep", "Tridiagonal", "lanczos_step", "lanczos_tridiag", "thick_restart", "KrylovProblem",
-           "RitzPairs"]
+           "RitzPairs", "TOL_ON", "MAX_RELATIVE_GAP", "ritz_gaps", "eigenvalue_errors"]
 
 Array = Any
 
@@ -226,9 +226,17 @@ def order_by(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")
 
 
+#: what ``tol`` bounds: the relative residual (default) or the relative eigenvalue error estimate
+TOL_ON = ("residual", "eigenvalue")
+
+
 @dataclass(frozen=True)
 class KrylovProblem:
-    """What :func:`thick_restart` solves: ``k`` pairs by ``which`` to ``tol`` on a basis of ``ncv``."""
+    """What :func:`thick_restart` solves: ``k`` pairs by ``which`` to ``tol`` on a basis of ``ncv``.
+
+    ``tol_on`` picks the test (:data:`TOL_ON`): ``"residual"``, ``res_i <= tol·scale_i``, or
+    ``"eigenvalue"``, ``eigenvalue_errors(res, gaps)_i <= tol·scale_i``.
+    """
 
     k: int
     which: str
@@ -237,13 +245,16 @@ class KrylovProblem:
     max_matvecs: int
     basis_location: str = "device"
     basis_dtype: Any = None
+    tol_on: str = "residual"
 
 
 @dataclass(frozen=True, eq=False)
 class RitzPairs:
     """The wanted Ritz pairs: values (k,), vectors (n, k) native, residual estimates and their scales.
 
-    ``residuals[i] <= tol * scales[i]`` is the convergence test; ``num_matvecs`` the products used.
+    ``residuals[i] <= tol * scales[i]`` is the residual test; ``gaps`` (k,) the safeguarded gaps of
+    :func:`ritz_gaps`, with which :func:`eigenvalue_errors` turns residuals into eigenvalue error
+    estimates (the eigenvalue test); ``num_matvecs`` the products used.
     """
 
     values: np.ndarray
@@ -251,6 +262,7 @@ class RitzPairs:
     residuals: np.ndarray
     scales: np.ndarray
     num_matvecs: int
+    gaps: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return f"RitzPairs(values={self.values}, num_matvecs={self.num_matvecs})"
@@ -265,6 +277,7 @@ class _Ritz:
     order: np.ndarray
     res: np.ndarray
     scale: np.ndarray
+    gap: np.ndarray  # ritz_gaps: the safeguarded gap of every Ritz value
     broke: bool  # β at an invariant subspace
     done: bool  # the wanted k pairs meet tol
 
@@ -278,8 +291,55 @@ def _eig(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scipy.linalg.eigh_tridiagonal(T.diagonal(), T.diagonal(1))
 
 
+#: the largest gap, relative to ``|θ|``, that the eigenvalue test trusts (see :func:`ritz_gaps`)
+MAX_RELATIVE_GAP = 0.05
+
+
+def ritz_gaps(theta: np.ndarray, res: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Safeguarded gap of each Ritz value: ``δ_i = min(min_{j≠i} (|θ_i − θ_j| − r_j), 0.05·scale_i)``.
+
+    The eigenvalue error bound ``|λ − θ_i| <= ‖r_i‖² / δ`` (Templates for the Solution of Algebraic
+    Eigenvalue Problems, Bai et al. 2000, §4.8; Kato-Temple for an extreme pair) needs ``δ``, the
+    distance from ``θ_i`` to every *other* eigenvalue. Ritz values only estimate it, and from the
+    wrong side (interlacing: ``θ_2 <= λ_2``, so the Ritz gap of the top pair over-estimates the true
+    one; an eigenvalue the Krylov space has not resolved yet is not seen at all). Two safeguards:
+    each neighbour ``θ_j`` is moved towards ``θ_i`` by its own residual (an eigenvalue lies within
+    ``r_j`` of ``θ_j``; early on, large residuals shrink the gap to nothing), and the gap is capped
+    at :data:`MAX_RELATIVE_GAP` ``· scale_i`` (``scale_i`` about ``|θ_i|``): an unseen eigenvalue may
+    lie that close. So no residual above ``sqrt(0.05·tol)·scale_i`` is ever accepted, and where
+    ``θ_i`` is nearer ``λ_i`` than any other eigenvalue, ``|λ_i − θ_i| <= ‖r_i‖`` bounds the error
+    even when the gap estimate is wrong. Why 0.05: docs/training.md ("Warm starts"). Zero (no
+    estimate) where the gap closes or there is no other Ritz value.
+
+    >>> ritz_gaps(np.array([1.0, 5.0]), np.array([0.5, 1.0]), np.array([20.0, 100.0]))
+    array([1. , 3.5])
+    """
+    d = np.abs(theta[:, None] - theta[None, :]) - res[None, :]
+    np.fill_diagonal(d, np.inf)
+    gap = np.minimum(d.min(axis=1) if theta.size > 1 else np.zeros(theta.size), MAX_RELATIVE_GAP * scale)
+    return np.maximum(gap, 0.0)
+
+
+def eigenvalue_errors(res: np.ndarray, gaps: np.ndarray) -> np.ndarray:
+    """Eigenvalue error estimates ``min(‖r‖, ‖r‖² / δ)`` from residuals and :func:`ritz_gaps`.
+
+    ``‖r‖`` alone always bounds the distance to the nearest eigenvalue; ``‖r‖²/δ`` is the
+    second-order estimate, used where the gap is known (``δ > 0``).
+
+    >>> eigenvalue_errors(np.array([1e-2, 1e-2]), np.array([0.5, 0.0]))
+    array([0.0002, 0.01  ])
+    """
+    res = np.asarray(res, dtype=np.float64)
+    safe = np.where(gaps > 0, gaps, 1.0)
+    return np.where(gaps > 0, np.minimum(res, res * res / safe), res)
+
+
 def _ritz(H: Any, T: np.ndarray, beta: float, P: KrylovProblem) -> _Ritz:
-    """Ritz pairs of ``T`` and whether the wanted ones meet ``|β yₘ| <= tol·max(|θ|, √eps‖T‖)``."""
+    """Ritz pairs of ``T`` and whether the wanted ones meet ``tol``.
+
+    The residual test is ``|β yₘ| <= tol·max(|θ|, √eps‖T‖)``; the eigenvalue test puts
+    :func:`eigenvalue_errors` of those residuals in place of ``|β yₘ|``.
+    """
     eps = np.finfo(np.float64).eps
     m = T.shape[0]
     theta, Y = _eig(T)
@@ -288,8 +348,10 @@ def _ritz(H: Any, T: np.ndarray, beta: float, P: KrylovProblem) -> _Ritz:
     broke = bool(beta <= breakdown_tol(H, tnorm))
     res = np.abs((0.0 if broke else beta) * Y[m - 1, :])
     scale = np.maximum(np.abs(theta), np.sqrt(eps) * tnorm)
-    done = m >= P.k and bool(np.all(res[order[: P.k]] <= P.tol * scale[order[: P.k]]))
-    return _Ritz(theta, Y, order, res, scale, broke, done)
+    gap = ritz_gaps(theta, res, scale)
+    err = eigenvalue_errors(res, gap) if P.tol_on == "eigenvalue" else res
+    done = m >= P.k and bool(np.all(err[order[: P.k]] <= P.tol * scale[order[: P.k]]))
+    return _Ritz(theta, Y, order, res, scale, gap, broke, done)
 
 
 def _grow(T: np.ndarray, coupling: np.ndarray, alpha: float) -> np.ndarray:
@@ -366,4 +428,4 @@ def thick_restart(H: Any, q: Array, P: KrylovProblem, rng: np.random.Generator,
         Q.append(q)
         q = _stored(Q, q)
     sel = R.order[: P.k]
-    return RitzPairs(R.theta[sel], Q.lincomb(R.Y[:, sel]), R.res[sel], R.scale[sel], used)
+    return RitzPairs(R.theta[sel], Q.lincomb(R.Y[:, sel]), R.res[sel], R.scale[sel], used, R.gap[sel])

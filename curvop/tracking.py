@@ -81,7 +81,12 @@ class SharpnessTracker:
     trace : bool
         Also estimate the trace with ``trace_matvecs`` products.
     tol : float
-        Relative residual tolerance of the eigenvalues (default 1e-3).
+        Relative accuracy of the eigenvalues (default 1e-3), judged as ``tol_on`` says.
+    tol_on : {"eigenvalue", "residual"}
+        ``"eigenvalue"`` (default): stop when the estimated eigenvalue error is below
+        ``tol·|λ|`` (:func:`curvop.eigenvalues`' ``tol_on``); a sharpness tracker wants the value,
+        and this needs about half the products of ``"residual"`` (docs/training.md).
+        ``"residual"``: the residual test, which also makes the eigenvectors accurate.
     warm_start : bool
         Start Lanczos from the previous eigenvectors (default ``True``).
     seed : int
@@ -111,6 +116,7 @@ class SharpnessTracker:
     warm_start: bool = True
     seed: int = 0
     hessian_options: dict = field(default_factory=dict)
+    tol_on: str = "eigenvalue"
     history: list[Measurement] = field(default_factory=list, init=False)
     _previous: Any = field(default=None, init=False, repr=False)
     _built: bool = field(default=False, init=False, repr=False)
@@ -125,7 +131,7 @@ class SharpnessTracker:
         with _training_untouched(self.model):
             H = self._operator(params)
             ss = np.random.SeedSequence([self.seed, step & 0xFFFFFFFF])
-            r = eigenvalues(H, k=self.k, tol=self.tol, max_matvecs=self.max_matvecs,
+            r = eigenvalues(H, k=self.k, tol=self.tol, tol_on=self.tol_on, max_matvecs=self.max_matvecs,
                                    seed=np.random.default_rng(ss.spawn(1)[0]),
                                    v0=self._previous if self.warm_start else None)
             products = r.num_matvecs
