@@ -24,9 +24,10 @@ from curvop.backends.distributed import DistributedError
 from curvop.backends.fsdp import FSDPBackend, is_fsdp_model
 
 
-def build(dtype, rank, world, shard=True):
+def build(dtype, rank, world, shard=True, mp=None):
     """The model (sharded with fully_shard, or its unsharded twin) and the data: 24 samples in 4
-    batches; rank r gets batches 2r, 2r+1 (uneven sizes: 7+5 and 6+6)."""
+    batches; rank r gets batches 2r, 2r+1 (uneven sizes: 7+5 and 6+6). ``mp``: the mp_policy of
+    some fully_shard modules, by name ("0", "2", "" for the root)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
     g = torch.Generator().manual_seed(1)
@@ -34,9 +35,8 @@ def build(dtype, rank, world, shard=True):
     batches = [(torch.randn(s, 5, generator=g).to(dtype), torch.randint(0, 3, (s,), generator=g)) for s in sizes]
     if shard:
         mesh = init_device_mesh("cpu", (world,))
-        fully_shard(model[0], mesh=mesh)
-        fully_shard(model[2], mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        for key, m in (("0", model[0]), ("2", model[2]), ("", model)):
+            fully_shard(m, mesh=mesh, **({"mp_policy": mp[key]} if key in (mp or {}) else {}))
         model.eval()
         return model, batches[2 * rank: 2 * rank + 2]
     return model.eval(), batches
@@ -80,6 +80,7 @@ def agree(rank, world, out):
         r["restored_after_algorithms"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
         res[name] = r
     res["no_hook"] = without_hook(rank, world)
+    res["mp"] = mixed_precision(rank, world)
     # dispatch: curvop.hessian reaches the FSDP backend
     model, shard = build(torch.float64, rank, world)
     res["is_fsdp"] = [is_fsdp_model(model), is_fsdp_model(build(torch.float64, rank, world, shard=False)[0])]
@@ -113,6 +114,37 @@ def without_hook(rank, world):
         out["error"] = str(err)
     finally:
         hooks.extend(saved)
+    return out
+
+
+def mixed_precision(rank, world):
+    """fully_shard(mp_policy=...) on float32 shards: the error (or None) of curvop.hessian per policy,
+    whether the model is unchanged after it, and the product error to the twin where it builds."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy as MP
+
+    bf16, f32, every = torch.bfloat16, torch.float32, ("0", "2", "")
+    cases = {"param_all": {k: MP(param_dtype=bf16) for k in every}, "param_sub2": {"2": MP(param_dtype=bf16)},
+             "reduce_all": {k: MP(reduce_dtype=bf16) for k in every}, "output_root": {"": MP(output_dtype=bf16)},
+             "f32": {k: MP(param_dtype=f32) for k in every}, "default": {k: MP() for k in every}}
+    loss, out = nn.CrossEntropyLoss(), {}
+    for case, mp in cases.items():
+        model, shard = build(f32, rank, world, mp=mp)
+        before = [p.to_local().clone() for p in model.parameters()]
+        policies = [m._get_fsdp_state()._mp_policy for k, m in model.named_modules() if k in every]
+        r = {"error": None}
+        try:
+            H = curvop.hessian(model, loss, shard, timeout=30)
+        except Exception as err:  # noqa: BLE001 - the test checks the type
+            r["error"] = f"{type(err).__name__}: {err}"
+        else:
+            twin, batches = build(f32, rank, world, shard=False)
+            T = curvop.hessian(twin, loss, batches, process_group=False)
+            V = np.random.default_rng(5).standard_normal((H.shape[0], 2))
+            r["product_rel"] = _rel(H @ V, T @ V.astype(np.float32))
+        now = [m._get_fsdp_state()._mp_policy for k, m in model.named_modules() if k in every]
+        r["unchanged"] = (all(torch.equal(p.to_local(), b) and p.grad is None for p, b in zip(model.parameters(), before))
+                          and all(a is b for a, b in zip(policies, now)))
+        out[case] = r
     return out
 
 

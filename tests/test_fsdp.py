@@ -161,3 +161,45 @@ def test_issue15_item4_default_step_is_cbrt_eps():
 
     assert default_step(torch.float64) == pytest.approx(6.06e-6, rel=1e-2)
     assert default_step(torch.float32) == pytest.approx(4.92e-3, rel=1e-2)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("case, module, field", [
+    ("param_all", "the root module", "param_dtype"), ("param_sub2", "module '2'", "param_dtype"),
+    ("reduce_all", "the root module", "reduce_dtype"), ("output_root", "the root module", "output_dtype")])
+def test_fsdpmp_bf16_mixed_precision_policy_refused_on_every_rank(agree, case, module, field):
+    # float32 shards under a bf16 policy: products were 0.47 (param_dtype) / 0.31 (reduce_dtype)
+    # relative error to the unsharded twin, silently
+    for r in agree:
+        res = r["mp"][case]
+        err = res["error"]
+        assert err is not None and err.startswith("TypeError: "), err
+        for words in (module, f"{field}=torch.bfloat16", "parameters are torch.float32", "finite differences",
+                      "without mp_policy", "None or torch.float32", "not changed"):
+            assert words in err, (words, err)
+        assert res["unchanged"]  # shards, .grad and the policies as they were
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("case", ["f32", "default"])
+def test_fsdpmp_float32_or_default_policy_still_works(agree, case):
+    for r in agree:
+        res = r["mp"][case]
+        assert res["error"] is None, res["error"]
+        assert res["product_rel"] < FD_RTOL["float32"], res["product_rel"]
+        assert res["unchanged"]
+
+
+def test_fsdpmp_unreadable_fsdp_state_is_not_refused(monkeypatch):
+    # torch's private layout changed: no policy can be read, so nothing is refused on a guess
+    from torch.distributed.fsdp import FSDPModule
+
+    from curvop.backends.fsdp import _check_mixed_precision, _mp_policies
+
+    class Odd(FSDPModule, torch.nn.Linear):
+        def _get_fsdp_state(self):
+            raise AttributeError("layout changed")
+
+    model = torch.nn.Sequential(Odd(2, 2))
+    assert _mp_policies(model) == []
+    _check_mixed_precision(model, torch.float32, 1e-3)  # no error

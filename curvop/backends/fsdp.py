@@ -85,6 +85,58 @@ def _check_eval(model: Any) -> None:
             )
 
 
+def _mp_policies(model: Any) -> list:
+    """``(module name, MixedPrecisionPolicy)`` of every ``fully_shard`` module of ``model`` (root first).
+
+    Read from FSDP2's per-module state (torch 2.13: ``FSDPModule._get_fsdp_state()._mp_policy``, the
+    policy ``fully_shard(mp_policy=...)`` was given; its param groups hold the same object). Private
+    torch layout, so any surprise gives no policy for that module rather than an error.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:  # noqa: BLE001 - an unexpected torch: nothing to read
+        return []
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        try:
+            state = m._get_fsdp_state()
+            policy = getattr(state, "_mp_policy", None)
+            if policy is None:
+                groups = getattr(state, "_fsdp_param_groups", None) or []
+                policy = next((g.mp_policy for g in groups if getattr(g, "mp_policy", None) is not None), None)
+        except Exception:  # noqa: BLE001 - unreadable state: do not refuse on a guess
+            continue
+        if policy is not None:
+            out.append((name, policy))
+    return out
+
+
+def _check_mixed_precision(model: Any, tdtype: Any, step: float) -> None:
+    """Refuse an FSDP2 ``MixedPrecisionPolicy`` that computes, reduces or outputs in a dtype coarser than
+    the sharded parameters' ``tdtype``: the gradient is then a rounded function of the parameters and
+    its finite differences are noise."""
+    import torch
+
+    eps = float(torch.finfo(tdtype).eps)
+    for name, policy in _mp_policies(model):
+        for field, what in (("param_dtype", "runs the forward and backward"),
+                            ("reduce_dtype", "reduces the gradients"), ("output_dtype", "casts the outputs")):
+            low = getattr(policy, field, None)
+            if not isinstance(low, torch.dtype) or not low.is_floating_point or torch.finfo(low).eps <= eps:
+                continue
+            where = f"module {name!r}" if name else f"the root module ({type(model).__name__})"
+            raise TypeError(
+                f"fully_shard of {where} has MixedPrecisionPolicy({field}={low}) but the sharded parameters "
+                f"are {tdtype}: FSDP {what} in {low}, so the gradient is a {low}-rounded function of the "
+                f"parameters and curvop's central finite differences of it (relative step "
+                f"{step:.2g}) are noise, not a Hessian. Build the Hessian on a copy of the model "
+                f"wrapped with fully_shard without mp_policy (or with a MixedPrecisionPolicy whose param_dtype, "
+                f"reduce_dtype and output_dtype are None or {tdtype}); the model given was not changed"
+            )
+
+
 class FSDPBackend(Backend):
     """Central-difference products of an FSDP2 model's loss; vectors are ``Shard(0)`` DTensors.
 
@@ -133,6 +185,7 @@ class FSDPBackend(Backend):
         self.step = default_step(tdtype) if step is None else float(step)
         if not self.step > 0:
             raise ValueError(f"step must be positive, got {step!r}")
+        _check_mixed_precision(model, tdtype, self.step)  # before any collective: every rank refuses alike
         self.reduction = reduction
         self._coll = TorchCollective(process_group, timeout)
         self.rank, self.world = self._coll.rank, self._coll.world
@@ -371,7 +424,7 @@ def hessian_fsdp(model: Any, loss_fn: Callable[[Any, Any], Any], data: Any, *, s
     ----------
     model : torch.nn.Module
         Wrapped with ``fully_shard`` (default placement, 1-D mesh), in eval mode for dropout and
-        BatchNorm, on every rank.
+        BatchNorm, on every rank; no ``MixedPrecisionPolicy`` coarser than the parameters (refused).
     loss_fn : callable
         ``loss_fn(model(inputs), targets)``, a scalar.
     data : (inputs, targets) or list of them
