@@ -119,11 +119,12 @@ RATIO = {torch.float64: {"dense": 2.0, "pointwise": float("inf"), "depthwise": f
          torch.float32: {"dense": 128.0, "pointwise": float("inf"), "depthwise": 0.0}}
 # A float64 depthwise convolution goes by its batch instead: torch's double backward of it is the
 # bulk of a depthwise network's product in float64 (MobileNetV3 at batch 32: 575 of 690 ms over its
-# convolutions), and the rewrite took 0.57-1.08x its time in every layer of MobileNetV3, tinynet_e
-# and ConvNeXt at batch 32 and 0.54-1.17x at 16, whatever the layer's size, but 0.72-1.41x at 8 and
-# 1.05-1.53x at 4 (``benchmarks/models.py --layers-of MODEL --batches B``). Whole models on a quiet
-# 16-core host (docs/performance.md): rewriting every convolution was 1.16x faster than the old
-# per-size rule on MobileNetV3 and tinynet_e in float64 at batch 32, and 0.86-0.88x at batch 4.
+# convolutions), and the rewrite took 0.57-1.08x its time in every depthwise layer of MobileNetV3
+# and tinynet_e at batch 32 (ConvNeXt's: 0.94x in total) and 0.91-0.93x in total at 16, whatever the
+# layer's size, but 0.99-1.10x at 8 and 1.05-1.53x per layer at 4 (``benchmarks/models.py
+# --layers-of MODEL --batches B``). Whole models on a quiet 16-core host (docs/performance.md):
+# rewriting every convolution took 0.86x the old per-size rule's time on MobileNetV3 and tinynet_e
+# in float64 at batch 32, and 1.13-1.17x at batch 4.
 DEPTHWISE_MIN_BATCH = {torch.float64: 16}
 
 
