@@ -218,3 +218,86 @@ def test_issue11_item6_unfolded_batchnorm_is_an_affine_map_only_on_large_activat
     D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
     v = np.random.default_rng(0).standard_normal(D.shape[0])
     np.testing.assert_allclose(H @ v, D @ v, rtol=1e-10, atol=1e-12)
+
+
+class _Tokens(nn.Module):
+    """A 3-D GELU MLP (tokens x features), its output averaged over tokens: GELU's second derivative
+    enters through both the first and the second linear layer."""
+
+    def __init__(self, approximate="none"):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(4, 6), nn.GELU(approximate), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)) * 0.7 + nn.functional.gelu(self.up(x)) ** 2).mean(1)
+
+
+def _tokens(approximate="none", n=6, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = _Tokens(approximate).to(dtype).eval()
+    return model, 2 * torch.randn(n, 5, 4, dtype=dtype), torch.randint(0, 3, (n,))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("cache", [True, False])
+def test_issue11_item6_gelu_products_match_dense_hessian(approximate, cache):
+    """GELU's rewrite (erf form; the tanh form stays torch's) against the float64 dense Hessian, one
+    vector and three at once (vmapped backward)."""
+    model, x, y = _tokens(approximate)
+    loss_fn = nn.CrossEntropyLoss()
+    D = dense_hessian(model, loss_fn, [(x, y)])
+    V = np.random.default_rng(1).standard_normal((D.shape[0], 3))
+    for batched in (False, True):
+        H = curvop.hessian(model, loss_fn, (x, y), cache=cache, batched=batched)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback from batched products to a loop warns
+            np.testing.assert_allclose(H @ V, D @ V, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(H @ V[:, 0], D @ V[:, 0], rtol=1e-10, atol=1e-12)
+
+
+def test_issue11_item6_gelu_derivatives_of_every_order():
+    """The rewritten GELU and its first four derivatives equal torch's (float64, to rounding), and
+    torch's gradcheck/gradgradcheck pass on it: a third derivative is as exact as the second."""
+    from curvop.backends._torch_ops import gelu
+
+    x = (3 * torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+
+    def derivatives(f):
+        out, y = [f(x)], f(x).sum()
+        for _ in range(4):
+            gx = torch.autograd.grad(y, x, create_graph=True)[0]
+            out.append(gx)
+            y = gx.sum()
+        return out
+
+    for mine, ref in zip(derivatives(gelu), derivatives(nn.functional.gelu)):
+        np.testing.assert_allclose(mine.detach(), ref.detach(), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(gelu, (x,))
+    assert torch.autograd.gradgradcheck(gelu, (x,))
+    assert torch.autograd.gradgradcheck(lambda x: torch.autograd.grad((gelu(x) ** 3).sum(), x, create_graph=True),
+                                        (x,))
+
+
+@pytest.mark.parametrize("rewrite", [True, False])
+def test_issue11_item6_gelu_gradient_graph_holds_its_slope_not_torchs_double_backward(rewrite):
+    """With the rewrite a product passes curvop's GELU nodes (three multiplications), never torch's
+    GeluBackwardBackward0 (an erf and two exps per element); rewrite=False keeps torch's op."""
+    model, x, y = _tokens()
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), rewrite=rewrite)
+    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
+    nodes = _nodes(g[0])  # the first layer's weight gradient
+    assert ("GeluBackwardBackward0" in nodes) is not rewrite
+    assert ("_GeluBackward" in nodes) is rewrite
+
+
+def test_issue11_item6_gelu_float32_as_accurate_as_torch_ops():
+    model, x, y = _tokens(n=32)
+    D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
+    model, x = model.float(), x.float()
+    on = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    off = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), rewrite=False)
+    for seed in range(3):
+        v = np.random.default_rng(seed).standard_normal(D.shape[0]).astype(np.float32)
+        ref = D @ v.astype(np.float64)
+        err_on, err_off = (np.linalg.norm(H @ v - ref) / np.linalg.norm(ref) for H in (on, off))
+        assert err_on < 1e-5 and err_on < 2 * err_off + 1e-7

@@ -1,4 +1,4 @@
-"""Exact rewrites of two torch ops whose built-in second derivatives are slow.
+"""Exact rewrites of torch ops whose built-in second derivatives are slow.
 
 A cached reverse-mode HVP is one backward pass through the graph of the gradient, so its cost is
 set by torch's *double-backward* formulas. Two of them dominate a CNN's product on CPU (measured
@@ -19,14 +19,18 @@ are the same function of the same tensors; products agree with torch's own to ro
 wins only where a layer's output is large next to its kernel (:func:`conv_wins`, measured by
 ``benchmarks/models.py --layers``; on resnet18 and MobileNetV3 at 32x32 rewriting every layer was
 slower than torch), so the backend applies it per layer, and folds BatchNorm only into a rewritten
-convolution. The same mode also carries the rewrites that make attention and ``hardsigmoid``
-differentiable twice (:mod:`curvop.backends._torch_attention`), which apply whatever ``fast`` says.
-Everything else passes through untouched.
+convolution. GELU (erf form) is computed by an autograd function whose gradient graph holds
+``gelu'(x)`` and ``gelu''(x)`` as tensors (:func:`gelu`), where torch's ``GeluBackwardBackward0``
+recomputes an erf and exps per element on every product. The same mode also carries the rewrites
+that make attention and ``hardsigmoid`` differentiable twice
+(:mod:`curvop.backends._torch_attention`), which apply whatever ``fast`` says. Everything else
+passes through untouched.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -149,11 +153,79 @@ def conv_wins(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, group
     return x.shape[0] * w.shape[0] * out >= ratios[kind] * w.numel()
 
 
+def _gelu_poly(k: int) -> list[float]:
+    """Coefficients (constant first) of p_k, where the k-th derivative of x Phi(x) is phi(x) p_k(x)
+    for k >= 2: p_2 = 2 - x^2, p_(k+1) = p_k' - x p_k."""
+    p = [2.0, 0.0, -1.0]
+    for _ in range(k - 2):
+        p = [a - b for a, b in zip([i * c for i, c in enumerate(p)][1:] + [0.0, 0.0], [0.0] + p)]
+    return p
+
+
+def _gelu_derivative(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th derivative of ``gelu(x) = x Phi(x)`` (erf form), ``k >= 0``."""
+    if k == 0:
+        return F.gelu(x)
+    phi = torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    if k == 1:
+        return torch.special.ndtr(x).addcmul_(x, phi)
+    p = _gelu_poly(k)
+    out = torch.full_like(x, p[-1])
+    for c in reversed(p[:-1]):
+        out = out.mul_(x).add_(c)
+    return out.mul_(phi)
+
+
+class _Gelu(Function):
+    """``_Gelu.apply(x, k)``: the k-th derivative of ``gelu(x)``; its derivative is ``_Gelu.apply(x, k + 1)``.
+
+    Each node holds the next derivative as a tensor, computed once when the node is made, so a
+    backward pass through it is one multiplication; differentiated with ``create_graph`` it makes
+    the next node instead, so derivatives of every order are exact."""
+
+    generate_vmap_rule = True  # vmap: products of several vectors at once (is_grads_batched)
+
+    @staticmethod
+    def forward(x, k):
+        return _gelu_derivative(x, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.k = inputs
+        ctx.save_for_backward(x)
+        ctx.slope = _gelu_derivative(x, ctx.k + 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the derivative as a node of the new graph
+            return g * _Gelu.apply(x, ctx.k + 1), None
+        return g * ctx.slope, None
+
+
+def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``F.gelu`` (erf form; the tanh approximation stays torch's) whose graphs hold ``gelu'(x)``
+    and ``gelu''(x)`` as tensors: a cached product through it is four multiplications instead of
+    torch's ``GeluBackward0`` and ``GeluBackwardBackward0`` (an erf and exps per element each).
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.linspace(-3, 3, 7, dtype=torch.float64, requires_grad=True)
+    >>> bool(torch.allclose(gelu(x), torch.nn.functional.gelu(x)))
+    True
+    """
+    if approximate != "none":
+        return F.gelu(input, approximate=approximate)
+    return _Gelu.apply(input, 0)
+
+
 class Rewrites(TorchFunctionMode):
     """Within ``with Rewrites(conv=..., fast=...)``: the ops torch cannot differentiate twice
     (attention, ``hardsigmoid``, ...; :data:`curvop.backends._torch_attention.EXACT`) always as
-    ops it can; with ``fast=True`` also eval BatchNorm as an affine map and ``conv2d`` as above,
-    for every convolution (``conv=True``) or where :func:`conv_wins` (``conv="auto"``). A BatchNorm
+    ops it can; with ``fast=True`` also GELU on CPU as :func:`gelu`, eval BatchNorm as an affine map
+    and ``conv2d`` as above, for every convolution (``conv=True``) or where :func:`conv_wins`
+    (``conv="auto"``). A BatchNorm
     right after a rewritten convolution is folded into its weights; with ``conv="auto"`` another
     is rewritten only when its input has at least :data:`AFFINE_MIN` elements."""
 
@@ -182,6 +254,10 @@ class Rewrites(TorchFunctionMode):
                 out = conv2d(*call)
                 self._convs[id(out)] = (out, out._version, call)
                 return out
+        elif func is F.gelu:
+            x = args[0] if args else kwargs["input"]
+            if x.requires_grad and x.dtype in RATIO and x.device.type == "cpu":
+                return gelu(*args, **kwargs)
         elif func is F.batch_norm:
             a = _BN.bind(*args, **kwargs)
             a.apply_defaults()
