@@ -19,7 +19,7 @@ are the same function of the same tensors; products agree with torch's own to ro
 wins only where a layer's output is large next to its kernel (:func:`conv_wins`, measured by
 ``benchmarks/models.py --layers``; on resnet18 and MobileNetV3 at 32x32 rewriting every layer was
 slower than torch), so the backend applies it per layer, and folds BatchNorm only into a rewritten
-convolution. GELU (erf form) is computed by an autograd function whose gradient graph holds
+convolution. For cached products GELU (erf form) is computed by an autograd function whose graph holds
 ``gelu'(x)`` and ``gelu''(x)`` as tensors (:func:`gelu`), where torch's ``GeluBackwardBackward0``
 recomputes an erf and exps per element on every product. The same mode also carries the rewrites
 that make attention and ``hardsigmoid`` differentiable twice
@@ -166,9 +166,13 @@ def _gelu_derivative(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th derivative of ``gelu(x) = x Phi(x)`` (erf form), ``k >= 0``."""
     if k == 0:
         return F.gelu(x)
-    phi = torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-    if k == 1:
-        return torch.special.ndtr(x).addcmul_(x, phi)
+    c = 1 / math.sqrt(2 * math.pi)
+    if k == 1:  # Phi(x) + x phi(x)
+        return torch.special.ndtr(x).addcmul_(x, x.square().mul_(-0.5).exp_(), value=c)
+    if k == 2:  # phi(x) (2 - x^2)
+        x2 = x.square()
+        return x2.mul(-0.5).exp_().mul_(x2.neg_().add_(2)).mul_(c)
+    phi = torch.exp(-0.5 * x * x) * c
     p = _gelu_poly(k)
     out = torch.full_like(x, p[-1])
     for c in reversed(p[:-1]):
@@ -186,12 +190,12 @@ class _Gelu(Function):
     generate_vmap_rule = True  # vmap: products of several vectors at once (is_grads_batched)
 
     @staticmethod
-    def forward(x, k):
-        return _gelu_derivative(x, k)
+    def forward(x, k, known=None):
+        return _gelu_derivative(x, k) if known is None else known.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, ctx.k = inputs
+        x, ctx.k = inputs[:2]
         ctx.save_for_backward(x)
         ctx.slope = _gelu_derivative(x, ctx.k + 1)
 
@@ -199,8 +203,8 @@ class _Gelu(Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the derivative as a node of the new graph
-            return g * _Gelu.apply(x, ctx.k + 1), None
-        return g * ctx.slope, None
+            return g * _Gelu.apply(x, ctx.k + 1, ctx.slope), None, None
+        return g * ctx.slope, None, None
 
 
 def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -223,16 +227,18 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 class Rewrites(TorchFunctionMode):
     """Within ``with Rewrites(conv=..., fast=...)``: the ops torch cannot differentiate twice
     (attention, ``hardsigmoid``, ...; :data:`curvop.backends._torch_attention.EXACT`) always as
-    ops it can; with ``fast=True`` also GELU on CPU as :func:`gelu`, eval BatchNorm as an affine map
+    ops it can; with ``fast=True`` also GELU on CPU as :func:`gelu` (unless ``gelu=False``: for
+    a graph built on every product its extra derivatives cost more than they save), eval BatchNorm as an affine map
     and ``conv2d`` as above, for every convolution (``conv=True``) or where :func:`conv_wins`
     (``conv="auto"``). A BatchNorm
     right after a rewritten convolution is folded into its weights; with ``conv="auto"`` another
     is rewritten only when its input has at least :data:`AFFINE_MIN` elements."""
 
-    def __init__(self, conv: bool | str = True, fast: bool = True):
+    def __init__(self, conv: bool | str = True, fast: bool = True, gelu: bool = True):
         super().__init__()
         self.conv = conv if fast else False
         self.fast = fast
+        self.gelu = gelu  # pays off only where the graph is built once (uncached: 1.1x slower, tiny ViT)
         self._convs: dict[int, tuple[torch.Tensor, int, tuple]] = {}  # id(output) -> (output, version, args)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -256,7 +262,7 @@ class Rewrites(TorchFunctionMode):
                 return out
         elif func is F.gelu:
             x = args[0] if args else kwargs["input"]
-            if x.requires_grad and x.dtype in RATIO and x.device.type == "cpu":
+            if self.gelu and x.requires_grad and x.dtype in RATIO and x.device.type == "cpu":
                 return gelu(*args, **kwargs)
         elif func is F.batch_norm:
             a = _BN.bind(*args, **kwargs)

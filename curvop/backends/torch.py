@@ -222,7 +222,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     def _eval(self, p: dict[str, Tensor], batch: Any) -> Tensor:
         """The loss, under the op rewrites (:mod:`curvop.backends._torch_ops`): always the ops torch
         cannot differentiate twice (attention, hardsigmoid, ...); with ``rewrite`` the fast ones."""
-        with Rewrites(conv="auto" if self.device.type == "cpu" else False, fast=self.rewrite):
+        with Rewrites(conv="auto" if self.device.type == "cpu" else False, fast=self.rewrite,
+                      gelu=getattr(self, "cache", False)):
             return self._loss(p, batch)
 
 
