@@ -117,6 +117,26 @@ def _nodes(t):
     return {type(f).__name__ for f in seen}
 
 
+def _gradient_nodes(H, model, x, y):
+    """Names of the autograd nodes behind the first gradient of ``H``'s cached graph on ``(x, y)``."""
+    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
+    return _nodes(g[0])
+
+
+def _assert_float32_as_accurate_as_torch_ops(model, x, y):
+    """Products of the float32 copy of ``model`` with the rewrites are as close to the float64 dense
+    Hessian as with torch's own ops (``rewrite=False``)."""
+    D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
+    model, x = model.float(), x.float()
+    on = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    off = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), rewrite=False)
+    for seed in range(3):
+        v = np.random.default_rng(seed).standard_normal(D.shape[0]).astype(np.float32)
+        ref = D @ v.astype(np.float64)
+        err_on, err_off = (np.linalg.norm(H @ v - ref) / np.linalg.norm(ref) for H in (on, off))
+        assert err_on < 1e-5 and err_on < 2 * err_off + 1e-7
+
+
 @pytest.mark.parametrize("name, folded", [("conv_bn", True), ("inplace_relu_between", False), ("residual", True)])
 def test_batchnorm_is_an_affine_map_folded_into_an_untouched_conv_output(name, folded):
     model, x, _ = make(name)
@@ -136,23 +156,14 @@ def test_the_gradient_graph_differentiates_the_rewritten_ops(rewrite):
     model, x, y = make("conv_bn")
     H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), rewrite=rewrite)
     assert H.backend.rewrite is rewrite
-    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
-    nodes = _nodes(g[0])  # the first convolution's weight gradient, a function of every parameter
+    nodes = _gradient_nodes(H, model, x, y)  # the first convolution's weight gradient, a function of every parameter
     assert ("NativeBatchNormBackwardBackward0" in nodes) is not rewrite
     assert ("_WeightGradBackward" in nodes) is rewrite
 
 
 def test_float32_rewrite_is_as_accurate_as_torch_ops():
     model, x, y = make("conv_nobias_bn_relu_pool", n=32)
-    D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
-    model, x = model.float(), x.float()
-    on = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
-    off = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), rewrite=False)
-    for seed in range(3):
-        v = np.random.default_rng(seed).standard_normal(D.shape[0]).astype(np.float32)
-        ref = D @ v.astype(np.float64)
-        err_on, err_off = (np.linalg.norm(H @ v - ref) / np.linalg.norm(ref) for H in (on, off))
-        assert err_on < 1e-5 and err_on < 2 * err_off + 1e-7
+    _assert_float32_as_accurate_as_torch_ops(model, x, y)
 
 
 def test_issue11_item6_conv_rewritten_per_layer_only_where_measured_faster():
@@ -165,8 +176,7 @@ def test_issue11_item6_conv_rewritten_per_layer_only_where_measured_faster():
                           nn.Conv2d(4, 16, 1), nn.Flatten(), nn.Linear(16, 3)).double().eval()
     x, y = torch.randn(8, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
     H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
-    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
-    nodes = _nodes(g[0])
+    nodes = _gradient_nodes(H, model, x, y)
     assert "_WeightGradBackward" in nodes and "ConvolutionBackwardBackward0" in nodes  # one of each
     D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
     v = np.random.default_rng(0).standard_normal(D.shape[0])
@@ -194,8 +204,7 @@ def test_issue11_item6_float64_depthwise_conv_rewritten_by_batch():
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
     x, y = torch.randn(at, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (at,))
     H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
-    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
-    nodes = _nodes(g[0])
+    nodes = _gradient_nodes(H, model, x, y)
     assert "_WeightGradBackward" in nodes and "ConvolutionBackwardBackward0" not in nodes  # both convs rewritten
     D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
     v = np.random.default_rng(0).standard_normal(D.shape[0])
@@ -211,8 +220,7 @@ def test_issue11_item6_unfolded_batchnorm_is_an_affine_map_only_on_large_activat
                           nn.Linear(4, 3)).double().eval()
     x, y = torch.randn(16, 2, size, size, dtype=torch.float64), torch.randint(0, 3, (16,))
     H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
-    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
-    nodes = _nodes(g[0])
+    nodes = _gradient_nodes(H, model, x, y)
     assert ("NativeBatchNormBackwardBackward0" in nodes) is not affine
     assert "_WeightGradBackward" not in nodes
     D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
@@ -285,8 +293,7 @@ def test_issue11_item6_gelu_gradient_graph_holds_its_slope_not_torchs_double_bac
     uncached products (rebuilding the derivatives on every product measured 1.1x slower)."""
     model, x, y = _tokens()
     H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), rewrite=rewrite, cache=cache)
-    g = H.backend._graph({k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}, (x, y))
-    nodes = _nodes(g[0])  # the first layer's weight gradient
+    nodes = _gradient_nodes(H, model, x, y)  # the first layer's weight gradient
     mine = rewrite and cache
     assert ("GeluBackwardBackward0" in nodes) is not mine
     assert ("_GeluBackward" in nodes) is mine
@@ -294,12 +301,4 @@ def test_issue11_item6_gelu_gradient_graph_holds_its_slope_not_torchs_double_bac
 
 def test_issue11_item6_gelu_float32_as_accurate_as_torch_ops():
     model, x, y = _tokens(n=32)
-    D = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)])
-    model, x = model.float(), x.float()
-    on = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y))
-    off = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), rewrite=False)
-    for seed in range(3):
-        v = np.random.default_rng(seed).standard_normal(D.shape[0]).astype(np.float32)
-        ref = D @ v.astype(np.float64)
-        err_on, err_off = (np.linalg.norm(H @ v - ref) / np.linalg.norm(ref) for H in (on, off))
-        assert err_on < 1e-5 and err_on < 2 * err_off + 1e-7
+    _assert_float32_as_accurate_as_torch_ops(model, x, y)

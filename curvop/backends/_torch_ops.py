@@ -119,7 +119,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.
 # float64 3x3 at ratio >= 3.5 measured 0.69-0.94x torch's time, below 0.44 0.94-1.3x; 1x1 below 7
 # up to 16x (!) and 0.90x at 51 (not worth the risk: never rewritten). float32: depthwise
 # 0.30-0.71x at every size, 3x3 0.62-0.93x at ratio >= 227 and 1.07-1.6x below 28, 1x1 1.1-7x.
-RATIO = {torch.float64: {"dense": 2.0, "pointwise": float("inf"), "depthwise": float("inf")},
+RATIO = {torch.float64: {"dense": 2.0, "pointwise": float("inf")},  # depthwise: DEPTHWISE_MIN_BATCH
          torch.float32: {"dense": 128.0, "pointwise": float("inf"), "depthwise": 0.0}}
 # A float64 depthwise convolution goes by its batch instead: torch's double backward of it is the
 # bulk of a depthwise network's product in float64 (MobileNetV3 at batch 32: 575 of 690 ms over its

@@ -223,7 +223,7 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         """The loss, under the op rewrites (:mod:`curvop.backends._torch_ops`): always the ops torch
         cannot differentiate twice (attention, hardsigmoid, ...); with ``rewrite`` the fast ones."""
         with Rewrites(conv="auto" if self.device.type == "cpu" else False, fast=self.rewrite,
-                      gelu=getattr(self, "cache", False)):
+                      gelu=getattr(self, "cache", False)):  # unset while the first loss is checked
             return self._loss(p, batch)
 
 
