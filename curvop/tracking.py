@@ -7,7 +7,8 @@ Measuring never changes training: the torch/numpy/python RNG states and the modu
 flags are restored, and the Hessian never writes parameters, buffers or gradients.
 
 Adapters: call the tracker (or :meth:`SharpnessTracker.every`) in a PyTorch or JAX/optax loop,
-or pass :meth:`SharpnessTracker.keras_callback` to ``model.fit``.
+pass :meth:`SharpnessTracker.keras_callback` to ``model.fit``, or
+:meth:`SharpnessTracker.lightning_callback` to a Lightning ``Trainer``.
 """
 
 from __future__ import annotations
@@ -174,6 +175,22 @@ class SharpnessTracker:
         from curvop.tracking_keras import SharpnessCallback
 
         return SharpnessCallback(self, every=every)
+
+    def lightning_callback(self, every: int = 1, *, log: bool = True, name: str = "sharpness") -> Any:
+        """A PyTorch Lightning ``Callback`` measuring before every ``every``-th optimizer step.
+
+        Needs ``lightning`` (``pip install curvop[lightning]``) or ``pytorch_lightning``; the value is
+        logged as ``name`` (``log=False`` to keep it in :attr:`history` only).
+        """
+        try:
+            from curvop.tracking_lightning import SharpnessCallback
+        except ImportError as err:
+            raise ImportError(
+                f"tracker.lightning_callback needs PyTorch Lightning ({err}); install it with "
+                "`pip install curvop[lightning]`, or call the tracker from your LightningModule's "
+                "on_train_batch_start"
+            ) from err
+        return SharpnessCallback(self, every=every, log=log, name=name)
 
     # --- results ---------------------------------------------------------------------------------
     @property

@@ -10,7 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("**/*.md")])
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
-OPTIONAL = ("tensorflow", "jax", "cupy", "keras", "flax", "torchvision", "timm", "transformers")
+OPTIONAL = ("tensorflow", "jax", "cupy", "keras", "flax", "torchvision", "timm", "transformers", "lightning")
 
 
 def blocks(page: pathlib.Path) -> list[str]:
