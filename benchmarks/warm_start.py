@@ -1,7 +1,7 @@
 """Warm-started top eigenvalue during training: products of a warm start against a cold one.
 
     PYTHONPATH=. python benchmarks/warm_start.py [--steps 300] [--every 10] [--k 1] [--quick]
-        [--tol-on residual|eigenvalue ...]
+        [--tol-on residual|eigenvalue ...] [--span-starts] [--out FILE]
 
 The digits CNN (:func:`curvop.studies.digits.cnn`, float64) is trained with plain SGD on
 mini-batches; every ``--every`` steps the top-k eigenvalues of the loss Hessian on a fixed
@@ -24,8 +24,12 @@ Where the products go: every Lanczos step's relative residual estimate of the to
 warm start's residual after its first product and the products a cold solve needed to get down to
 that residual: the share of a cold solve that a start from the previous result can save at most.
 ``--span-starts`` adds the best case of a block start: the Rayleigh-Ritz vector of the new operator
-in the span of the previous tight solve's top three eigenvectors (three products, counted), then
-Lanczos from it.
+in the span of the previous tight solve's top three eigenvectors (three products, counted; a
+second row does not count them), then Lanczos from it.
+The oracle table (k = 1): the products each solve would have needed had its stopping rule known
+the tight value (its first Ritz value within ``tol`` of it, + the verification product). No rule
+stops earlier from the same start, so "oracle warm / oracle cold" bounds every stopping rule.
+``--out FILE`` writes every number as JSON.
 ``--noise`` repeats the warm runs with other random shares mixed into the start
 (``curvop.eigen.WARM_START_NOISE``, in units of sqrt(eps); default 1), which is how that constant
 was chosen.
@@ -34,6 +38,7 @@ was chosen.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 import time
@@ -49,6 +54,7 @@ from curvop.studies import digits  # noqa: E402
 
 
 _HISTORY: list[float] = []  # relative residual of the top Ritz pair after each product of a solve
+_THETA: list[float] = []  # the top Ritz value after each product of a solve
 _ritz = krylov._ritz
 
 
@@ -56,7 +62,17 @@ def _recording_ritz(H, T, beta, P):
     R = _ritz(H, T, beta, P)
     i = R.order[0]
     _HISTORY.append(float(R.res[i] / max(abs(R.theta[i]), 1e-300)))
+    _THETA.append(float(R.theta[i]))
     return R
+
+
+def _oracle_products(thetas: list[float], ref: float, tol: float, verify: int, used: int) -> tuple[int, bool]:
+    """Products a solve would need if its stopping rule knew ``ref``: the first product whose top Ritz
+    value is within ``tol`` (relative) of it, plus the verification product(s). No stopping rule
+    can stop earlier with an eigenvalue that good from the same start, so the warm/cold ratio of
+    these counts bounds what any rule could reach. ``(used, False)`` if the solve never got there."""
+    hit = next((i + 1 for i, t in enumerate(thetas) if abs(t - ref) <= tol * abs(ref)), None)
+    return (used, False) if hit is None else (hit + verify, True)
 
 
 def _cold_products_to(history: list[float], level: float) -> int:
@@ -64,12 +80,12 @@ def _cold_products_to(history: list[float], level: float) -> int:
     return next((i + 1 for i, r in enumerate(history) if r <= level), len(history))
 
 
-def _span_start(H, U: np.ndarray, step: int) -> tuple[int, float]:
-    """Rayleigh-Ritz in span(U) (``p`` products), then Lanczos from the best vector: products, top value."""
+def _span_start(H, U: np.ndarray, step: int, tol_on: str) -> tuple[int, float]:
+    """Rayleigh-Ritz in span(U) (``p`` products), then Lanczos from the best vector: Lanczos products, top value."""
     HU = H.matmat(torch.from_numpy(np.ascontiguousarray(U))).numpy()
     _, Y = np.linalg.eigh(U.T @ HU)
-    r = curvop.eigenvalues(H, k=1, tol=1e-3, seed=step, v0=U @ Y[:, -1])
-    return r.num_matvecs + U.shape[1], float(r.eigenvalues[0])
+    r = curvop.eigenvalues(H, k=1, tol=1e-3, seed=step, v0=U @ Y[:, -1], tol_on=tol_on)
+    return r.num_matvecs, float(r.eigenvalues[0])
 
 
 def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: int, measure_size: int,
@@ -87,12 +103,15 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
     spec = {label(start, rule): (start, rule) for rule in tol_on for start in starts}  # row -> start, rule
     rows = {name: [] for name in spec}
     cold_of = {name: label("cold", rule) for name, (_, rule) in spec.items()}
-    span_row = {"Rayleigh-Ritz in previous top-3 span (+3 products)": []} if span_starts and k == 1 else {}
+    span_names = ("Rayleigh-Ritz in previous top-3 span (+3 products)",
+                  "same, the 3 products not counted (a free block start)")
+    span_row = {name: [] for name in span_names} if span_starts and k == 1 else {}
     prev: dict[str, curvop.EigenResult | None] = {name: None for name in rows}
     order = torch.randperm(len(y), generator=gen)
     prev_V, moved = None, []
     history: dict[str, list[float]] = {}
     saved: dict[str, list[tuple[float, int]]] = {name: [] for name in rows}
+    oracle: dict[str, list[tuple[int, bool]]] = {name: [] for name in rows}
     krylov._ritz = _recording_ritz
     t0 = time.perf_counter()
     for step in range(steps + 1):
@@ -104,9 +123,9 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
                 c = prev_V.T @ V[:, 0]
                 moved.append([float(np.sqrt(max(0.0, 1 - np.sum(c[:p] ** 2)))) for p in (1, 3)])
             if span_starts and prev_V is not None and k == 1:
-                mv, lam = _span_start(H, prev_V, step)
-                span_row["Rayleigh-Ritz in previous top-3 span (+3 products)"].append(
-                    (mv, abs(lam - ref[0]) / abs(ref[0]), True))
+                mv, lam = _span_start(H, prev_V, step, tol_on[0])
+                for name, extra in zip(span_names, (prev_V.shape[1], 0)):
+                    span_row[name].append((mv + extra, abs(lam - ref[0]) / abs(ref[0]), True))
             prev_V = V
             for name in spec:
                 (start, rule), v0 = spec[name], prev[name]
@@ -117,11 +136,14 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
                 if start == "cold":
                     v0 = None
                 _HISTORY.clear()
+                _THETA.clear()
                 r = curvop.eigenvalues(H, k=k, tol=1e-3, seed=step, v0=v0, tol_on=rule)
                 history[name] = list(_HISTORY)
                 err = float(np.max(np.abs(r.eigenvalues - ref) / np.abs(ref)))
                 if step > 0:  # the first warm solve is a cold one: step 0 is not counted
                     rows[name].append((r.num_matvecs, err, r.converged))
+                    if k == 1:
+                        oracle[name].append(_oracle_products(_THETA, ref[0], 1e-3, 1, r.num_matvecs))
                 prev[name] = r
             if step > 0 and k == 1:
                 for name in spec:
@@ -163,6 +185,17 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
         print(f"| {name} | {mv.mean():.1f} | {mv.mean() / cold:.2f} | {halves[0]:.2f} | {halves[1]:.2f} | "
               f"{errs.max():.1e} | {out[name]['converged']} |")
     if k == 1:
+        print("\nA stopping rule that knew the answer (the first product within tol of the tight value, + verification):")
+        print("| start | oracle products (mean) | oracle warm / oracle cold | oracle warm / cold with its rule |")
+        print("|---|---|---|---|")
+        for name, vals in oracle.items():
+            if vals:
+                mv = np.mean([m for m, _ in vals])
+                cold_or = np.mean([m for m, _ in oracle[cold_of[name]]])
+                out[name].update(oracle_products=float(mv), oracle_ratio=float(mv / cold_or),
+                                 oracle_reached=bool(all(ok for _, ok in vals)))
+                print(f"| {name} | {mv:.2f} | {mv / cold_or:.3f} | {mv / cold_mvs[name].mean():.3f} |"
+                      + ("" if out[name]["oracle_reached"] else " (some solves never got within tol)"))
         print("\n| start | residual after its 1st product (mean) | cold products to reach it (mean) | "
               "warm products (mean) | cold products (mean) |")
         print("|---|---|---|---|---|")
@@ -189,11 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
                     help="stopping rule(s) of the cold and warm solves (curvop.eigenvalues' tol_on)")
     ap.add_argument("--span-starts", action="store_true",
                     help="also a block start: Rayleigh-Ritz in the previous tight solve's top-3 span, then Lanczos")
+    ap.add_argument("--out", help="also write the numbers as JSON to this file")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.quick:
         a.steps, a.measure_size = 60, 256
-    return run(a.steps, a.every, a.k, a.noise, a.lr, a.seed, a.measure_size, a.span_starts, tuple(a.tol_on))
+    out = run(a.steps, a.every, a.k, a.noise, a.lr, a.seed, a.measure_size, a.span_starts, tuple(a.tol_on))
+    if a.out:
+        out["args"] = {key: val for key, val in vars(a).items() if key != "out"}
+        pathlib.Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    return out
 
 
 if __name__ == "__main__":

@@ -36,3 +36,39 @@ def test_models_quick():
     assert len(rows) == 4  # each printed as measured, then in the table
     assert all(float(c.strip(" *")) > 0 for r in rows for c in r[5:13])  # every mode ran, attention and hardsigmoid included
     assert all(float(r[13]) > 0 and r[15].strip() in MODES_PRINTED for r in rows)  # default / best, paired, and against which mode
+
+
+def test_warm_start_short_run_reports_the_oracle_bound(tmp_path):
+    # benchmarks/warm_start.py: a 20-step run, two warm solves; the oracle (a rule that knew the
+    # tight value) can never need more products than a rule whose answers were all within tol
+    out_file = tmp_path / "warm.json"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "warm_start.py"), "--steps", "20", "--measure-size", "64",
+         "--tol-on", "eigenvalue", "--span-starts", "--out", str(out_file)],
+        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "", "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    import json
+
+    res = json.loads(out_file.read_text())
+    assert res["args"]["steps"] == 20 and "A stopping rule that knew the answer" in out.stdout
+    for name in ("cold", "warm noise=1"):
+        r = res[name]
+        assert r["converged"] and r["max_error"] <= 1e-3 and r["oracle_reached"]
+        assert 2 <= r["oracle_products"] <= r["mean_products"]
+    assert res["warm noise=1"]["oracle_ratio"] == res["warm noise=1"]["oracle_products"] / res["cold"]["oracle_products"]
+    free, paid = (res[k]["mean_products"] for k in ("same, the 3 products not counted (a free block start)",
+                                                     "Rayleigh-Ritz in previous top-3 span (+3 products)"))
+    assert paid == free + 3
+
+
+def test_warm_start_oracle_products_counts_the_first_product_within_tol():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import warm_start
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    thetas = [0.5, 0.9, 0.9995, 0.99999]  # Ritz values rise towards 1.0
+    assert warm_start._oracle_products(thetas, 1.0, 1e-3, 1, 7) == (4, True)  # product 3, + verification
+    assert warm_start._oracle_products(thetas, 1.0, 1e-6, 1, 7) == (7, False)  # never within tol
