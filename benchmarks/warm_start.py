@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/warm_start.py [--steps 300] [--every 10] [--k 1] [--quick]
         [--tol-on residual|eigenvalue ...] [--span-starts] [--out FILE]
+    PYTHONPATH=. python benchmarks/warm_start.py --misses-at STEP [--starts 200] --lr LR --tol-on eigenvalue residual
 
 The digits CNN (:func:`curvop.studies.digits.cnn`, float64) is trained with plain SGD on
 mini-batches; every ``--every`` steps the top-k eigenvalues of the loss Hessian on a fixed
@@ -30,6 +31,9 @@ The oracle table (k = 1): the products each solve would have needed had its stop
 the tight value (its first Ritz value within ``tol`` of it, + the verification product). No rule
 stops earlier from the same start, so "oracle warm / oracle cold" bounds every stopping rule.
 ``--out FILE`` writes every number as JSON.
+``--misses-at STEP`` runs the same training to STEP only and then solves the Hessian there cold from
+``--starts`` random seeds under each ``--tol-on`` rule: how often a rule settles on a lower
+eigenvalue before the start's share of the top eigenvector shows (docs/training.md).
 ``--noise`` repeats the warm runs with other random shares mixed into the start
 (``curvop.eigen.WARM_START_NOISE``, in units of sqrt(eps); default 1), which is how that constant
 was chosen.
@@ -88,16 +92,35 @@ def _span_start(H, U: np.ndarray, step: int, tol_on: str) -> tuple[int, float]:
     return r.num_matvecs, float(r.eigenvalues[0])
 
 
-def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: int, measure_size: int,
-        span_starts: bool = False, tol_on: tuple[str, ...] = ("residual",)) -> dict:
+LOSS = torch.nn.CrossEntropyLoss()
+
+
+def sgd_training(steps: int, lr: float, seed: int, measure_size: int):
+    """The benchmark's training run: yields ``(step, model, measurement batch)`` before each SGD step
+    (batches of 64, reshuffled each epoch) and once after the last."""
     torch.manual_seed(seed)
     data = digits.load(seed=seed)
     x, y = data.x_train.double(), data.y_train
     model = digits.cnn().double()
-    loss_fn = torch.nn.CrossEntropyLoss()
     batch = (x[:measure_size], y[:measure_size])
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=gen)
+    for step in range(steps + 1):
+        yield step, model, batch
+        if step == steps:
+            break
+        if (step * 64) % len(y) + 64 > len(y):
+            order = torch.randperm(len(y), generator=gen)
+        idx = order[(step * 64) % len(y):][:64]
+        opt.zero_grad()
+        LOSS(model(x[idx]), y[idx]).backward()
+        opt.step()
+
+
+def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: int, measure_size: int,
+        span_starts: bool = False, tol_on: tuple[str, ...] = ("residual",)) -> dict:
+    loss_fn = LOSS
     starts = ["cold", *(f"warm noise={s:g}" for s in noises)] + (["warm top-1 only"] if k > 1 else [])
     label = (lambda start, rule: start) if len(tol_on) == 1 else (lambda start, rule: f"{start} [{rule}]")
     spec = {label(start, rule): (start, rule) for rule in tol_on for start in starts}  # row -> start, rule
@@ -107,14 +130,13 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
                   "same, the 3 products not counted (a free block start)")
     span_row = {name: [] for name in span_names} if span_starts and k == 1 else {}
     prev: dict[str, curvop.EigenResult | None] = {name: None for name in rows}
-    order = torch.randperm(len(y), generator=gen)
-    prev_V, moved = None, []
+    prev_V, moved, losses = None, [], []
     history: dict[str, list[float]] = {}
     saved: dict[str, list[tuple[float, int]]] = {name: [] for name in rows}
     oracle: dict[str, list[tuple[int, bool]]] = {name: [] for name in rows}
     krylov._ritz = _recording_ritz
     t0 = time.perf_counter()
-    for step in range(steps + 1):
+    for step, model, batch in sgd_training(steps, lr, seed, measure_size):
         if step % every == 0:
             H = curvop.hessian(model, loss_fn, batch, check_deterministic=False)
             tight = curvop.eigenvalues(H, k=max(k, 3), tol=1e-8, max_matvecs=2000, seed=10_000 + step)
@@ -127,6 +149,8 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
                 for name, extra in zip(span_names, (prev_V.shape[1], 0)):
                     span_row[name].append((mv + extra, abs(lam - ref[0]) / abs(ref[0]), True))
             prev_V = V
+            with torch.no_grad():
+                losses.append([step, float(loss_fn(model(batch[0]), batch[1]))])
             for name in spec:
                 (start, rule), v0 = spec[name], prev[name]
                 if start.startswith("warm noise="):
@@ -151,14 +175,6 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
                         first = history[name][0]
                         saved[name].append((first, _cold_products_to(history[cold_of[name]], first)))
             eigen.WARM_START_NOISE = 1.0
-        if step == steps:
-            break
-        if (step * 64) % len(y) + 64 > len(y):
-            order = torch.randperm(len(y), generator=gen)
-        idx = order[(step * 64) % len(y):][:64]
-        opt.zero_grad()
-        loss_fn(model(x[idx]), y[idx]).backward()
-        opt.step()
     krylov._ritz = _ritz
     rows.update(span_row)
     seconds = time.perf_counter() - t0
@@ -169,8 +185,9 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
           f"{measure_size} images ({len(rows[label('cold', tol_on[0])])} solves, {seconds:.0f} s)")
     moved = np.array(moved)
     print(f"between measurements the top eigenvector's angle to the previous top-1 span has mean sine "
-          f"{moved[:, 0].mean():.3f}, to the previous top-3 span {moved[:, 1].mean():.3f}")
-    out = {"moved": moved.mean(axis=0).tolist()}
+          f"{moved[:, 0].mean():.3f}, to the previous top-3 span {moved[:, 1].mean():.3f}; loss on the "
+          f"measurement batch {losses[0][1]:.3f} -> {losses[-1][1]:.3f}")
+    out = {"moved": moved.mean(axis=0).tolist(), "loss": losses}
     print("| start | mean products | warm / cold | first half | second half | max rel. error vs tol=1e-8 | all converged |")
     print("|---|---|---|---|---|---|---|")
     for name, vals in rows.items():
@@ -208,6 +225,28 @@ def run(steps: int, every: int, k: int, noises: list[float], lr: float, seed: in
     return out
 
 
+def random_start_misses(at_step: int, lr: float, seed: int, measure_size: int, starts: int,
+                        tol_on: tuple[str, ...]) -> dict:
+    """Cold solves from ``starts`` random seeds on the Hessian at ``at_step``: how often each rule
+    returns an eigenvalue more than ``tol`` below λ_max (it settled on a lower eigenvalue)."""
+    for _, model, batch in sgd_training(at_step, lr, seed, measure_size):
+        pass
+    H = curvop.hessian(model, LOSS, batch, check_deterministic=False)
+    top = curvop.eigenvalues(H, k=3, tol=1e-9, max_matvecs=2000, seed=1).eigenvalues
+    out = {"step": at_step, "top3": top.tolist()}
+    print(f"digits CNN, SGD lr={lr}, step {at_step}: top eigenvalues {np.round(top, 4)}; cold solves to "
+          f"tol=1e-3 from {starts} random starts")
+    print("| stopping rule | missed λ_max (error > tol) | largest error | mean products |")
+    print("|---|---|---|---|")
+    for rule in tol_on:
+        res = [curvop.eigenvalues(H, k=1, tol=1e-3, seed=s, tol_on=rule) for s in range(starts)]
+        errs = np.array([abs(r.eigenvalues[0] - top[0]) / top[0] for r in res])
+        mv = float(np.mean([r.num_matvecs for r in res]))
+        out[rule] = dict(missed=int(np.sum(errs > 1e-3)), max_error=float(errs.max()), mean_products=mv)
+        print(f"| {rule} | {out[rule]['missed']} of {starts} | {errs.max():.1e} | {mv:.1f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -223,11 +262,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--span-starts", action="store_true",
                     help="also a block start: Rayleigh-Ritz in the previous tight solve's top-3 span, then Lanczos")
     ap.add_argument("--out", help="also write the numbers as JSON to this file")
+    ap.add_argument("--misses-at", type=int, metavar="STEP",
+                    help="instead: cold solves from --starts random seeds on the Hessian at STEP, per rule")
+    ap.add_argument("--starts", type=int, default=200)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.quick:
         a.steps, a.measure_size = 60, 256
-    out = run(a.steps, a.every, a.k, a.noise, a.lr, a.seed, a.measure_size, a.span_starts, tuple(a.tol_on))
+    if a.misses_at is not None:
+        out = random_start_misses(a.misses_at, a.lr, a.seed, a.measure_size, a.starts, tuple(a.tol_on))
+    else:
+            out = run(a.steps, a.every, a.k, a.noise, a.lr, a.seed, a.measure_size, a.span_starts, tuple(a.tol_on))
     if a.out:
         out["args"] = {key: val for key, val in vars(a).items() if key != "out"}
         pathlib.Path(a.out).write_text(json.dumps(out, indent=1) + "\n")

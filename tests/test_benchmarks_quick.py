@@ -72,3 +72,21 @@ def test_warm_start_oracle_products_counts_the_first_product_within_tol():
     thetas = [0.5, 0.9, 0.9995, 0.99999]  # Ritz values rise towards 1.0
     assert warm_start._oracle_products(thetas, 1.0, 1e-3, 1, 7) == (4, True)  # product 3, + verification
     assert warm_start._oracle_products(thetas, 1.0, 1e-6, 1, 7) == (7, False)  # never within tol
+
+
+def test_warm_start_random_start_misses_runs_both_rules(tmp_path):
+    out_file = tmp_path / "misses.json"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "warm_start.py"), "--misses-at", "3", "--starts", "3",
+         "--measure-size", "64", "--tol-on", "eigenvalue", "residual", "--out", str(out_file)],
+        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "", "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    import json
+
+    res = json.loads(out_file.read_text())
+    assert res["step"] == 3 and res["top3"][0] >= res["top3"][1] >= res["top3"][2]
+    for rule in ("eigenvalue", "residual"):
+        assert 0 <= res[rule]["missed"] <= 3 and res[rule]["mean_products"] >= 2
+    assert "| residual |" in out.stdout

@@ -100,6 +100,29 @@ def test_issue14_item2_history_and_plot(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_issue14_item1_first_warm_tracker_measurement_uses_the_residual_rule(monkeypatch, warm_start):
+    # the first solve of a warm-started tracker seeds every later start, so it takes the safer rule
+    torch = pytest.importorskip("torch")
+    rules = []
+    real = curvop.tracking.eigenvalues
+
+    def spy(*args, **kwargs):
+        rules.append((kwargs["tol_on"], kwargs["v0"] is None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(curvop.tracking, "eigenvalues", spy)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    tracker = curvop.SharpnessTracker(model, torch.nn.MSELoss(), (x, y), warm_start=warm_start)
+    for s in range(3):
+        tracker(s)
+    if warm_start:
+        assert rules == [("residual", True), ("eigenvalue", False), ("eigenvalue", False)]
+    else:  # every solve is cold and takes the rule asked for
+        assert rules == [("eigenvalue", True)] * 3
+
+
 def test_issue14_item2_bad_every_is_a_clear_error():
     with pytest.raises(ValueError, match="every"):
         curvop.SharpnessTracker(None, None, None).every(0)
