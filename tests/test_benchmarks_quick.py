@@ -1,3 +1,4 @@
+import json
 import pathlib
 import subprocess
 import sys
@@ -49,8 +50,6 @@ def test_warm_start_short_run_reports_the_oracle_bound(tmp_path):
         text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    import json
-
     res = json.loads(out_file.read_text())
     assert res["args"]["steps"] == 20 and "A stopping rule that knew the answer" in out.stdout
     for name in ("cold", "warm noise=1"):
@@ -83,8 +82,6 @@ def test_warm_start_random_start_misses_runs_both_rules(tmp_path):
         text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    import json
-
     res = json.loads(out_file.read_text())
     assert res["step"] == 3 and res["top3"][0] >= res["top3"][1] >= res["top3"][2]
     for rule in ("eigenvalue", "residual"):

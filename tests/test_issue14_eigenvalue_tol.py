@@ -132,9 +132,9 @@ def test_issue14_item1_power_iteration_refuses_the_eigenvalue_rule():
 
 def test_issue14_item1_tracker_uses_the_eigenvalue_rule_by_default():
     torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
-    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+    from torch_reference import tanh_mlp
+
+    model, (x, y) = tanh_mlp(4, 16, 2, 64)
     loss_fn = torch.nn.MSELoss()
     fast = curvop.SharpnessTracker(model, loss_fn, (x, y), warm_start=False)
     slow = curvop.SharpnessTracker(model, loss_fn, (x, y), warm_start=False, tol_on="residual")

@@ -58,9 +58,9 @@ def test_issue14_item2_torch_tracker_does_not_change_training():
 
 def test_issue14_item2_torch_measurement_matches_dense_and_warm_start_is_used():
     torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
-    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 2, dtype=torch.float64)
+    from torch_reference import tanh_mlp
+
+    model, (x, y) = tanh_mlp(4, 8, 2, 40)
     loss_fn = torch.nn.MSELoss()
     tracker = curvop.SharpnessTracker(model, loss_fn, (x, y), tol=1e-8)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -112,8 +112,9 @@ def test_issue14_item1_first_warm_tracker_measurement_uses_the_residual_rule(mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(curvop.tracking, "eigenvalues", spy)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
-    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    from torch_reference import tanh_mlp
+
+    model, (x, y) = tanh_mlp(3, 4, 1, 16)
     tracker = curvop.SharpnessTracker(model, torch.nn.MSELoss(), (x, y), warm_start=warm_start)
     for s in range(3):
         tracker(s)

@@ -35,3 +35,11 @@ def dense_hessian(model, loss_fn, batches, names=None):
         return loss_fn(functional_call(model, (parts, fixed), (x,)), y)
 
     return torch.func.hessian(loss)(flat0).detach().numpy()
+
+
+def tanh_mlp(d_in: int, hidden: int, d_out: int, n: int, seed: int = 0):
+    """A float64 ``Linear-Tanh-Linear`` model and an ``(x, y)`` regression batch of ``n`` samples,
+    drawn in that order after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, d_out)).double()
+    return model, (torch.randn(n, d_in, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64))
