@@ -1,6 +1,13 @@
 """Before/after a change: the default torch product of two git revisions of curvop, interleaved.
 
     python benchmarks/compare_revisions.py REV_BEFORE [REV_AFTER] [--repeats 9]
+    python benchmarks/compare_revisions.py REV_BEFORE [REV_AFTER] --values
+
+``--values`` checks instead that the two revisions compute the same numbers, bit for bit: the
+products ``H @ v`` and ``H.matmat(V)`` (fixed seeded vectors) of every torch mode (default,
+forward, reverse, cached or not) on the same three models, and the default products of a JAX and a
+TensorFlow MLP in float64, each hashed with SHA-256. It prints one line per product and exits 1
+when any differs. A pure refactoring (renames, moved modules) must pass it.
 
 Each revision is exported (``git archive``) to a temporary folder; each round times, in one fresh
 subprocess per revision, the default product (``curvop.hessian(model, loss, batch)``, then
@@ -52,6 +59,73 @@ print(json.dumps(out))
 """
 
 
+_VALUES_CHILD = r"""
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
+import numpy as np, torch
+torch.set_num_threads(1)
+import curvop, _torch_models as M
+
+def digest(y):
+    a = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+out = {}
+problems = {"cnn_bn": lambda: M.cnn_problem(28), "cnn": lambda: M.cnn_problem(28, batchnorm=False),
+            "mlp": M.mlp_problem}
+modes = {"default": {}, "reverse": {"hvp": "reverse", "cache": False}, "reverse-cached": {"hvp": "reverse", "cache": True},
+         "forward": {"hvp": "forward", "cache": False}, "forward-cached": {"hvp": "forward", "cache": True}}
+for name, make in problems.items():
+    model, loss, (x, y) = make()
+    for mode, opts in modes.items():
+        H = curvop.hessian(model, loss, (x, y), **opts)
+        g = torch.Generator().manual_seed(1)
+        v, V = torch.randn(H.shape[0], generator=g), torch.randn(H.shape[0], 3, generator=g)
+        out[f"torch {name} {mode} H@v"] = digest(H @ v)
+        out[f"torch {name} {mode} H@V"] = digest(H.matmat(V))
+try:
+    import jax, jax.numpy as jnp
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((64, 8)), rng.standard_normal(64)
+    params = {"w1": jnp.asarray(rng.standard_normal((8, 16)) / 3), "w2": jnp.asarray(rng.standard_normal(16) / 4)}
+    f = lambda p, b: jnp.mean((jnp.tanh(b[0] @ p["w1"]) @ p["w2"] - b[1]) ** 2)
+    H = curvop.hessian_of(f, params, (jnp.asarray(X), jnp.asarray(Y)))
+    out["jax mlp default H@v"] = digest(H @ np.linspace(-1, 1, H.shape[0]))
+except ImportError:
+    pass
+try:
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((64, 8)), rng.standard_normal(64)
+    w1 = tf.Variable(rng.standard_normal((8, 16)) / 3)
+    w2 = tf.Variable(rng.standard_normal(16) / 4)
+    f = lambda w, b: tf.reduce_mean((tf.linalg.matvec(tf.tanh(b[0] @ w[0]), w[1]) - b[1]) ** 2)
+    H = curvop.hessian_of(f, [w1, w2], (tf.constant(X), tf.constant(Y)))
+    out["tensorflow mlp default H@v"] = digest(H @ np.linspace(-1, 1, H.shape[0]))
+except ImportError:
+    pass
+print(json.dumps(out))
+"""
+
+
+def values(trees: dict[str, pathlib.Path]) -> bool:
+    """Hash every product of each revision (one process each); print them side by side; True if equal."""
+    got = {}
+    for rev, tree in trees.items():
+        res = subprocess.run([sys.executable, "-c", _VALUES_CHILD, str(tree), str(tree / "benchmarks")],
+                             check=True, capture_output=True, text=True)
+        got[rev] = json.loads(res.stdout.strip().splitlines()[-1])
+    (a, da), (b, db) = got.items()
+    same = da == db
+    print(f"{'product':<36} {a[:12]:>16} {b[:12]:>16}")
+    for key in sorted(set(da) | set(db)):
+        mark = "" if da.get(key) == db.get(key) else "  DIFFERS"
+        print(f"{key:<36} {da.get(key, '-'):>16} {db.get(key, '-'):>16}{mark}")
+    print("bit-identical" if same else "NOT bit-identical")
+    return same
+
+
 def export(rev: str, dest: pathlib.Path) -> pathlib.Path:
     """The tree of ``rev`` under ``dest`` (``git archive``, no checkout touched)."""
     dest.mkdir(parents=True)
@@ -66,9 +140,14 @@ def main(argv=None) -> dict:
     ap.add_argument("after", nargs="?", default="HEAD")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (one process per revision each)")
     ap.add_argument("--repeats", type=int, default=5, help="timed products per process")
+    ap.add_argument("--values", action="store_true", help="compare the products' values bit for bit instead of timing")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         trees = {rev: export(rev, pathlib.Path(tmp) / str(i)) for i, rev in enumerate((args.before, args.after))}
+        if args.values:
+            if not values(trees):
+                sys.exit(1)
+            return {}
         ratios: dict[str, dict[str, list[float]]] = {rev: {} for rev in trees}
         for _ in range(args.rounds):
             for rev, tree in trees.items():

@@ -123,7 +123,7 @@ def build(model, loss_fn, data, options: dict):
     import torch
 
     import curvop
-    from curvop.backends import _torch_ops
+    from curvop.backends.torch import rewrites as _torch_ops
 
     options = dict(options)
     convs = options.pop("convs", None)
@@ -228,7 +228,7 @@ def _conv_product_times(x, w, stride, padding, dilation, groups, repeats: int) -
     import torch
     import torch.nn.functional as F
 
-    from curvop.backends._torch_ops import conv2d
+    from curvop.backends.torch.rewrites import conv2d
 
     x, w = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     t = {}

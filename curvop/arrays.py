@@ -60,7 +60,7 @@ _NAMESPACE_HOOKS: list[Any] = []
 def register_namespace(hook: Any) -> None:
     """Let ``hook(x)`` choose the namespace of arrays it recognises (``None`` for the others).
 
-    Used by backends whose vectors are sharded across processes (:mod:`curvop.backends.fsdp`):
+    Used by backends whose vectors are sharded across processes (:mod:`curvop.backends.torch.fsdp`):
     their namespace reduces over the sharded axis. A namespace may define ``local(x)``, this
     process's part of a sharded array, which :class:`Basis` writes in place.
     """

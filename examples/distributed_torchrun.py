@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 import curvop
-from curvop.backends.distributed import is_main_process
+from curvop.backends.torch.distributed import is_main_process
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ Run on 2 CPU processes (gloo) or on GPUs (NCCL: one process per GPU):
 
 Every rank holds its shards of the parameters and its own share of the data. Each Hessian-vector
 product is a central difference of two gradients through FSDP's normal forward and backward
-(curvop.backends.fsdp); vectors stay sharded like the parameters, and the algorithms' reductions
+(curvop.backends.torch.fsdp); vectors stay sharded like the parameters, and the algorithms' reductions
 are all-reduced, so every rank computes the same results. Only rank 0 prints.
 """
 
@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import curvop
-from curvop.backends.distributed import is_main_process
+from curvop.backends.torch.distributed import is_main_process
 
 
 def build(kind: str, dtype: torch.dtype, rank: int, world: int, shard: bool = True):
@@ -49,7 +49,7 @@ def measure(args: argparse.Namespace) -> None:
     """Relative error of products and of the top eigenvalue against the unsharded twin's exact ones."""
     import numpy as np
 
-    from curvop.backends.fsdp import default_step
+    from curvop.backends.torch.fsdp import default_step
 
     dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 import curvop
-from curvop.backends.distributed import DistributedError
+from curvop.backends.torch.distributed import DistributedError
 from curvop.backends.faults import NonFiniteProductError
 
 

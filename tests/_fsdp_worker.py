@@ -20,8 +20,8 @@ from torch.distributed.fsdp import fully_shard
 
 import curvop
 from curvop import arrays
-from curvop.backends.distributed import DistributedError
-from curvop.backends.fsdp import FSDPBackend, is_fsdp_model
+from curvop.backends.torch.distributed import DistributedError
+from curvop.backends.torch.fsdp import FSDPBackend, is_fsdp_model
 
 
 def build(dtype, rank, world, shard=True, mp=None):

@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import curvop  # noqa: E402
-from curvop.backends.distributed import jax_data_parallel  # noqa: E402
+from curvop.backends.jax import jax_data_parallel  # noqa: E402
 
 assert len(jax.devices()) == 2, jax.devices()
 rng = np.random.default_rng(0)

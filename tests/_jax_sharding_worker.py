@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import curvop  # noqa: E402
-from curvop.backends import _jax_sharding  # noqa: E402
+from curvop.backends.jax import sharding as _jax_sharding  # noqa: E402
 
 assert len(jax.devices()) == N, jax.devices()
 DEV = jax.devices()

@@ -157,14 +157,53 @@ def test_allow_list_has_no_stale_entries():
     assert not stale, f"allow-listed edges no longer exist, remove them: {stale}"
 
 
-def test_contract_modules_import_no_concrete_backend():
-    """base.py (the contract) and template.py import only framework-free modules."""
-    for mod in ("curvop.backends.base", "curvop.backends.template", "curvop.backends.checks", "curvop.backends.dataset",
-                "curvop.backends.faults", "curvop.backends.selection", "curvop._dtypes"):
+#: the template layer: the top level of backends/, framework-free (the registry finds the frameworks)
+TEMPLATE = ("curvop.backends", "curvop.backends.base", "curvop.backends.template", "curvop.backends.checks",
+            "curvop.backends.dataset", "curvop.backends.faults", "curvop.backends.selection",
+            "curvop.backends.array", "curvop.backends.callables")
+#: one package per multi-file framework, and the single-file ones
+FRAMEWORK_PACKAGES = ("curvop.backends.torch", "curvop.backends.jax", "curvop.backends.tensorflow",
+                      "curvop.backends.cupy")
+#: what a framework package may import besides the template layer and its own modules
+BELOW_BACKENDS = ("curvop.arrays", "curvop._dtypes", "curvop._errors")
+
+
+def _package_of(mod: str) -> str | None:
+    return next((p for p in FRAMEWORK_PACKAGES if _is_under(mod, (p,))), None)
+
+
+def test_backends_top_level_is_the_template_layer():
+    """Every module at the top of backends/ is the template layer or a single-file framework backend."""
+    top = {m for m in GRAPH if m.startswith("curvop.backends") and m.count(".") <= 2}
+    assert top - set(TEMPLATE) - set(FRAMEWORK_PACKAGES) == set(), "unclassified modules in backends/"
+
+
+def test_template_layer_imports_no_framework_and_no_framework_package():
+    """The template layer names no framework (not even lazily) and imports no framework package:
+    frameworks are found by name through the registry (``curvop.backends.get``)."""
+    for mod in TEMPLATE + ("curvop._dtypes",):
         assert not external_imports(mod) & set(FRAMEWORKS), f"{mod} imports a framework"
-        concrete = [b for b in GRAPH[mod] if b.startswith("curvop.backends.") and b.rpartition(".")[2] in (
-            "torch", "tensorflow", "jax", "cupy", "numpy", "callables", "array", "distributed")]
-        assert not concrete, f"{mod} imports concrete backends {concrete}"
+        bad = [(mod, b, line) for b, line in GRAPH[mod].items() if _package_of(b) and (mod, b) not in ALLOWED]
+        assert not bad, "the template layer imports a framework package:\n" + _report(bad)
+
+
+def test_framework_packages_import_only_the_template_their_own_and_the_array_layer():
+    bad = []
+    for a, edges in GRAPH.items():
+        own = _package_of(a)
+        if own is None:
+            continue
+        for b, line in edges.items():
+            if not (_is_under(b, (own,)) or b in TEMPLATE or b in BELOW_BACKENDS) and (a, b) not in ALLOWED:
+                bad.append((a, b, line))
+    assert not bad, "framework packages import outside the template layer and their own package:\n" + _report(bad)
+
+
+def test_framework_packages_are_folders():
+    """torch, JAX and TensorFlow are packages under backends/ (issue 25); no ``_torch_*`` files remain."""
+    for name in ("torch", "jax", "tensorflow"):
+        assert (ROOT / "backends" / name / "__init__.py").is_file()
+    assert not [p.name for p in (ROOT / "backends").glob("_*.py") if p.name != "__init__.py"]
 
 
 @pytest.mark.parametrize("edges, cycle", [

@@ -1,7 +1,7 @@
 """Issue 15 items 4 and 6: Hessian products and algorithms on an FSDP2 (fully_shard) model, 2 gloo ranks.
 
 The sharded operator is compared with ``curvop.hessian`` of the unsharded twin (same weights, all
-data, one process). Products are central differences (curvop.backends.fsdp): tolerances below
+data, one process). Products are central differences (curvop.backends.torch.fsdp): tolerances below
 are the measured accuracy (float64 3e-11, float32 2e-5 relative) with a margin of 30x.
 """
 
@@ -84,7 +84,7 @@ def test_issue15_item6_fsdp_dead_rank_fails_clearly_within_timeout(tmp_path):
 
 
 def test_issue15_item4_fsdp_module_imports_no_framework():
-    code = ("import sys, curvop.backends.fsdp, curvop.backends.sharded_arrays; "
+    code = ("import sys, curvop.backends.torch.fsdp, curvop.backends.torch.sharded_arrays; "
             "print(sorted(m for m in ('torch', 'tensorflow', 'jax', 'cupy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -92,7 +92,7 @@ def test_issue15_item4_fsdp_module_imports_no_framework():
 
 
 def test_issue15_item4_hessian_fsdp_refuses_plain_model():
-    from curvop.backends.fsdp import hessian_fsdp, is_fsdp_model
+    from curvop.backends.torch.fsdp import hessian_fsdp, is_fsdp_model
 
     model = torch.nn.Linear(2, 1)
     assert not is_fsdp_model(model)
@@ -111,7 +111,7 @@ def test_issue15_item4_without_arrays_hook_algorithms_refuse_instead_of_local_su
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sphere"])
 def test_issue15_item4_local_probes_streamed_in_blocks(kind):
-    from curvop.backends.fsdp import local_probes
+    from curvop.backends.torch.fsdp import local_probes
 
     n, k = 50, 3
     ranges = [[(0, 7), (20, 5), (40, 4)], [(7, 13), (25, 15), (44, 6)]]  # two ranks' rows, all of 0..49
@@ -138,7 +138,7 @@ def test_issue15_item4_local_probes_streamed_in_blocks(kind):
 
 
 def test_issue15_item4_hessian_fsdp_refuses_unsupported_options():
-    from curvop.backends.fsdp import hessian_fsdp
+    from curvop.backends.torch.fsdp import hessian_fsdp
 
     with pytest.raises(TypeError, match="cache.*not supported"):
         hessian_fsdp(torch.nn.Linear(2, 1), torch.nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 1)), cache=True)
@@ -157,7 +157,7 @@ def test_issue15_item7_fsdp_torchrun_example_runs(tmp_path):
 
 
 def test_issue15_item4_default_step_is_cbrt_eps():
-    from curvop.backends.fsdp import default_step
+    from curvop.backends.torch.fsdp import default_step
 
     assert default_step(torch.float64) == pytest.approx(6.06e-6, rel=1e-2)
     assert default_step(torch.float32) == pytest.approx(4.92e-3, rel=1e-2)
@@ -194,7 +194,7 @@ def test_fsdpmp_unreadable_fsdp_state_is_not_refused(monkeypatch):
     # torch's private layout changed: no policy can be read, so nothing is refused on a guess
     from torch.distributed.fsdp import FSDPModule
 
-    from curvop.backends.fsdp import _check_mixed_precision, _mp_policies
+    from curvop.backends.torch.fsdp import _check_mixed_precision, _mp_policies
 
     class Odd(FSDPModule, torch.nn.Linear):
         def _get_fsdp_state(self):

@@ -3,7 +3,7 @@
 Surveyed on torch 2.13 (double backward and jvp-of-grad of each ``torch.nn`` activation): only
 ``hardsigmoid`` lacks a second derivative (both modes) and eval-mode ``rrelu`` in place lacks a
 forward-mode one; curvop evaluates both as the same function built from ops that have them
-(curvop.backends._torch_attention). The references are central differences of torch's own
+(curvop.backends.torch.functions). The references are central differences of torch's own
 first derivative, in float64.
 """
 
@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 import curvop  # noqa: E402
-from curvop.backends._torch_attention import hardsigmoid, rrelu  # noqa: E402
+from curvop.backends.torch.functions import hardsigmoid, rrelu  # noqa: E402
 
 MODES = [(hvp, cache) for hvp in ("forward", "reverse") for cache in (True, False)]
 

@@ -1,7 +1,7 @@
 """Issue 11 item 1: attention models work with the defaults, in every mode, on any device.
 
 Torch's fused attention kernels have no second derivative and no forward-mode derivative; curvop
-evaluates the loss with attention through torch's math kernel (curvop.backends._torch_attention).
+evaluates the loss with attention through torch's math kernel (curvop.backends.torch.functions).
 References here are double backward in float64 under ``sdpa_kernel(SDPBackend.MATH)``: torch's
 own kernel choice, not curvop's rewrite.
 """
@@ -20,7 +20,7 @@ from torch.func import functional_call  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import curvop  # noqa: E402
-from curvop.backends._torch_attention import attention  # noqa: E402
+from curvop.backends.torch.functions import attention  # noqa: E402
 
 MODES = [(hvp, cache) for hvp in ("forward", "reverse") for cache in (True, False)]
 

@@ -69,7 +69,7 @@ def test_issue12_item14_dtype_mismatch_across_ranks_fails_clearly(tmp_path):
 
 def test_issue12_item14_start_up_signature_names_dtype_and_device():
     torch = pytest.importorskip("torch")
-    from curvop.backends.distributed import _describe_signature, _signature
+    from curvop.backends.torch.distributed import _describe_signature, _signature
 
     sig = _signature(torch.float32, torch.device("cpu"))
     assert sig != _signature(torch.float64, torch.device("cpu"))

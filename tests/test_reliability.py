@@ -19,7 +19,7 @@ from torch import nn  # noqa: E402
 
 import curvop  # noqa: E402
 from curvop.backends.base import NondeterministicProductError  # noqa: E402
-from curvop.backends.distributed import DistributedError  # noqa: E402
+from curvop.backends.torch.distributed import DistributedError  # noqa: E402
 from curvop.backends.faults import NonFiniteProductError  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

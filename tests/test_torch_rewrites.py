@@ -1,4 +1,4 @@
-"""The exact op rewrites of curvop.backends._torch_ops, against torch's own ops and dense Hessians."""
+"""The exact op rewrites of curvop.backends.torch.rewrites, against torch's own ops and dense Hessians."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import curvop  # noqa: E402
-from curvop.backends._torch_ops import Rewrites, conv2d  # noqa: E402
+from curvop.backends.torch.rewrites import Rewrites, conv2d  # noqa: E402
 from torch_reference import dense_hessian  # noqa: E402
 
 CONV_CASES = [
@@ -169,7 +169,7 @@ def test_float32_rewrite_is_as_accurate_as_torch_ops():
 def test_issue11_item6_conv_rewritten_per_layer_only_where_measured_faster():
     """A 3x3 convolution on a large output is curvop's; a 1x1 convolution on a 1x1 map (up to 16x
     slower rewritten, benchmarks/models.py --layers) stays torch's; products still match the dense Hessian."""
-    from curvop.backends._torch_ops import conv_wins
+    from curvop.backends.torch.rewrites import conv_wins
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), _bn2d(4), nn.Tanh(), nn.AdaptiveAvgPool2d(1),
@@ -193,7 +193,7 @@ def test_issue11_item6_float64_depthwise_conv_rewritten_by_batch():
     """A float64 depthwise convolution is curvop's from batch 16 on, whatever its size (torch's double
     backward of it measured 1.1-1.3x slower at batch 16-32, faster at 4-8: benchmarks/models.py
     --layers-of), and the product still matches the dense Hessian with it rewritten."""
-    from curvop.backends._torch_ops import DEPTHWISE_MIN_BATCH, conv_wins
+    from curvop.backends.torch.rewrites import DEPTHWISE_MIN_BATCH, conv_wins
 
     w = torch.empty(576, 1, 5, 5, dtype=torch.float64)
     at = DEPTHWISE_MIN_BATCH[torch.float64]
@@ -266,7 +266,7 @@ def test_issue11_item6_gelu_products_match_dense_hessian(approximate, cache):
 def test_issue11_item6_gelu_derivatives_of_every_order():
     """The rewritten GELU and its first four derivatives equal torch's (float64, to rounding), and
     torch's gradcheck/gradgradcheck pass on it: a third derivative is as exact as the second."""
-    from curvop.backends._torch_ops import gelu
+    from curvop.backends.torch.rewrites import gelu
 
     x = (3 * torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
 

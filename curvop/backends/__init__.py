@@ -5,6 +5,14 @@ the first time they are used. Third-party packages add their own at run time wit
 :func:`register`, or at install time through the entry-point group ``curvop.backends``
 (the entry point names a factory with the signature of :func:`curvop.hessian`).
 
+The package is a tree whose top level names no framework (``docs/architecture.md``):
+
+* the template layer, here: ``base`` (the contract), ``template`` (the autodiff template), ``checks``,
+  ``dataset``, ``faults``, ``selection``, and the backends without autodiff ``array`` and ``callables``;
+* one folder per framework, reached only through this registry: ``torch/``, ``jax/`` and
+  ``tensorflow/`` (each its autodiff, model adapter, op rewrites and distributed or sharded code),
+  and the single-file ``cupy``.
+
 >>> import curvop
 >>> "numpy" in curvop.backends.available()
 True

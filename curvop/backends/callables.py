@@ -3,7 +3,7 @@
 
 Also the registry entry of ``backend="numpy"``, which explains that numpy cannot differentiate.
 The backend they build is :class:`curvop.backends.array.ArrayBackend` (CuPy: its subclass
-:class:`curvop.backends.cupy.CupyBackend`, chosen by ``x0``'s type).
+:class:`curvop.backends.cupy.CupyBackend`, chosen by ``x0``'s type through the registry).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from curvop import arrays
+from curvop import backends as registry
 from curvop._dtypes import numpy_dtype
 from curvop.backends.array import ArrayBackend
 
@@ -58,10 +59,8 @@ def _check_x0(x0: Array) -> Array:
 
 def _array_backend(matvec: Callable[[Array], Array], x0: Array, name: str) -> ArrayBackend:
     """An :class:`ArrayBackend` for x0's framework (CuPy gets its device-aware subclass)."""
-    if type(x0).__module__.split(".")[0] == "cupy":
-        from curvop.backends.cupy import CupyBackend
-
-        return CupyBackend(matvec, x0.shape[0], x0, name=name)
+    if type(x0).__module__.split(".")[0] == "cupy":  # its device-aware subclass, found through the registry
+        return registry.get("cupy", "array_backend")(matvec, x0.shape[0], x0, name=name)
     backend = ArrayBackend(matvec, x0.shape[0], x0)
     backend.describe = lambda: f"{backend.name} {name}, n={backend.size}, dtype={backend.dtype}"  # type: ignore[method-assign]
     return backend

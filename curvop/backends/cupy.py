@@ -21,7 +21,7 @@ import numpy as np
 
 from curvop.backends.array import ArrayBackend
 
-__all__ = ["CupyBackend", "hessian", "hessian_of", "from_dlpack"]
+__all__ = ["CupyBackend", "array_backend", "hessian", "hessian_of", "from_dlpack"]
 
 
 class CupyBackend(ArrayBackend):
@@ -54,6 +54,11 @@ class CupyBackend(ArrayBackend):
 
     def describe(self) -> str:
         return f"{self.label}, n={self.size}, {self.dtype} on cuda:{self.device_id}"
+
+
+def array_backend(matvec: Any, size: int, like: Any, name: str | None = None) -> CupyBackend:
+    """Registry entry ``array_backend``: the backend of ``from_hvp`` / ``from_grad`` for a CuPy ``x0``."""
+    return CupyBackend(matvec, size, like, name=name)
 
 
 def from_dlpack(x: Any) -> Any:

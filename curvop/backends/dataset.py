@@ -134,7 +134,7 @@ class Dataset:
         """``(sum_b w_b p_b, sum_b w_b)`` over ``(p_b, w_b)`` pairs (mean), ``(sum_b p_b, count)`` (sum).
 
         ``add(acc, p)`` adds a term (an in-place add where the framework allows). A data-parallel
-        caller all-reduces both over its shards before :meth:`normalize` (``curvop.backends.distributed``).
+        caller all-reduces both over its shards before :meth:`normalize` (``curvop.backends.torch.distributed``).
         """
         mean = self.reduction == "mean"
         acc, total = None, 0

@@ -45,7 +45,7 @@ Array = Any
 
 
 class Collective(Protocol):
-    """What a data-parallel reduction provides (``curvop.backends.distributed.TorchCollective``)."""
+    """What a data-parallel reduction provides (``curvop.backends.torch.distributed.TorchCollective``)."""
 
     rank: int
     world: int

@@ -19,7 +19,7 @@ Vectors are ``DTensor`` s of global shape ``(n,)`` with placement ``Shard(0)``: 
 parameter shards concatenated (``n_local`` entries). numpy vectors in and out use the order of the
 unsharded model (``model.named_parameters()``, each flattened), so ``H @ v`` with a numpy ``v``
 equals the unsharded twin's product. The algorithms reduce with
-:class:`curvop.backends.sharded_arrays.ShardedNamespace` and draw the same probes on every rank
+:class:`curvop.backends.torch.sharded_arrays.ShardedNamespace` and draw the same probes on every rank
 (rank 0's seed), so ``curvop.eigenvalues``, ``trace`` and ``spectral_density`` return the same
 numbers on every rank.
 """
@@ -33,8 +33,8 @@ import numpy as np
 
 from curvop import arrays
 from curvop.backends.base import Backend
-from curvop.backends.distributed import DistributedError, TorchCollective
-from curvop.backends.sharded_arrays import ShardedNamespace, hook_installed, register
+from curvop.backends.torch.distributed import DistributedError, TorchCollective
+from curvop.backends.torch.sharded_arrays import ShardedNamespace, hook_installed, register
 
 __all__ = ["FSDPBackend", "hessian_fsdp", "is_fsdp_model", "default_step", "local_probes"]
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvop.backends import _jax_sharding
+from curvop.backends.jax import sharding as _jax_sharding
 from curvop.backends.template import ParamInfo
 
 __all__ = ["prepare_params", "model_apply"]
@@ -25,8 +25,8 @@ def prepare_params(params: Any) -> tuple[Any, list[ParamInfo]]:
     numpy leaves are converted with ``jnp.asarray`` (one copy); float64 numpy leaves are refused
     while ``jax_enable_x64`` is off, because JAX would silently round them to float32. A leaf may
     live on one device or on several devices, sharded or replicated, when every leaf is on the same
-    ones (:mod:`curvop.backends._jax_sharding`; data parallelism:
-    :func:`curvop.backends.distributed.jax_data_parallel`).
+    ones (:mod:`curvop.backends.jax.sharding`; data parallelism:
+    :func:`curvop.backends.jax.jax_data_parallel`).
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if not leaves:

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from curvop.backends import _jax_sharding
-from curvop.backends._jax_model import model_apply, prepare_params
+from curvop.backends.jax import sharding as _jax_sharding
+from curvop.backends.jax.model import model_apply, prepare_params
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.template import AutodiffBackend, LossInfo
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from curvop.backends._torch_state import LOCK, check_autograd_available
+from curvop.backends.torch.state import LOCK, check_autograd_available
 from curvop.backends.base import Backend
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.selection import select
@@ -107,7 +107,7 @@ def factories(backend: type[Backend]) -> tuple[Callable[..., Backend], Callable[
         >>> bool(torch.equal(H @ v, H @ v)), net.training
         (True, True)
         """
-        from curvop.backends.fsdp import hessian_fsdp, is_fsdp_model
+        from curvop.backends.torch.fsdp import hessian_fsdp, is_fsdp_model
 
         if is_fsdp_model(model):  # FSDP2: finite differences through FSDP, sharded vectors
             extra = {} if batch_weight is None else {"batch_weight": batch_weight}

@@ -2,12 +2,12 @@
 
 Only the autodiff lives here. The options, checks, dataset loop, NaN location and data-parallel
 reduction are the template's (:class:`curvop.backends.template.AutodiffBackend`); the model
-adapter and the factories are :mod:`curvop.backends._torch_model`. A product is (``hvp=``)
+adapter and the factories are :mod:`curvop.backends.torch.model`. A product is (``hvp=``)
 ``"forward"``, ``jvp(grad(loss))`` with ``torch.func`` (``vmap`` for blocks), or ``"reverse"``, a
 double backward through ``torch.autograd``. ``cache=True`` keeps per batch what does not change
 between products: the linearisation of the gradient (``torch.func.linearize``) or the first-order
 graph, so a product is one linear pass. ``"auto"``: reverse, cached for one batch, ``batched`` on
-CUDA only. Reverse mode uses exact op rewrites (:mod:`curvop.backends._torch_ops`). What each mode
+CUDA only. Reverse mode uses exact op rewrites (:mod:`curvop.backends.torch.rewrites`). What each mode
 costs: ``docs/performance.md``.
 """
 
@@ -25,13 +25,13 @@ import torch
 from torch.func import grad, jvp, linearize, vmap
 
 from curvop._dtypes import dtype_name
-from curvop.backends._torch_checks import TorchAdvice, loss_info, param_infos
-from curvop.backends._torch_model import factories
-from curvop.backends._torch_ops import Rewrites
-from curvop.backends._torch_state import LOCK, batch_seed, check_autograd_available, inference_mode_error
-from curvop.backends._torch_state import train_randomness
+from curvop.backends.torch.checks import TorchAdvice, loss_info, param_infos
+from curvop.backends.torch.model import factories
+from curvop.backends.torch.rewrites import Rewrites
+from curvop.backends.torch.state import LOCK, batch_seed, check_autograd_available, inference_mode_error
+from curvop.backends.torch.state import train_randomness
 from curvop.backends.dataset import Dataset
-from curvop.backends.distributed import torch_collective
+from curvop.backends.torch.distributed import torch_collective
 from curvop.backends.template import AutodiffBackend
 
 __all__ = ["TorchBackend", "batch_seed", "hessian", "hessian_of"]
@@ -54,7 +54,7 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     check_deterministic : bool
         Compare two products with the same vector when the operator is built.
     process_group : None, False or ProcessGroup
-        Data-parallel products (:mod:`curvop.backends.distributed`): each rank multiplies over its
+        Data-parallel products (:mod:`curvop.backends.torch.distributed`): each rank multiplies over its
         shard of the data and the results are all-reduced. ``None`` uses the world group when
         ``torch.distributed`` is initialised with several ranks; ``False`` never reduces.
     timeout : float, optional
@@ -73,7 +73,7 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     watch, on_change, check_state, rng_seed
         The model adapter's hooks: tensors besides ``params`` (buffers) whose in-place change
         (``_version``) calls ``on_change()`` and rebuilds cached graphs; ``check_state()`` after
-        the first loss; ``train_mode``'s seed (:func:`batch_seed`, ``_torch_state.train_randomness``).
+        the first loss; ``train_mode``'s seed (:func:`batch_seed`, ``curvop.backends.torch.state.train_randomness``).
 
     Notes
     -----
@@ -220,7 +220,7 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
             return torch.autograd.grad(loss, list(p.values()), create_graph=True, allow_unused=True)
 
     def _eval(self, p: dict[str, Tensor], batch: Any) -> Tensor:
-        """The loss, under the op rewrites (:mod:`curvop.backends._torch_ops`): always the ops torch
+        """The loss, under the op rewrites (:mod:`curvop.backends.torch.rewrites`): always the ops torch
         cannot differentiate twice (attention, hardsigmoid, ...); with ``rewrite`` the fast ones."""
         with Rewrites(conv="auto" if self.device.type == "cpu" else False, fast=self.rewrite,
                       gelu=getattr(self, "cache", False)):  # unset while the first loss is checked

@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AgreedGenerator", "DistributedError", "TorchCollective", "is_main_process", "torch_collective",
-           "jax_data_parallel"]
+__all__ = ["AgreedGenerator", "DistributedError", "TorchCollective", "is_main_process", "torch_collective"]
 
 
 class DistributedError(RuntimeError):
@@ -324,41 +323,3 @@ def torch_collective(process_group: Any, timeout: float | None) -> TorchCollecti
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return None
     return TorchCollective(None if process_group is None else process_group, timeout)
-
-
-def jax_data_parallel(params: Any, data: Any, devices: Any = None, axis: str = "data") -> tuple[Any, Any]:
-    """Replicate ``params`` and shard every batch of ``data`` along its first axis over ``devices``.
-
-    Returns ``(params, data)`` to pass to :func:`curvop.hessian` / :func:`curvop.hessian_of` with
-    the JAX backend: each product then runs on all devices, each on its slice of every batch, and
-    XLA inserts the all-reduce (sums over the sample axis become cross-device reductions). A batch's
-    size must be divisible by the number of devices.
-    """
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    devices = list(jax.devices() if devices is None else devices)
-    mesh = Mesh(np.array(devices), (axis,))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    sharded = NamedSharding(mesh, PartitionSpec(axis))
-
-    def put_batch(batch: Any) -> Any:
-        def put(x: Any) -> Any:
-            if not hasattr(x, "shape") or len(x.shape) == 0:
-                return x
-            if x.shape[0] % len(devices):
-                raise ValueError(
-                    f"a batch of {x.shape[0]} samples cannot be split evenly over {len(devices)} devices; "
-                    "use batch sizes divisible by the device count (drop or pad the last batch)"
-                )
-            return jax.device_put(x, sharded)
-
-        return jax.tree_util.tree_map(put, batch)
-
-    params = jax.tree_util.tree_map(lambda x: jax.device_put(x, replicated), params)
-    if data is None:
-        return params, None
-    if isinstance(data, (tuple, list)) and len(data) >= 1 and hasattr(data[0], "shape"):
-        return params, put_batch(data)
-    return params, [put_batch(b) for b in data]

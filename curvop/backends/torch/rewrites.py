@@ -23,7 +23,7 @@ convolution. For cached products GELU (erf form) is computed by an autograd func
 ``gelu'(x)`` and ``gelu''(x)`` as tensors (:func:`gelu`), where torch's ``GeluBackwardBackward0``
 recomputes an erf and exps per element on every product. The same mode also carries the rewrites
 that make attention and ``hardsigmoid`` differentiable twice
-(:mod:`curvop.backends._torch_attention`), which apply whatever ``fast`` says. Everything else
+(:mod:`curvop.backends.torch.functions`), which apply whatever ``fast`` says. Everything else
 passes through untouched.
 """
 
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 
-from curvop.backends._torch_attention import EXACT
+from curvop.backends.torch.functions import EXACT
 
 _aten = torch.ops.aten
 _BN = inspect.signature(F.batch_norm)
@@ -226,7 +226,7 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 class Rewrites(TorchFunctionMode):
     """Within ``with Rewrites(conv=..., fast=...)``: the ops torch cannot differentiate twice
-    (attention, ``hardsigmoid``, ...; :data:`curvop.backends._torch_attention.EXACT`) always as
+    (attention, ``hardsigmoid``, ...; :data:`curvop.backends.torch.functions.EXACT`) always as
     ops it can; with ``fast=True`` also GELU on CPU as :func:`gelu` (unless ``gelu=False``: for
     a graph built on every product its extra derivatives cost more than they save), eval BatchNorm as an affine map
     and ``conv2d`` as above, for every convolution (``conv=True``) or where :func:`conv_wins`

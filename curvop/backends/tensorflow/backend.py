@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from curvop.backends._tf_model import (batch_spec, check_loss_object, device_key, hessian_of_variables,
+from curvop.backends.tensorflow.model import (batch_spec, check_loss_object, device_key, hessian_of_variables,
                                        loss_info, model_variables, precision_message, to_tensors, var_name)
 from curvop.backends.base import LossPrecisionError
 from curvop.backends.dataset import Dataset, resolve_reduction

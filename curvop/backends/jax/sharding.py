@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["ShardedLayout", "ShardingWarning", "layout", "place"]
+__all__ = ["ShardedLayout", "ShardingWarning", "jax_data_parallel", "layout", "place"]
 
 FLAT, COPIES = "curvop_flat", "curvop_copies"
 
@@ -119,7 +119,7 @@ class ShardedLayout:
     Examples
     --------
     >>> import jax, jax.numpy as jnp
-    >>> from curvop.backends._jax_sharding import layout
+    >>> from curvop.backends.jax.sharding import layout
     >>> layout({"w": jnp.ones((2, 2))}) is None      # one device: the plain ravel_pytree path
     True
     """
@@ -175,3 +175,38 @@ def _ordered_devices(leaves: list) -> list:
         if isinstance(x.sharding, NamedSharding):
             return list(x.sharding.mesh.devices.flat)
     return sorted(leaves[0].sharding.device_set, key=lambda d: d.id)
+
+
+# --- data parallelism: replicated parameters, batches split over the devices -----------------------
+def jax_data_parallel(params: Any, data: Any, devices: Any = None, axis: str = "data") -> tuple[Any, Any]:
+    """Replicate ``params`` and shard every batch of ``data`` along its first axis over ``devices``.
+
+    Returns ``(params, data)`` to pass to :func:`curvop.hessian` / :func:`curvop.hessian_of` with
+    the JAX backend: each product then runs on all devices, each on its slice of every batch, and
+    XLA inserts the all-reduce (sums over the sample axis become cross-device reductions). A batch's
+    size must be divisible by the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = Mesh(np.array(devices), (axis,))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(axis))
+
+    def put_batch(batch: Any) -> Any:
+        def put(x: Any) -> Any:
+            if not hasattr(x, "shape") or len(x.shape) == 0:
+                return x
+            if x.shape[0] % len(devices):
+                raise ValueError(
+                    f"a batch of {x.shape[0]} samples cannot be split evenly over {len(devices)} devices; "
+                    "use batch sizes divisible by the device count (drop or pad the last batch)"
+                )
+            return jax.device_put(x, sharded)
+
+        return jax.tree_util.tree_map(put, batch)
+
+    params = jax.tree_util.tree_map(lambda x: jax.device_put(x, replicated), params)
+    if data is None:
+        return params, None
+    if isinstance(data, (tuple, list)) and len(data) >= 1 and hasattr(data[0], "shape"):
+        return params, put_batch(data)
+    return params, [put_batch(b) for b in data]

@@ -19,7 +19,7 @@ ops with derivatives of every order: attention through torch's own math kernel
 (``aten::_scaled_dot_product_attention_math``, what ``sdpa_kernel(SDPBackend.MATH)`` selects),
 ``hardsigmoid(x)`` as ``hardtanh(x + 3, 0, 6) / 6`` (torch's formula, with the same zero derivative
 at -3 and 3), eval-mode ``rrelu`` as the ``leaky_relu`` with slope ``(lower + upper) / 2`` it is.
-:class:`curvop.backends._torch_ops.Rewrites` applies the map to every loss evaluation, so no
+:class:`curvop.backends.torch.rewrites.Rewrites` applies the map to every loss evaluation, so no
 global setting (``torch.backends.cuda.enable_flash_sdp`` and friends) is touched, and the map is
 thread-local like every ``TorchFunctionMode``. Random ops (attention dropout, ``rrelu`` in training
 mode) raise a ``ValueError``: their Hessian-vector products would differ on every call.

@@ -1,6 +1,6 @@
 """Sharded vectors for the algorithms: torch ``DTensor`` s whose reductions are all-reduced by DTensor.
 
-A vector of an FSDP operator (:mod:`curvop.backends.fsdp`) is a ``DTensor`` of global shape
+A vector of an FSDP operator (:mod:`curvop.backends.torch.fsdp`) is a ``DTensor`` of global shape
 ``(n,)`` (or ``(n, k)``) with placement ``Shard(0)`` on a 1-D device mesh: each rank holds its own
 parameter shards, concatenated. Elementwise arithmetic on such vectors is local. A reduction over
 the sharded axis (``sum``, ``x.T @ y``) gives a DTensor with a ``Partial`` placement, which DTensor
