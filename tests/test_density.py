@@ -128,3 +128,14 @@ def test_issue13_item5_local_slq_holds_five_blocks_not_six():
     peak, sd = _peak_vectors(lambda: curvop.spectral_density(H, num_steps=10, num_probes=2, reorth="local", seed=0))
     assert sd.num_matvecs == 20
     assert peak <= 5 * 2 + 0.25, peak
+
+
+# --- item 16 (part): one default kernel width --------------------------------------------------
+def test_issue12_item16_plot_and_density_share_one_default_width():
+    from curvop import plot
+
+    A = with_spectrum(tuple(np.r_[np.linspace(0.0, 1.0, 95), [20, 30, 40, 50, 60]]), seed=4)
+    sd = curvop.spectral_density(A, num_steps=30, num_probes=2, seed=0)
+    grid, drawn = plot.density_curve(sd)
+    _, own = sd.density(grid=grid)
+    np.testing.assert_allclose(drawn, own, rtol=1e-12)

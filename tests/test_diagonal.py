@@ -49,3 +49,19 @@ def test_bad_input_is_a_clear_error():
         curvop.diagonal(np.eye(5), method="xdiag", num_matvecs=3)
     with pytest.raises(ValueError, match="method"):
         curvop.diagonal(np.eye(5), method="exact")
+
+
+# --- XDiag exact when the budget reaches n (issue 12 item 5) -----------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_issue12_item5_xdiag_exact_diagonal_when_budget_reaches_n(kind, method):
+    A = with_spectrum(tuple(np.linspace(1.0, 2.0, 5)), seed=5)  # the issue's n = 5, diagonal in [1, 2]
+    r = curvop.diagonal(operator(A, kind), method=method, num_matvecs=60, seed=0)
+    assert r.method == "exact" and r.num_matvecs == 5 and r.num_probes == 5
+    assert is_native(r.estimate, kind) and is_native(r.stderr, kind)
+    np.testing.assert_allclose(curvop.arrays.to_numpy(r.estimate), np.diag(A), rtol=1e-12)
+    assert np.all(curvop.arrays.to_numpy(r.stderr) == 0.0)
+    # 70 > 64 columns: the unit vectors go in two blocks
+    B = with_spectrum(tuple(np.linspace(-1.0, 3.0, 70)), seed=1)
+    r = curvop.diagonal(operator(B, kind), method=method, num_matvecs=70)
+    np.testing.assert_allclose(curvop.arrays.to_numpy(r.estimate), np.diag(B), rtol=1e-12, atol=1e-14)

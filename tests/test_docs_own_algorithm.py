@@ -47,3 +47,28 @@ def test_algorithms_page_code_runs():
     for block in re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), flags=re.S | re.M):
         exec(compile(block, str(page), "exec"), ns)
     assert ns["r"].num_matvecs > 0 and ns["sd"].num_matvecs == 100
+
+
+# --- the estimator of the page on native arrays (issue 12 item 16) -----------------------------------
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_issue12_item16_own_algorithm_estimator_runs_on_jax_and_tensorflow_arrays():
+    page = (DOCS / "own-algorithm.md").read_text()
+    ns: dict = {}
+    exec(compile(re.findall(r"```python\n(.*?)```", page, flags=re.S)[0], "own-algorithm.md", "exec"), ns)
+    f, A = ns["frobenius_norm_squared"], ns["A"]
+    A32 = A.astype(np.float32)  # each framework's default precision; no global setting is touched
+    expected, _ = f(A32, num_matvecs=100, seed=1)
+    ran = 0
+    for name in ("jax.numpy", "tensorflow"):
+        try:
+            mod = __import__(name, fromlist=["_"])
+        except ImportError:
+            continue
+        native = mod.asarray(A32) if name == "jax.numpy" else mod.constant(A32)
+        got, _ = f(native, num_matvecs=100, seed=1)
+        assert np.isclose(got, expected, rtol=1e-4), name
+        ran += 1
+    if not ran:
+        pytest.skip("neither JAX nor TensorFlow is installed")

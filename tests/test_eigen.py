@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 from scipy.sparse.linalg import LinearOperator
@@ -162,3 +164,46 @@ def test_issue15_eigenvalues_k1_large_model_default_peaks_at_6_vectors():
                                                        seed=0))
     assert r.num_matvecs == 40
     assert peak <= 4 + 1 + 1 + 0.25, peak
+
+
+# --- item 12: unconverged eigenvalues warn; the budget is honest; power is sorted ----------------
+def test_issue12_item12_unconverged_eigenvalues_warn():
+    A = with_spectrum(tuple(np.linspace(1.0, 2.0, 300)), seed=0)
+    with pytest.warns(curvop.ConvergenceWarning, match="max_matvecs=20.*converged=False"):
+        r = curvop.eigenvalues(A, k=3, max_matvecs=20, seed=0)
+    assert not r.converged
+    with pytest.warns(curvop.ConvergenceWarning):
+        r = curvop.eigenvalues(A, k=1, which="LM", method="power", max_matvecs=20, seed=0)
+    assert not r.converged
+    assert issubclass(curvop.ConvergenceWarning, UserWarning)
+    with warnings.catch_warnings():  # a converged result stays silent
+        warnings.simplefilter("error")
+        assert curvop.eigenvalues(np.diag(np.arange(1.0, 101.0)), k=2, seed=0).converged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_issue12_item12_max_matvecs_includes_verification(kind, k):
+    A = with_spectrum(tuple(np.linspace(1.0, 2.0, 300)), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvop.ConvergenceWarning)
+        r = curvop.eigenvalues(operator(A, kind), k=k, max_matvecs=20, seed=0)
+        assert r.num_matvecs == 20  # the issue: 21 (k=1), 23 (k=3)
+        r = curvop.eigenvalues(operator(A, kind), k=k, max_matvecs=20, verify=False, seed=0)
+        assert r.num_matvecs == 20
+    with pytest.raises(ValueError, match="max_matvecs=5 is too small.*verification.*verify=False"):
+        curvop.eigenvalues(A, k=3, max_matvecs=5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_issue12_item12_power_eigenvalues_sorted_like_lanczos(kind):
+    # three close dominant eigenvalues and a small budget: deflated power iteration finds them in
+    # no particular order (it returned [6.90, 9.82, -6.96] here)
+    lam = np.r_[-10.0, 9.9, 9.8, np.linspace(0.0, 1.0, 47)]
+    A = with_spectrum(tuple(lam), seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvop.ConvergenceWarning)
+        r = curvop.eigenvalues(operator(A, kind), k=3, which="LM", method="power", max_matvecs=60, seed=0)
+    assert np.all(np.diff(np.abs(r.eigenvalues)) <= 0), r.eigenvalues
+    V = curvop.arrays.to_numpy(r.eigenvectors)
+    np.testing.assert_allclose(np.linalg.norm(A @ V - V * r.eigenvalues, axis=0), r.residual_norms, rtol=1e-8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
 import builtins
 import importlib
 import inspect
@@ -160,3 +162,13 @@ def test_issue13_item6_arrays_shadows_no_builtin_and_has_no_alias_of_matmul():
     assert not hasattr(arrays, "sum") and not hasattr(arrays, "sqrt")
     assert "lincomb" not in arrays.__all__  # it was matmul under a second name
     assert all(hasattr(arrays, name) for name in arrays.__all__)
+
+
+# --- py.typed ships (issue 12 item 17) ---------------------------------------------------------------
+def test_issue12_item17_package_ships_py_typed():
+    import importlib.resources
+
+    assert importlib.resources.files("curvop").joinpath("py.typed").is_file()
+    root = Path(curvop.__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["curvop"]

@@ -1,8 +1,11 @@
+import warnings
+
 import numpy as np
 import pytest
 
 import curvop
 from _matrices import KINDS, operator, wishart, with_spectrum
+from curvop.backends.faults import NonFiniteProductError
 
 pytest.importorskip("torch")
 
@@ -219,3 +222,99 @@ def test_issue13_item5_diagonal_and_trace_share_the_sketch_module():
     tree = ast.parse((src / "diagonal_estimation.py").read_text(encoding="utf-8"))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"curvop.trace", "curvop.trace_estimation"}  # diagonal needs no trace code
+
+
+# --- every method exact when the budget reaches n, XNysTrace, NaN products (issue 12 items 5-7) ------
+TRACE_METHODS = ("auto", "hutchinson", "hutch++", "xtrace", "xnystrace")
+
+
+# --- item 5: XTrace / XDiag (and every method) when the budget reaches n ------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", TRACE_METHODS)
+def test_issue12_item5_trace_exact_when_budget_reaches_n(kind, method):
+    lam = np.linspace(1.0, 2.0, 10)  # the issue's cases: n = 10 with auto, n = 5 with xtrace
+    for n in (5, 10):
+        A = with_spectrum(tuple(np.linspace(1.0, 2.0, n)), seed=n)
+        for budget in (n, 60):
+            r = curvop.trace(operator(A, kind), method=method, num_matvecs=budget, seed=0)
+            assert r.method == "exact" and r.stderr == 0.0 and r.converged
+            assert r.num_matvecs == n and r.num_probes == n
+            assert r.estimate == pytest.approx(np.trace(A), rel=1e-12)
+    # one product short of n: the randomized method runs, with a nonzero error bar
+    A = with_spectrum(tuple(lam), seed=10)
+    r = curvop.trace(A, method=method, num_matvecs=9, seed=0)
+    assert r.method != "exact" and r.stderr > 0
+
+
+def test_issue12_item5_exact_trace_ignores_minimum_budget_below_n():
+    # n = 3 < the 4 products XTrace needs: 3 products give the exact trace, so they are enough
+    A = np.diag([1.0, 2.0, 4.0])
+    r = curvop.trace(A, method="xtrace", num_matvecs=3)
+    assert r.method == "exact" and r.estimate == 7.0 and r.num_matvecs == 3
+
+
+# --- item 6: XNysTrace on exactly low-rank PSD and on indefinite matrices -----------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_issue12_item6_xnystrace_exact_on_low_rank_psd(kind):
+    # rank 3 < 10 probes: every leave-one-out Nyström approximation is H itself, so the estimate is
+    # exact up to rounding (it was 4-47 standard errors off with the eps-shifted inverse)
+    lam = np.r_[np.full(3, 5.0), np.zeros(47)]
+    A = with_spectrum(tuple(lam), seed=1)
+    for seed in range(10):
+        r = curvop.trace(operator(A, kind), method="xnystrace", num_matvecs=10, seed=seed)
+        assert r.method == "xnystrace" and r.num_matvecs == 10
+        assert abs(r.estimate - 15.0) <= 1e-9 * 15.0, (seed, r)
+        assert abs(r.estimate - 15.0) <= 4 * r.stderr + 1e-12 * 15.0
+
+
+def test_issue12_item6_xnystrace_low_rank_float32_is_accurate():
+    import torch
+
+    lam = np.r_[np.linspace(1.0, 3.0, 4), np.zeros(196)]
+    A = with_spectrum(tuple(lam), seed=2)
+    H = curvop.aslinearoperator(torch.as_tensor(A, dtype=torch.float32))
+    for seed in range(5):
+        r = curvop.trace(H, method="xnystrace", num_matvecs=12, seed=seed)
+        assert abs(r.estimate - lam.sum()) <= min(1e-3 * lam.sum(), 4 * r.stderr), (seed, r)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_issue12_item6_xnystrace_refuses_indefinite(kind):
+    # trace 125, but H has negative eigenvalues that ΩᵀHΩ shows (it returned a wrong number before)
+    A = with_spectrum(tuple(np.linspace(-5.0, 10.0, 50)), seed=2)
+    with pytest.raises(curvop.IndefiniteOperatorError, match="positive semi-definite.*method='auto'"):
+        curvop.trace(operator(A, kind), method="xnystrace", num_matvecs=10, seed=0)
+    assert issubclass(curvop.IndefiniteOperatorError, ValueError)
+
+
+def test_issue12_item6_xnystrace_still_unbiased_with_honest_errors():
+    lam = 1.0 / np.arange(1, 201) ** 1.5
+    A = with_spectrum(tuple(lam), seed=3)
+    rs = [curvop.trace(A, method="xnystrace", num_matvecs=12, seed=s) for s in range(200)]
+    est = np.array([r.estimate for r in rs])
+    assert abs(est.mean() - lam.sum()) <= 4 * est.std(ddof=1) / np.sqrt(est.size)
+    assert np.mean([abs(r.estimate - lam.sum()) <= 3 * r.stderr for r in rs]) >= 0.8
+
+
+# --- item 7: NaN products raise, never converged=True -------------------------------------------
+def _nan_matrix(n=20, bad=np.nan):
+    A = np.eye(n)
+    A[3, 3] = bad
+    return A
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", TRACE_METHODS)
+def test_issue12_item7_trace_of_nan_products_raises(kind, method):
+    H = operator(_nan_matrix(), kind)
+    for budget in (8, 20):  # randomized, and exact
+        with pytest.raises(NonFiniteProductError, match="NaN or Inf"):
+            curvop.trace(H, method=method, num_matvecs=budget, seed=0)
+    with pytest.raises(NonFiniteProductError):
+        curvop.trace(H, method="hutchinson", num_matvecs=8, rtol=1e-3, seed=0)
+    # Inf products: the same one error, before any numpy warning from the estimator's arithmetic
+    H = operator(_nan_matrix(bad=np.inf), kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(NonFiniteProductError):
+            curvop.trace(H, method=method, num_matvecs=8, seed=0)

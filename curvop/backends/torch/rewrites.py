@@ -15,7 +15,7 @@ weights of a ``conv2d`` whose untouched output it normalises) and, on CPU, ``con
 three autograd functions - convolution, its input gradient and its weight gradient - whose
 derivatives are each other, so every order of derivative runs the fast convolution kernels. Both
 are the same function of the same tensors; products agree with torch's own to rounding
-(``tests/test_torch_rewrites.py`` checks them against the dense Hessian). The convolution rewrite
+(``tests/backends/torch/test_torch_rewrites.py`` checks them against the dense Hessian). The convolution rewrite
 wins only where a layer's output is large next to its kernel (:func:`conv_wins`, measured by
 ``benchmarks/models.py --layers``; on resnet18 and MobileNetV3 at 32x32 rewriting every layer was
 slower than torch), so the backend applies it per layer, and folds BatchNorm only into a rewritten

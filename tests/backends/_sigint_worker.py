@@ -1,4 +1,4 @@
-"""A long spectral-density run that the test interrupts with SIGINT (tests/test_faults.py)."""
+"""A long spectral-density run that the test interrupts with SIGINT (tests/backends/test_faults.py)."""
 
 import faulthandler
 import signal

@@ -1,9 +1,9 @@
-"""Model-sharded JAX parameters on N host devices (run by tests/test_jax_sharding.py in a subprocess:
+"""Model-sharded JAX parameters on N host devices (run by tests/backends/jax/test_jax_sharding.py in a subprocess:
 XLA_FLAGS=--xla_force_host_platform_device_count=N must be set before jax is imported, and float64
 is switched on here only, never in the test process).
 
-    python tests/_jax_sharding_worker.py N out.json            # the checks, results as JSON
-    python tests/_jax_sharding_worker.py N out.json measure    # timings and bytes per device
+    python tests/backends/jax/_jax_sharding_worker.py N out.json            # the checks, results as JSON
+    python tests/backends/jax/_jax_sharding_worker.py N out.json measure    # timings and bytes per device
 """
 
 import contextlib

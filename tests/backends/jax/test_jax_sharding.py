@@ -1,6 +1,6 @@
 """Issue 15 items 5 and 6 (JAX half): parameters sharded over 2 and 4 host devices with jax.sharding.
 
-Each test runs tests/_jax_sharding_worker.py in a subprocess (XLA_FLAGS must be set before jax is
+Each test runs tests/backends/jax/_jax_sharding_worker.py in a subprocess (XLA_FLAGS must be set before jax is
 imported; float64 is switched on there only) and checks its JSON: products against a dense float64
 Hessian from jax.hessian, the shardings of the vectors, the algorithms against the one-device model
 with the same seeds, and curvop's errors for leaves on different devices.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[2]  # the repository
 
 pytest.importorskip("jax")
 pytestmark = pytest.mark.slow  # two subprocesses, about 90 s of CPU each
@@ -118,3 +118,21 @@ def test_issue15_item5_two_dimensional_mesh_data_and_model(result):
     assert m["diff"] < 1e-10
     assert m["y_shards"] == [[r["n"] // 4, 3]]
     np.testing.assert_allclose(m["eig"], r["single"]["eig"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.timeout(180)
+def test_jax_two_host_devices_match_one_device(tmp_path):
+    pytest.importorskip("jax")
+    out = tmp_path / "jax.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(HERE / "_jax_devices_worker.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for name, d in r["diffs"].items():
+        assert d < 1e-10, (name, d)
+    assert r["native_devices"] == 2
+    assert np.allclose(r["sharded"]["eig"], r["single"]["eig"], rtol=1e-8, atol=1e-10)
+    assert abs(r["sharded"]["trace"] - r["single"]["trace"]) < 1e-8 * max(1, abs(r["single"]["trace"]))
+    assert np.allclose(r["sharded"]["nodes"], r["single"]["nodes"], rtol=1e-7, atol=1e-9)

@@ -24,7 +24,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a subprocess")
 def test_sigint_stops_long_density_run_promptly(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-u", str(HERE / "_sigint_worker.py")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

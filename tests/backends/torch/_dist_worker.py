@@ -1,4 +1,4 @@
-"""One rank of the data-parallel tests (started by tests/test_distributed.py, torchrun-like env).
+"""One rank of the data-parallel tests (started by tests/backends/torch/test_torch_distributed.py, torchrun-like env).
 
 usage: python _dist_worker.py SCENARIO OUT_PREFIX ; writes OUT_PREFIX.<rank>.json
 """

@@ -1,4 +1,4 @@
-"""One rank of the FSDP2 tests (started by tests/test_fsdp.py, torchrun-like env).
+"""One rank of the FSDP2 tests (started by tests/backends/torch/test_torch_fsdp.py, torchrun-like env).
 
 usage: python _fsdp_worker.py SCENARIO OUT_PREFIX ; writes OUT_PREFIX.<rank>.json
 """
@@ -167,7 +167,7 @@ def example():
     """examples/fsdp_torchrun.py as torchrun runs it."""
     import runpy
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "fsdp_torchrun.py")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "examples", "fsdp_torchrun.py")
     sys.argv = [path, "--timeout", "60"]
     runpy.run_path(path, run_name="__main__")
 

@@ -1,4 +1,4 @@
-"""Data-parallel JAX products on 2 host devices (run by tests/test_distributed.py in a subprocess,
+"""Data-parallel JAX products on 2 host devices (run by tests/backends/torch/test_torch_distributed.py in a subprocess,
 because XLA_FLAGS=--xla_force_host_platform_device_count=2 must be set before jax is imported)."""
 
 import json

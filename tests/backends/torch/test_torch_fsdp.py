@@ -19,10 +19,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.fsdp")
 
-from test_distributed import _free_port, _rank0_error, _run_ok  # noqa: E402  (the same launcher)
+from test_torch_distributed import _free_port, _rank0_error, _run_ok  # noqa: E402  (the same launcher)
 
 HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[2]  # the repository
 FD_RTOL = {"float64": 1e-9, "float32": 6e-4}  # product accuracy of the central difference (measured x30)
 
 
