@@ -123,20 +123,20 @@ def build(model, loss_fn, data, options: dict):
     import torch
 
     import curvop
-    from curvop.backends.torch import rewrites as _torch_ops
+    from curvop.backends.torch import rewrites
 
     options = dict(options)
     convs = options.pop("convs", None)
     ratios = options.pop("ratios", {})  # {(dtype name, kind): threshold}: a candidate rule
-    real, real_ratio = _torch_ops.conv_wins, {k: dict(v) for k, v in _torch_ops.RATIO.items()}
-    _torch_ops.conv_wins = {"all": lambda *a: True, "none": lambda *a: False}.get(convs, real)
+    real, real_ratio = rewrites.conv_wins, {k: dict(v) for k, v in rewrites.RATIO.items()}
+    rewrites.conv_wins = {"all": lambda *a: True, "none": lambda *a: False}.get(convs, real)
     for (dtype, kind), threshold in ratios.items():
-        _torch_ops.RATIO[getattr(torch, dtype)][kind] = threshold
+        rewrites.RATIO[getattr(torch, dtype)][kind] = threshold
     try:
         return curvop.hessian(model, loss_fn, data, check_deterministic=False, **options)
     finally:
-        _torch_ops.conv_wins = real
-        _torch_ops.RATIO.update(real_ratio)
+        rewrites.conv_wins = real
+        rewrites.RATIO.update(real_ratio)
 
 
 def measure(name: str, dtype_name: str, batch: int, repeats: int) -> dict:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from curvop.backends.jax import sharding as _jax_sharding
+from curvop.backends.jax import sharding
 from curvop.backends.jax.model import model_apply, prepare_params
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.template import AutodiffBackend, LossInfo
@@ -100,7 +100,7 @@ class JaxBackend(AutodiffBackend):
                     check_finite=check_finite, check_loss_dtype=check_loss_dtype)
         self._loss, self._params = loss, params
         first = dataset.first()
-        self._layout = _jax_sharding.layout(params, first)  # None unless leaves are sharded
+        self._layout = sharding.layout(params, first)  # None unless leaves are sharded
         flat, self._unravel = ravel_pytree(params) if self._layout is None else self._layout.spec()
         self.size = int(flat.shape[0])
         if self.size == 0:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvop.backends.jax import sharding as _jax_sharding
+from curvop.backends.jax import sharding
 from curvop.backends.template import ParamInfo
 
 __all__ = ["prepare_params", "model_apply"]
@@ -45,7 +45,7 @@ def prepare_params(params: Any) -> tuple[Any, list[ParamInfo]]:
         out.append(leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf))
         names.append(name)
         dtypes.append(dt)
-    out = _jax_sharding.place(names, out)  # one device set for every leaf, or a clear error
+    out = sharding.place(names, out)  # one device set for every leaf, or a clear error
     infos = [ParamInfo(name, dt.name, "+".join(sorted(map(str, x.devices()))), dt.kind == "f")
              for name, dt, x in zip(names, dtypes, out)]
     return jax.tree_util.tree_unflatten(treedef, out), infos
