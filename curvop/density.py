@@ -109,6 +109,32 @@ class SpectralDensity:
         """Estimate of ``tr H`` (``expectation`` of the identity)."""
         return self.expectation(lambda x: x)
 
+    def per_probe(self, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Each probe's estimate ``n Σ_j w_j f(θ_j)`` of ``tr f(H)``; their mean is :meth:`expectation`.
+
+        The probes are independent, so these are independent samples (for ``f(x) = x`` exactly the
+        Hutchinson samples ``zᵀHz``: Gauss quadrature integrates ``x`` exactly).
+        """
+        return np.array([self.n * float(np.sum(w * f(x))) for x, w in zip(self.nodes, self.weights)])
+
+    def stderr(self, f: Callable[[np.ndarray], np.ndarray]) -> float:
+        """Standard error of :meth:`expectation`: std (ddof=1) of :meth:`per_probe` over √probes.
+
+        It measures the random error of the probes (``inf`` with one probe), not the quadrature
+        error of ``num_steps`` Lanczos steps, which is far smaller for smooth ``f`` and enough
+        steps (tests: ``log`` on eigenvalues in [1, 10] with 30 steps).
+
+        >>> import numpy as np, curvop
+        >>> lam = np.linspace(1.0, 10.0, 200)
+        >>> Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((200, 200)))
+        >>> sd = curvop.spectral_density((Q * lam) @ Q.T, num_steps=30, num_probes=8, seed=0)
+        >>> est, err = sd.expectation(np.log), sd.stderr(np.log)
+        >>> bool(abs(est - np.log(lam).sum()) < 4 * err)
+        True
+        """
+        samples = self.per_probe(f)
+        return float(samples.std(ddof=1) / np.sqrt(samples.size)) if samples.size > 1 else float("inf")
+
     def plot(self, ax: Any = None, log_scale: bool = True, **kwargs: Any):
         """Plot the smoothed density (matplotlib is imported here). Returns the axes."""
         import matplotlib.pyplot as plt

@@ -10,7 +10,9 @@ here once:
   the leave-one-out vectors ``S`` that make every probe serve both as sketch and as test vector
   (XTrace, XDiag);
 * :func:`deflation_gain`: how much deflating by a sketch would reduce the per-probe variance;
-* :func:`shifted_nystrom`: the stable Nyström approximation of a positive semi-definite ``H``.
+* :func:`shifted_nystrom`: the stable Nyström approximation of a positive semi-definite ``H``;
+* :func:`pair_coefficients` and :func:`exchangeable_variance`: the standard error of an average of
+  exchangeable leave-one-out estimates, which are correlated (leave-two-out corrections).
 
 Vectors stay native (the operator's framework, dtype and device); only ``k × k`` matrices and
 per-probe numbers come to the host, as float64.
@@ -49,6 +51,8 @@ __all__ = [
     "range_sketch",
     "deflation_gain",
     "shifted_nystrom",
+    "pair_coefficients",
+    "exchangeable_variance",
 ]
 
 Array = Any
@@ -209,3 +213,57 @@ def shifted_nystrom(Om: Array, Y: Array, dtype: Any, where: str) -> Nystrom:
         ) from None
     Cinv = scipy.linalg.solve_triangular(C, np.eye(m))
     return Nystrom(matmul(Y + Om * nu, Cinv), Cinv, nu)
+
+
+def pair_coefficients(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(p, q)`` with ``v_ij = p_ij s_j + q_ij s_i``: what leaving out probe ``j`` too removes.
+
+    The leave-one-out projector ``P₋ᵢ = Q (I − sᵢsᵢᵀ) Qᵀ`` (:func:`exchangeable_basis`) loses one
+    more direction when column ``j`` of the sketch is dropped as well: ``P₋ᵢⱼ = P₋ᵢ − Q v_ij v_ijᵀ Qᵀ``
+    with ``v_ij`` the unit vector of ``span{sᵢ, sⱼ}`` orthogonal to ``sᵢ``. The same holds for the
+    rows of ``C⁻¹`` of a Nyström sketch. Both matrices are ``k × k`` with zero diagonal.
+
+    >>> import numpy as np
+    >>> S = np.array([[1.0, 0.6], [0.0, 0.8]])
+    >>> p, q = pair_coefficients(S)
+    >>> p[0, 1] * S[:, 1] + q[0, 1] * S[:, 0]       # unit, orthogonal to s_0
+    array([0., 1.])
+    """
+    g = S.T @ S
+    np.fill_diagonal(g, 0.0)
+    gap = 1.0 - g * g
+    # sⱼ parallel to sᵢ (dependent sketch columns, to rounding): dropping j removes nothing more
+    p = np.where(gap > 1e-12, 1.0 / np.sqrt(np.maximum(gap, 1e-12)), 0.0)
+    np.fill_diagonal(p, 0.0)
+    return p, -g * p
+
+
+def exchangeable_variance(t: np.ndarray, D: np.ndarray) -> float:
+    """Variance of ``mean(t)`` for exchangeable leave-one-out estimates ``t`` (never below ``var(t)/k``).
+
+    XTrace and XNysTrace average ``k`` estimates ``tᵢ = tr + eᵢ`` where ``eᵢ`` has mean zero given
+    the other probes (probe ``i`` is the test vector, the rest the sketch). Then
+    ``Var(mean t) = E[s²]/k + c`` with ``s²`` the sample variance of the ``tᵢ`` and
+    ``c = E[eᵢeⱼ]`` (``i ≠ j``) the covariance that ``s²/k`` alone misses: each probe is also in the
+    other estimates' sketches. With ``tᵢ⁽⁻ʲ⁾`` the ``i``-th estimate from a sketch without probe
+    ``j`` as well (a function of the probes but ``j``), ``E[eⱼ (tᵢ − tᵢ⁽⁻ʲ⁾)] = c``, and centring
+    ``tⱼ`` on the mean of the other ``k − 2`` estimates keeps this nearly unbiased, so
+
+    ``ĉ = Σ_{i≠j} ((k−1)tⱼ + tᵢ − Σt) (tᵢ − tᵢ⁽⁻ʲ⁾) / (k(k−1)(k−2))``.
+
+    ``D[i, j] = tᵢ − tᵢ⁽⁻ʲ⁾`` (zero diagonal). Returns ``s²/k + ĉ``, or ``s²/k`` where ``ĉ`` is
+    negative or not finite (a sketch of numerically dependent columns).
+
+    >>> import numpy as np
+    >>> t = np.array([1.0, 2.0, 3.0, 4.0])
+    >>> exchangeable_variance(t, np.zeros((4, 4))), float(t.var(ddof=1) / 4)      # independent
+    (0.4166666666666667, 0.4166666666666667)
+    """
+    k = t.size
+    plain = float(np.var(t, ddof=1)) / k if k > 1 else float("inf")
+    if k < 3:
+        return plain
+    w = (k - 1) * t[None, :] + t[:, None] - t.sum()
+    with np.errstate(all="ignore"):
+        c = float(np.sum(w * D)) / (k * (k - 1) * (k - 2))
+    return plain + c if np.isfinite(c) and c > 0 else plain
