@@ -31,9 +31,8 @@ import torch
 
 from curvop._dtypes import dtype_name
 from curvop.backends.dataset import Dataset
-from curvop.backends.template import AutodiffBackend
-from curvop.backends.torch.backend import _Layout, _reverse_product
-from curvop.backends.torch.checks import TorchAdvice, loss_info, param_infos
+from curvop.backends.torch.backend import TorchBackend, _Layout, _reverse_product
+from curvop.backends.torch.checks import loss_info, param_infos
 from curvop.backends.torch.rewrites import Rewrites
 from curvop.backends.torch.state import check_autograd_available, inference_mode_error
 
@@ -42,8 +41,12 @@ __all__ = ["GraphBackend", "graph_form"]
 Tensor = torch.Tensor
 
 
-class GraphBackend(TorchAdvice, AutodiffBackend):
+class GraphBackend(TorchBackend):
     """Products of the Hessian of a closure's loss, or of the graph of given gradients, w.r.t. live tensors.
+
+    A :class:`~curvop.backends.torch.TorchBackend` whose loss is one evaluation (no data, no model
+    adapter): its array glue, checks and advice are the torch backend's; the graph and what
+    follows the parameters are this class's.
 
     Parameters
     ----------
@@ -67,7 +70,7 @@ class GraphBackend(TorchAdvice, AutodiffBackend):
     (tensor([6., 0.], dtype=torch.float64), tensor([ 3., 12.], dtype=torch.float64))
     """
 
-    name = "torch"
+    _check_state = _rng = None  # no model adapter, no train-mode draws: TorchBackend's hooks do nothing
 
     def __init__(self, params: dict[str, Tensor], *, closure: Callable[[], Tensor] | None = None,
                  grads: Sequence[Tensor | None] | None = None, hvp: str = "auto", cache: bool | str = "auto",
@@ -184,32 +187,6 @@ class GraphBackend(TorchAdvice, AutodiffBackend):
             loss = self._closure()
             g = torch.autograd.grad(loss, self._live, create_graph=True, allow_unused=True)
         return _reverse_product(self._layout, g, self._live, v, batched, retain=False)
-
-    def _add(self, acc: Tensor, p: Tensor) -> Tensor:
-        return acc.add_(p)
-
-    def _all_finite(self, y: Tensor) -> bool:
-        return bool(torch.isfinite(y).all())
-
-    # --- the contract ----------------------------------------------------------------------------
-    def is_native(self, x: Any) -> bool:
-        return isinstance(x, torch.Tensor)
-
-    def check(self, x: Tensor) -> None:
-        if x.dtype != self.torch_dtype:
-            raise TypeError(f"vector has dtype {x.dtype}, but the parameters are {self.torch_dtype}; "
-                            f"convert it with x.to({self.torch_dtype})")
-        if x.device != self.device:
-            raise ValueError(f"vector is on {x.device}, but the parameters are on {self.device}; "
-                             f"move it with x.to('{self.device}')")
-
-    def to_numpy(self, x: Tensor) -> np.ndarray:
-        return x.detach().cpu().numpy()
-
-    def from_numpy(self, a: np.ndarray) -> Tensor:
-        if not a.flags.writeable:
-            a = a.copy()
-        return torch.from_numpy(a).to(device=self.device, dtype=self.torch_dtype)
 
     def describe(self) -> str:
         source = "a closure's graph" if self._closure is not None else "the graph of given gradients"
