@@ -1,6 +1,7 @@
 """The cost of a step of curvop's second-order optimizers (issue 23 item 4), interleaved.
 
-Per model (the digits CNN of the demo at batch 64, and the small character transformer of
+Per model (the digits CNN of the demo at batch 64, a CIFAR-shaped CNN with BatchNorm in training
+mode at batch 32 from ``benchmarks/_torch_models.py``, and the small character transformer of
 ``curvop study optimizers`` at batch 16; float32, one thread), the time per step of:
 
 * ``official``: the official AdaHessian step written out (``loss.backward(create_graph=True)``,
@@ -21,13 +22,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import curvop.optim as co
 from curvop.studies import char_text, digits
+from curvop.studies.optimizers import interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _torch_models, when run from the repository root
 
 
 def official_adahessian(model, params, loss_fn, lr=1e-3, betas=(0.9, 0.999), eps=1e-4):
@@ -100,20 +105,12 @@ def measure(name, model, batch, loss_fn, flat, rounds, steps=10):
     for f in fns.values():  # warm-up
         for _ in range(3):
             f(x, y)
-    names = list(fns)
-    times = {k: [] for k in names}
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fns[k](x, y)
-            times[k].append((time.perf_counter() - t0) / steps)
+    times = interleaved({k: (lambda f: lambda: f(x, y))(f) for k, f in fns.items()}, rounds, steps)
     rows = []
-    for k in names:
-        ms = 1e3 * float(np.median(times[k]))
+    for k, t in times.items():
         ref = REFERENCE.get(k)
-        ratio = float(np.median(np.array(times[k]) / np.array(times[ref]))) if ref else None
-        rows.append((name, k, ms, ref, ratio))
+        ratio = float(np.median(np.array(t) / np.array(times[ref]))) if ref else None
+        rows.append((name, k, 1e3 * float(np.median(t)), ref, ratio))
     return rows
 
 
@@ -129,6 +126,14 @@ def main():
     cnn = digits.cnn(8)
     rows = measure("digits CNN (1.9k parameters, batch 64)", cnn, (data.x_train[:64], data.y_train[:64]), ce,
                    lambda out, y: (out, y), args.rounds)
+    from _torch_models import small_cnn
+
+    torch.manual_seed(0)
+    bn = small_cnn(16).train()
+    g = torch.Generator().manual_seed(0)
+    rows += measure("CIFAR-shaped CNN with BatchNorm (28k parameters, batch 32)", bn,
+                    (torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)), ce,
+                    lambda out, y: (out, y), args.rounds)
     ids = char_text.encode(char_text.corpus())
     torch.manual_seed(0)
     tr = char_text.transformer()

@@ -296,7 +296,8 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
             row[1].plot(med[:, 1], med[:, 2], label=name)
         for ax, xlabel in zip(row, ("step", "training seconds")):
             ax.axhline(res["target"], ls="--", color="gray", lw=1)
-            ax.set(xlabel=xlabel, ylabel="evaluation loss", yscale="log", title=f"{task}: median over seeds")
+            ax.set(xlabel=xlabel, ylabel="evaluation loss", yscale="log",
+                   title=f"{task}: median over seeds, until the first stops at the target")
         row[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
