@@ -38,10 +38,9 @@ class DiagonalResult:
     stderr : array, shape (n,)
         Entry-wise standard error (native). Hutchinson: the sample standard deviation (ddof=1) of
         the independent per-probe estimates over the square root of their number (NaN from a
-        single probe). XDiag: the
-        same plus the covariance of its exchangeable, correlated leave-one-out estimates
-        (leave-two-out, as for XTrace's ``stderr``); ``estimate ± 2·stderr`` covers 90-96 % of the
-        entries (``benchmarks/coverage.py``).
+        single probe). XDiag: the same plus the covariance of its exchangeable, correlated
+        leave-one-out estimates (leave-two-out, as for XTrace's ``stderr``); ``estimate ±
+        2·stderr`` covers 90-96 % of the entries (``benchmarks/coverage.py``).
     num_matvecs : int
     method : str
         ``"exact"`` when the budget reached ``n`` (``stderr`` is then zero).

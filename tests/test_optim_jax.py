@@ -195,3 +195,29 @@ def test_gnb_estimate_is_unbiased_for_the_gauss_newton_diagonal(kind):
     draws = np.asarray(jax.vmap(draw)(jax.random.split(jax.random.PRNGKey(3), 3000)))
     z = (draws.mean(0) - want) / (draws.std(0, ddof=1) / np.sqrt(len(draws)))
     assert np.max(np.abs(z)) < 4.5
+
+
+@pytest.mark.parametrize("wrap", [lambda s: s, lambda s: (s,), lambda s: [s, s]], ids=["array", "tuple", "list"])
+def test_batch_may_be_any_pytree(wrap):
+    """The batch reaches ``loss_fn`` unchanged, whatever its structure (a bare array, a tuple, a list)."""
+    import curvop.optim.optax as cox
+
+    prob = R.quadratic(shapes=((5,), (2, 2, 2, 3)))
+    a, c = [jnp.asarray(x) for x in prob.a], [jnp.asarray(x) for x in prob.c]
+    seen = []
+
+    def loss(p, batch):
+        seen.append(jax.tree_util.tree_structure(batch))
+        s = jax.tree_util.tree_leaves(batch)[0]
+        return s * sum(0.5 * jnp.sum(ai * (x - ci) ** 2) for ai, ci, x in zip(a, c, p))
+
+    tx = cox.adahessian(loss, 0.1)
+    p = [jnp.asarray(x) for x in prob.p0]
+    state, got = tx.init(p), []
+    for _ in range(3):
+        batch = wrap(jnp.asarray(1.0))
+        updates, state = tx.update(jax.grad(loss)(p, batch), state, p, batch=batch)
+        p = optax.apply_updates(p, updates)
+        got.append([np.asarray(x) for x in p])
+    assert set(seen) == {jax.tree_util.tree_structure(wrap(1.0))}
+    assert R.max_error(got, R.adahessian(prob, 3, lr=0.1, kernel_axes=(0, 1))) < 1e-12

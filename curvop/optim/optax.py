@@ -71,7 +71,7 @@ class _Diagonal:
         self.loss_fn, self.num_probes, self.seed, self.H = loss_fn, num_probes, seed, None
 
     def __call__(self, params: Any, batch: Any, step: int) -> Any:
-        data = [batch]  # one batch of any pytree: a list of one, summed (exact, no batch size needed)
+        data = _OneBatch(batch)  # one batch of any pytree, summed over (exact, no batch size needed)
         if self.H is None:
             self.H = curvop.hessian_of(self.loss_fn, params, data, backend="jax", reduction="sum", cache=False,
                                        check_deterministic=False, check_finite=False)
@@ -80,6 +80,17 @@ class _Diagonal:
             H = self.H.on(data, params=params)
         d = curvop.diagonal(H, num_matvecs=self.num_probes, seed=probe_rng(self.seed, step)).estimate
         return ravel_pytree(params)[1](d)  # the operator's order is ravel_pytree's
+
+
+class _OneBatch:
+    """Data of exactly one batch, whatever its structure (an array, a tuple, a dict): a re-iterable
+    that yields it, so that curvop's data handling never takes the batch's own structure apart."""
+
+    def __init__(self, batch: Any):
+        self.batch = batch
+
+    def __iter__(self) -> Any:
+        yield self.batch
 
 
 def _kernel_mean(d: jax.Array, axes: tuple[int, int]) -> jax.Array:
@@ -128,7 +139,7 @@ def adahessian(loss_fn: Callable[[Any, Any], Any], learning_rate: float | Schedu
 
     Examples
     --------
-    >>> import jax.numpy as jnp, optax, curvop.optim.optax as cox
+    >>> import jax, jax.numpy as jnp, optax, curvop.optim.optax as cox
     >>> loss = lambda p, b: jnp.sum(b * (p["w"] - 1.0) ** 2)
     >>> params, batch = {"w": jnp.zeros(3)}, jnp.array([1.0, 2.0, 3.0])
     >>> tx = cox.adahessian(loss, learning_rate=0.1)

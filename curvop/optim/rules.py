@@ -71,6 +71,8 @@ def check_sophia(lr: Any, betas: Any, rho: Any, weight_decay: Any, eps: Any, eve
 def curvature_step(step: int, every: int) -> bool:
     """Whether step ``step`` (counted from 1) refreshes Sophia's curvature: steps 1, 1 + every, ...
 
+    Examples
+    --------
     >>> [t for t in range(1, 25) if curvature_step(t, 10)]
     [1, 11, 21]
     """
@@ -81,6 +83,8 @@ def probe_rng(seed: int, step: int) -> np.random.Generator:
     """The generator of step ``step``'s probes (or sampled targets): a function of ``(seed, step)`` only,
     so a run repeats, and a restored optimizer draws what the original would have.
 
+    Examples
+    --------
     >>> float(probe_rng(0, 3).random()) == float(probe_rng(0, 3).random())
     True
     """

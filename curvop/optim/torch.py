@@ -88,12 +88,12 @@ class AdaHessian(_Curvature):
     num_probes : int
         Rademacher probes per estimate (1, as the paper; each costs one Hessian-vector product).
 
-    Two ways to step:
-
-    * ``loss.backward(create_graph=True); optimizer.step()`` -- the official call pattern; the
-      products differentiate the graph of ``p.grad``, which is detached after the step.
-    * ``optimizer.step(closure)`` with a closure returning the loss (no ``backward``): the optimizer
-      evaluates it under curvop's op rewrites and writes the gradient to ``p.grad``.
+    Notes
+    -----
+    Two ways to step. ``loss.backward(create_graph=True); optimizer.step()`` is the official call
+    pattern: the products differentiate the graph of ``p.grad``, which is detached after the step.
+    ``optimizer.step(closure)`` takes a closure returning the loss (no ``backward``): the optimizer
+    evaluates it under curvop's op rewrites and writes the gradient to ``p.grad``.
 
     Examples
     --------
@@ -286,6 +286,8 @@ class SophiaG(_Sophia):
     loss_fn : CrossEntropyLoss, MSELoss or BCEWithLogitsLoss
         The loss, which must be the model's negative log-likelihood for the sampling to hold.
 
+    Notes
+    -----
     ``step(closure)``: the closure returns ``(outputs, targets)``; the loss is
     ``loss_fn(outputs, targets)``. A curvature step costs one forward and two backward passes
     (true and sampled targets, the same forward); the others one forward and one backward.
