@@ -1,5 +1,5 @@
-"""The ``curvop`` command: ``demo``, ``spectrum MODULE:FACTORY``, ``study bn-residual`` and
-``study edge-of-stability``.
+"""The ``curvop`` command: ``demo``, ``spectrum MODULE:FACTORY``, ``study bn-residual``,
+``study edge-of-stability`` and ``study optimizers``.
 
 Exit codes: 0 success, 1 a run failed (one ``curvop: error: ...`` line on stderr, whatever raised
 it; ``--traceback`` prints the full traceback instead), 2 bad usage (argparse), 130 interrupted.
@@ -98,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(eos, "curvop-eos", "weights and probes")
     eos.add_argument("--quick", action="store_true", help="larger step sizes, fewer steps (a few minutes)")
     eos.set_defaults(func=_edge_of_stability)
+    opt = studies.add_parser("optimizers", help="AdamW, AdaHessian, Sophia-H, Sophia-G: steps and time to a target loss",
+                             description="AdaHessian's and Sophia's claims at small scale: the digits CNN and a "
+                                         "character transformer on the standard library's docstrings, a small "
+                                         "learning-rate sweep per optimizer, 5 seeds; writes results.json, "
+                                         "optimizers.png and report.md.")
+    _common(opt, "curvop-optimizers", "every run (added to the study's seeds)")
+    opt.add_argument("--quick", action="store_true", help="one learning rate, 2 seeds, 30 steps (under a minute)")
+    opt.add_argument("--jobs", type=_positive, default=None, metavar="N",
+                     help="training runs at a time, each a process of one torch thread (default: 2; 1 with --quick)")
+    opt.set_defaults(func=_optimizers)
     return parser
 
 
@@ -129,6 +139,15 @@ def _edge_of_stability(args: argparse.Namespace) -> dict[str, Any]:
     command = "curvop study edge-of-stability" + (" --quick" if args.quick else "") + f" --seed {args.seed}"
     return edge_of_stability.run(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet, command=command,
                                  say=_say(args))
+
+
+def _optimizers(args: argparse.Namespace) -> dict[str, Any]:
+    from curvop.studies import optimizers
+
+    jobs = "" if args.jobs is None else f" --jobs {args.jobs}"
+    command = "curvop study optimizers" + (" --quick" if args.quick else "") + f" --seed {args.seed}{jobs}"
+    return optimizers.run(args.out, quick=args.quick, seed=args.seed, quiet=args.quiet, command=command,
+                          jobs=args.jobs, say=_say(args))
 
 
 def _spectrum(args: argparse.Namespace) -> dict[str, Any]:

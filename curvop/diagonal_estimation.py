@@ -24,7 +24,7 @@ from curvop.sketch import pair_coefficients, probe_block, range_sketch, unit_blo
 __all__ = ["DiagonalResult", "diagonal"]
 
 Array = Any
-_MIN_MATVECS = {"hutchinson": 2, "xdiag": 4}
+_MIN_MATVECS = {"hutchinson": 1, "xdiag": 4}
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,10 +37,10 @@ class DiagonalResult:
         The estimated diagonal, of the operator's native array type.
     stderr : array, shape (n,)
         Entry-wise standard error (native). Hutchinson: the sample standard deviation (ddof=1) of
-        the independent per-probe estimates over the square root of their number. XDiag: the
-        same plus the covariance of its exchangeable, correlated leave-one-out estimates
-        (leave-two-out, as for XTrace's ``stderr``); ``estimate ± 2·stderr`` covers 90-96 % of the
-        entries (``benchmarks/coverage.py``).
+        the independent per-probe estimates over the square root of their number (NaN from a
+        single probe). XDiag: the same plus the covariance of its exchangeable, correlated
+        leave-one-out estimates (leave-two-out, as for XTrace's ``stderr``); ``estimate ±
+        2·stderr`` covers 90-96 % of the entries (``benchmarks/coverage.py``).
     num_matvecs : int
     method : str
         ``"exact"`` when the budget reached ``n`` (``stderr`` is then zero).
@@ -66,7 +66,10 @@ def _row_mean_stderr(E: Array, cov: Array | None = None) -> tuple[Array, Array]:
     ``cov`` (XDiag): the entry-wise covariance ``ĉ`` of the exchangeable samples, added where it
     is positive (:func:`curvop.sketch.exchangeable_variance` is the scalar version).
     """
-    xp, m = namespace(E), E.shape[1]
+    m = E.shape[1]
+    if m == 1:  # one sample: no spread to measure, the error is unknown (NaN), not zero
+        return E[:, 0], E[:, 0] * float("nan")
+    xp = namespace(E)
     mean = xp.sum(E, axis=1) / m
     dev = E - stack([mean] * m, axis=1)
     var = xp.sum(dev * dev, axis=1) / ((m - 1) * m)
@@ -154,7 +157,8 @@ def diagonal(
     H : operator-like
         Anything :func:`curvop.aslinearoperator` accepts.
     method : {"hutchinson", "xdiag"}
-        ``"hutchinson"``: ``mean_j z_j ⊙ Hz_j`` with Rademacher probes (exact for diagonal ``H``).
+        ``"hutchinson"``: ``mean_j z_j ⊙ Hz_j`` with Rademacher probes (exact for diagonal ``H``);
+        one probe is allowed (AdaHessian's and Sophia-H's estimate), its ``stderr`` is NaN.
         ``"xdiag"``: low-rank part ``diag(QQᵀH)`` plus a Hutchinson correction, every probe left
         out of the sketch in turn; much better when the spectrum decays.
     num_matvecs : int

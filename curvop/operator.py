@@ -136,6 +136,24 @@ class HessianOperator(LinearOperator):
             f"the operator acts on the {n} flattened parameters"
         )
 
+    def on(self, data: Any, *, params: Any = None) -> "HessianOperator":
+        """The same loss's Hessian on other ``data`` (and, for JAX, at other ``params`` values).
+
+        Much cheaper than building a new operator when one is needed per mini-batch (an optimizer,
+        a tracker on fresh batches): the build's checks and compiled functions are reused, only a
+        cache for the new data is made. torch and TensorFlow follow the live parameters, so
+        ``params`` is for JAX (a pytree of the same structure, shapes and dtype). The new operator
+        counts its own products.
+
+        >>> import torch, curvop
+        >>> model = torch.nn.Linear(2, 1).double()
+        >>> H = curvop.hessian(model, torch.nn.MSELoss(), (torch.ones(4, 2).double(), torch.zeros(4, 1).double()))
+        >>> H2 = H.on((2 * torch.ones(4, 2).double(), torch.zeros(4, 1).double()))
+        >>> float(H2.to_dense()[0, 0] / H.to_dense()[0, 0])
+        4.0
+        """
+        return HessianOperator(self.backend.on(data, params))
+
     # --- constructors for codes without autodiff -----------------------------------------------
     @classmethod
     def from_hvp(cls, hvp_fn: Any, x0: Any, *, matmat_fn: Any = None) -> "HessianOperator":

@@ -90,6 +90,12 @@ class Backend(abc.ABC):
         """
         return seed
 
+    def on(self, data: Any, params: Any = None) -> "Backend":
+        """This backend on other data (and, where parameters are values, at ``params``), reusing what
+        its build checked and compiled. Default: not supported (a clear error)."""
+        raise NotImplementedError(
+            f"the {self.name} backend cannot be moved to other data: build a new operator instead")
+
     def is_main_process(self) -> bool:
         """Whether this process reports (progress bars, printing). Default True; a data-parallel
         backend answers ``rank == 0``."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import warnings
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol, Sequence
 
@@ -144,6 +145,28 @@ class AutodiffBackend(Backend):
         if not cached:
             raise ValueError("data is empty: the data loader yielded no batches")
         return cached
+
+    def on(self, data: Any, params: Any = None) -> "AutodiffBackend":
+        """A copy of this backend on ``data`` (one batch or a re-iterable of batches, combined with
+        the same reduction and batch weights), at ``params`` where the framework takes parameter
+        values (JAX: a pytree of the same structure, shapes and dtype), else at the live ones.
+
+        What the build did once is kept: the options as resolved, the parameter checks, the
+        determinism check, compiled product functions. The loss on the new data is not checked
+        again; a cache (a linearisation per batch) is built for the new data.
+        """
+        new = copy.copy(self)
+        new.dataset = Dataset(data, self.dataset.reduction, weight=self.dataset.weight)
+        new._rebind(params)
+        new._cached = new._build_cache() if self._cached is not None else None
+        return new
+
+    def _rebind(self, params: Any) -> None:
+        """For :meth:`on`: take new parameter values (``None``: keep them). Default: the backend
+        follows live parameters, so new values are refused."""
+        if params is not None:
+            raise TypeError(f"the {self.name} backend follows the live parameters of the model: call on(data) "
+                            "without params (update the parameters in place)")
 
     # --- what a framework supplies ----------------------------------------------------------------
     @abc.abstractmethod

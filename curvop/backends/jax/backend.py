@@ -137,6 +137,21 @@ class JaxBackend(AutodiffBackend):
             # linear map (a jax.tree_util.Partial holding the residuals) to apply per product
             self._linearize_jit = jax.jit(lambda p, b: jax.linearize(lambda q: grad_fn(q, b), p)[1])
 
+    def _rebind(self, params: Any) -> None:
+        """:meth:`on` at new parameter values: the same pytree structure, shapes and dtype (the
+        compiled products take the parameters as an argument, so nothing is compiled again)."""
+        if params is None:
+            return
+        new, _ = prepare_params(params)
+        old_tree, new_tree = jax.tree_util.tree_structure(self._params), jax.tree_util.tree_structure(new)
+        same = old_tree == new_tree and all(
+            a.shape == b.shape and a.dtype == b.dtype
+            for a, b in zip(jax.tree_util.tree_leaves(self._params), jax.tree_util.tree_leaves(new)))
+        if not same:
+            raise ValueError("on(data, params=...) needs parameters of the operator's structure, shapes and dtype; "
+                             "build a new operator with curvop.hessian_of for other parameters")
+        self._params = new
+
     def _product(self, v: Array, batch: Any, batched: bool) -> Array:
         return (self._freshk if batched else self._fresh1)(self._params, batch, v)
 

@@ -4,6 +4,8 @@ Everything here imports torch; nothing outside this folder imports it (``curvop.
 through the registry). One module a concern:
 
 * ``backend``: :class:`TorchBackend`, the template plus torch's products (``hessian``, ``hessian_of``);
+* ``graph``: the Hessian from one autograd graph, a closure's or given gradients' (``hessian_of``'s
+  torch.optim forms);
 * ``model``: the model adapter (``functional_call``, batches, buffers, losses) and the factories;
 * ``checks``: parameters and losses described for the template's checks, torch's advice;
 * ``state``: the lock, the per-batch seeds of train-mode products, inference-mode errors;
@@ -27,7 +29,7 @@ from typing import Any
 from curvop.backends.torch.distributed import DistributedError, is_main_process
 
 __all__ = ["TorchBackend", "DistributedError", "batch_seed", "hessian", "hessian_of", "is_main_process"]
-_FROM_BACKEND = ("TorchBackend", "batch_seed", "hessian", "hessian_of")
+_FROM_BACKEND = ("TorchBackend", "batch_seed", "hessian")
 
 
 def __getattr__(name: str) -> Any:
@@ -35,4 +37,6 @@ def __getattr__(name: str) -> Any:
     import no torch at import time, so a launcher script can ask ``is_main_process()`` cheaply."""
     if name in _FROM_BACKEND:
         return getattr(importlib.import_module("curvop.backends.torch.backend"), name)
+    if name == "hessian_of":  # a function of the parameters, or (graph) a closure or gradients
+        return importlib.import_module("curvop.backends.torch.graph").hessian_of
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
