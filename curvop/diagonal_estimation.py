@@ -16,7 +16,7 @@ import numpy as np
 
 from curvop._checks import require_finite
 from curvop._progress import progress_bar
-from curvop.arrays import asarray_like, matmul, namespace, stack
+from curvop.arrays import asarray_like, concat, matmul, namespace, stack
 from curvop.eigen import array_summary
 from curvop.operator import aslinearoperator
 from curvop.sketch import pair_coefficients, probe_block, range_sketch, unit_blocks
@@ -86,32 +86,41 @@ def _pair_sum(X: Array | None, Y: Array | None, C) -> Array:
     return namespace(YC).sum(YC if X is None else X * YC, axis=1)
 
 
-def _xdiag_covariance(E: Array, A: Array, B: Array, Om: Array, S, R) -> Array | None:
+def _xdiag_covariance(E: Array, A: Array, B: Array, Om: Array, S, R, rows: int = 16) -> Array | None:
     """Entry-wise ``ĉ`` of :func:`curvop.sketch.exchangeable_variance` for XDiag, in ``O(nk²)``.
 
     Dropping probe ``j`` from ``P₋ᵢ`` too removes ``Qv`` (``v = p sⱼ + q sᵢ``,
     :func:`~curvop.sketch.pair_coefficients`), so with ``A = QS``, ``B = ZS = HQS`` and
     ``γ = vᵀRᵢ`` the change of sample ``i`` is
     ``tᵢ − tᵢ⁽⁻ʲ⁾ = (pAⱼ + qAᵢ) ⊙ (pBⱼ + qBᵢ) − γ ωᵢ ⊙ (pAⱼ + qAᵢ)``: six sums over pairs, each
-    weighted by ``(k−1)tⱼ + tᵢ − Σt``. ``None`` when not finite (dependent sketch columns).
+    weighted by ``(k−1)tⱼ + tᵢ − Σt``. Every entry is independent of the others, so the sums run
+    over ``rows`` slices of the entries: the temporaries stay a small fraction of the probe blocks
+    (the memory model of :func:`diagonal` holds). ``None`` when not finite (dependent sketch columns).
     """
-    k = E.shape[1]
+    n, k = E.shape
     if k < 3:
         return None
     p, q = pair_coefficients(S)
     SR = S.T @ R
     gam = p * SR.T + q * np.diag(SR)[:, None]  # γ_ij = v_ijᵀ Rᵢ
+    step = -(-n // rows)
+    cov = concat([_xdiag_covariance_rows(E[a:a + step], A[a:a + step], B[a:a + step], Om[a:a + step],
+                                         p, q, gam) for a in range(0, n, step)], axis=0)
+    return cov if np.isfinite(float(namespace(cov).sum(abs(cov)))) else None
+
+
+def _xdiag_covariance_rows(E: Array, A: Array, B: Array, Om: Array, p, q, gam) -> Array:
+    """:func:`_xdiag_covariance` on a slice of the entries."""
+    k = E.shape[1]
     AB = A * B
     terms = [(None, AB, p * p), (B, A, p * q), (A, B, p * q), (AB, None, q * q), (Om, A, -gam * p),
              (Om * A, None, -gam * q)]  # (i-side, j-side, coefficient) of tᵢ − tᵢ⁽⁻ʲ⁾
-    xp = namespace(E)
-    centred = E - stack([xp.sum(E, axis=1)] * k, axis=1)  # tᵢ − Σt
+    centred = E - stack([namespace(E).sum(E, axis=1)] * k, axis=1)  # tᵢ − Σt
     total = 0.0
     for X, Y, C in terms:
         total = total + _pair_sum(X, E * (k - 1) if Y is None else E * Y * (k - 1), C)
         total = total + _pair_sum(centred if X is None else centred * X, Y, C)
-    cov = total / (k * (k - 1) * (k - 2))
-    return cov if np.isfinite(float(xp.sum(abs(cov)))) else None
+    return total / (k * (k - 1) * (k - 2))
 
 
 def _hutchinson(H, m, rng):
@@ -129,8 +138,10 @@ def _xdiag(H, m, rng):
     Z = H.matmat(Q)
     QS, ZS = matmul(Q, S), matmul(Z, S)
     base = namespace(Q).sum(Q * Z, axis=1)  # diag(Q Qᵀ H) for symmetric H
-    E = stack([base] * s, axis=1) - QS * ZS + Om * QS * asarray_like(sk.loo_weights, QS)
-    return E, _xdiag_covariance(E, QS, ZS, Om, S, sk.R)
+    R, w = sk.R, asarray_like(sk.loo_weights, QS)
+    del sk, Q, Z  # the covariance needs only the sketch's small factors: free the big blocks
+    E = stack([base] * s, axis=1) - QS * ZS + Om * QS * w
+    return E, _xdiag_covariance(E, QS, ZS, Om, S, R)
 
 
 def _exact(H):
