@@ -22,6 +22,13 @@ def dense_hessian(model, loss_fn, batches, names=None):
     """
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
+    return params_hessian(model, lambda p: loss_fn(functional_call(model, p, (x,)), y), names)
+
+
+def params_hessian(model, f, names=None):
+    """Hessian of ``f(parameters)`` in the flat order of ``model.named_parameters()`` (``names``: those
+    only), by ``torch.func.hessian``; ``f`` gets the ``(parameters, other tensors)`` pair that
+    ``functional_call`` takes, with the buffers and the parameters left out as constants."""
     params = dict(model.named_parameters())
     names = list(params) if names is None else names
     fixed = {k: v.detach() for k, v in params.items() if k not in names}
@@ -31,8 +38,7 @@ def dense_hessian(model, loss_fn, batches, names=None):
     flat0 = torch.cat([params[k].detach().reshape(-1) for k in names])
 
     def loss(flat):
-        parts = dict(zip(names, (t.view(s) for t, s in zip(torch.split(flat, sizes), shapes))))
-        return loss_fn(functional_call(model, (parts, fixed), (x,)), y)
+        return f((dict(zip(names, (t.view(s) for t, s in zip(torch.split(flat, sizes), shapes)))), fixed))
 
     return torch.func.hessian(loss)(flat0).detach().numpy()
 

@@ -5,6 +5,7 @@ usage: python _fsdp_worker.py SCENARIO OUT_PREFIX ; writes OUT_PREFIX.<rank>.jso
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -22,6 +23,9 @@ import curvop
 from curvop import arrays
 from curvop.backends.torch.distributed import DistributedError
 from curvop.backends.torch.fsdp import FSDPBackend, is_fsdp_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # tests/
+from torch_reference import dense_hessian  # noqa: E402
 
 
 def build(dtype, rank, world, shard=True, mp=None):
@@ -42,6 +46,11 @@ def build(dtype, rank, world, shard=True, mp=None):
     return model.eval(), batches
 
 
+def _dense(twin, loss, batches):
+    """The independent reference: torch.func.hessian of the twin's loss over all the data, in float64."""
+    return dense_hessian(copy.deepcopy(twin).double(), loss, [(x.double(), y) for x, y in batches])
+
+
 def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -53,6 +62,7 @@ def agree(rank, world, out):
         model, shard = build(dtype, rank, world)
         twin, batches = build(dtype, rank, world, shard=False)
         T = curvop.hessian(twin, loss, batches, process_group=False)
+        D = _dense(twin, loss, batches)
         before = [p.to_local().clone() for p in model.parameters()]
         marker = [torch.full_like(p, 7.0) for p in model.parameters()]  # user's .grad, must survive
         for p, m in zip(model.parameters(), marker):
@@ -62,7 +72,8 @@ def agree(rank, world, out):
         n = H.shape[0]
         V = np.random.default_rng(5).standard_normal((n, 3))
         HV, TV = H @ V, T @ V.astype(T.dtype)
-        r = {"n": n, "product_rel": _rel(HV, TV), "product_rel_v": _rel(H @ V[:, 0], TV[:, 0])}
+        r = {"n": n, "product_rel": _rel(HV, TV), "product_rel_v": _rel(H @ V[:, 0], TV[:, 0]),
+             "dense_rel": _rel(HV, D @ V), "dense_rel_v": _rel(H @ V[:, 0], D @ V[:, 0])}
         r["restored"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
         r["grad_kept"] = all(p.grad is m and bool((m == 7.0).all()) for p, m in zip(model.parameters(), marker))
         r["rng_kept"] = bool(torch.equal(torch.get_rng_state(), rng))
@@ -70,8 +81,13 @@ def agree(rank, world, out):
         r["eig"], r["eig_twin"] = e.eigenvalues.tolist(), et.eigenvalues.tolist()
         r["eigvec_rel"] = [_rel(abs(H.to_numpy(e.eigenvectors)[:, i] @ (T.to_numpy(et.eigenvectors)[:, i]))
                                 * np.ones(1), np.ones(1)) for i in range(3)]
+        lam, U = np.linalg.eigh(D)
+        r["eig_dense"] = lam[::-1][:3].tolist()
+        ev = H.to_numpy(e.eigenvectors).astype(np.float64)
+        r["eigvec_dense_rel"] = [float(1 - abs(ev[:, i] @ U[:, -1 - i]) / np.linalg.norm(ev[:, i])) for i in range(3)]
         tr, trt = (curvop.trace(op, method="hutch++", num_matvecs=12, seed=0) for op in (H, T))
         r["trace"], r["trace_twin"] = tr.estimate, trt.estimate
+        r["trace_stderr"], r["trace_dense"] = float(tr.stderr), float(np.trace(D))
         d, dt = (curvop.spectral_density(op, num_steps=10, num_probes=2, seed=0) for op in (H, T))
         r["nodes"] = np.concatenate(d.nodes).tolist()
         r["nodes_twin"] = np.concatenate(dt.nodes).tolist()
@@ -141,6 +157,7 @@ def mixed_precision(rank, world):
             T = curvop.hessian(twin, loss, batches, process_group=False)
             V = np.random.default_rng(5).standard_normal((H.shape[0], 2))
             r["product_rel"] = _rel(H @ V, T @ V.astype(np.float32))
+            r["dense_rel"] = _rel(H @ V, _dense(twin, loss, batches) @ V)
         now = [m._get_fsdp_state()._mp_policy for k, m in model.named_modules() if k in every]
         r["unchanged"] = (all(torch.equal(p.to_local(), b) and p.grad is None for p, b in zip(model.parameters(), before))
                           and all(a is b for a, b in zip(policies, now)))

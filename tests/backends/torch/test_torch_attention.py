@@ -8,6 +8,7 @@ own kernel choice, not curvop's rewrite.
 
 from __future__ import annotations
 
+import queue
 import threading
 
 import numpy as np
@@ -220,32 +221,49 @@ def test_issue11_item1_fast_paths_are_skipped_and_global_settings_untouched():
                      torch.backends.cuda.math_sdp_enabled(), torch.backends.mha.get_fastpath_enabled())
 
 
+def _double_backward_runs(q, k, v) -> bool:
+    """Whether the second derivative of attention goes through: curvop's math attention, not torch's
+    fused kernel (which has none)."""
+    g = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v).pow(2).sum(), q, create_graph=True)[0]
+    try:
+        torch.autograd.grad(g.sum(), q)
+    except RuntimeError:
+        return False
+    return True
+
+
 def test_issue11_item1_rewrite_is_per_thread():
-    """While one thread builds products, attention in another thread is torch's own (fused) kernel."""
+    """While one thread is inside a product (its forward, where curvop's rewrite is active), attention
+    in another thread is torch's own (fused) kernel: the other thread checks at that very moment."""
     model, x, y = make("tiny_vit")
     H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), cache=False)
-    stop, errors = threading.Event(), []
+    (q, k, v), _ = _sdpa_inputs({})
+    q.requires_grad_(True)
+    assert not _double_backward_runs(q, k, v)  # torch's kernel here, outside any product
+    requests, answers, inside, outside = queue.Queue(), queue.Queue(), [], []
 
-    def other():
-        (q, k, v), _ = _sdpa_inputs({})
-        q.requires_grad_(True)
-        while not stop.is_set():
-            g = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v).pow(2).sum(), q, create_graph=True)[0]
-            try:
-                torch.autograd.grad(g.sum(), q)
-            except RuntimeError:
-                continue  # the fused kernel, as it should be in this thread
-            errors.append("the other thread ran curvop's attention")
+    def other():  # one check per request, while the main thread waits inside its forward
+        while requests.get() is not None:
+            answers.put(_double_backward_runs(q, k, v))
+
+    def pause(module, args):  # a forward pre-hook: in the main thread, inside curvop's product
+        inside.append(_double_backward_runs(q, k, v))
+        requests.put(True)
+        outside.append(answers.get(timeout=120))  # a thread that never ran fails here
 
     t = threading.Thread(target=other)
     t.start()
+    handle = model.blocks[0].register_forward_pre_hook(pause)
     try:
-        for _ in range(3):
+        for _ in range(2):
             H @ np.ones(H.shape[0])
     finally:
-        stop.set()
-        t.join()
-    assert not errors
+        handle.remove()
+        requests.put(None)
+        t.join(timeout=120)
+    assert len(inside) == len(outside) >= 2  # the other thread answered once per forward of a product
+    assert all(inside)  # the main thread was inside curvop's rewrite (math attention) ...
+    assert not any(outside)  # ... and at that moment the other thread's attention was torch's own
 
 
 def test_issue11_item1_attention_dropout_in_training_is_a_clear_error():

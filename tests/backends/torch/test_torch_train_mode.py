@@ -18,7 +18,7 @@ from torch.func import functional_call  # noqa: E402
 
 import curvop  # noqa: E402
 from curvop.backends.torch import batch_seed  # noqa: E402
-from torch_reference import MODES  # noqa: E402
+from torch_reference import MODES, dense_hessian  # noqa: E402
 
 F64 = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -64,8 +64,7 @@ def _reference(model: nn.Module, batches: list, seed: int) -> np.ndarray:
 
 
 def _eval_reference(model: nn.Module, batches: list) -> np.ndarray:
-    ref = copy.deepcopy(model).eval()
-    return curvop.hessian(ref, nn.CrossEntropyLoss(), batches).to_dense()
+    return dense_hessian(copy.deepcopy(model).eval(), nn.CrossEntropyLoss(), batches)
 
 
 def _state(model: nn.Module):
@@ -244,13 +243,14 @@ def test_issue14_item3_products_from_threads_keep_their_masks(mode):
     H = curvop.hessian(model, nn.CrossEntropyLoss(), batches, train_mode=True, seed=5, **MODES[mode])
     R = _reference(model, batches, 5)
     vs = [np.random.default_rng(i).standard_normal(H.shape[0]) for i in range(3)]
-    errors, start = [], threading.Barrier(3)
+    errors, finished, start = [], [], threading.Barrier(3)
 
     def work(v):
         try:
             start.wait()
             for _ in range(5):
                 np.testing.assert_allclose((H @ torch.from_numpy(v)).numpy(), R @ v, **TOL)
+            finished.append(True)
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -260,3 +260,4 @@ def test_issue14_item3_products_from_threads_keep_their_masks(mode):
     for t in threads:
         t.join()
     assert not errors, errors[0]
+    assert len(finished) == 3  # every thread ran its products
