@@ -8,7 +8,7 @@ the same class.
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteProductError"]
+__all__ = ["ModeError", "NoSecondDerivativeError", "NonFiniteProductError", "PrecisionWarning"]
 
 
 class NonFiniteProductError(FloatingPointError):
@@ -27,3 +27,27 @@ class NonFiniteProductError(FloatingPointError):
         super().__init__(message)
         self.batch = batch
         self.rank = rank
+
+
+class ModeError(ValueError):
+    """A product mode the user named (``hvp=``, ``cache=``) cannot differentiate the model; the
+    message names the mode that works (``.mode``, ``.cache``)."""
+
+    def __init__(self, message: str, mode: str | None = None, cache: bool | None = None):
+        super().__init__(message)
+        self.mode = mode
+        self.cache = cache
+
+
+class NoSecondDerivativeError(RuntimeError):
+    """An op of the model or loss has no second derivative in any mode of the framework; the
+    message names the op, the module using it where known, and a workaround (``.op``)."""
+
+    def __init__(self, message: str, op: str | None = None):
+        super().__init__(message)
+        self.op = op
+
+
+class PrecisionWarning(UserWarning):
+    """Part of the model computes in a lower precision than its parameters (a float64 model that
+    casts to float32 inside): the Hessian carries that precision's digits there."""
