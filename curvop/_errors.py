@@ -3,7 +3,8 @@
 :class:`NonFiniteProductError` is raised by the backends (a product is not finite, with the batch
 located: :mod:`curvop.backends.faults`) and by the algorithms (a NaN reached their host numbers),
 so it lives here, where both may import it; ``curvop.backends.faults.NonFiniteProductError`` is
-the same class.
+the same class. :class:`ModeError`, :class:`NoSecondDerivativeError` and :class:`PrecisionWarning`
+are raised by the backends and exported as ``curvop.ModeError`` and so on.
 """
 
 from __future__ import annotations

@@ -95,6 +95,8 @@ def _check_policies(model: Any) -> None:
     """A layer computing in a lower precision than its variables (a mixed-precision dtype policy) is
     refused: its products would carry float16's or bfloat16's 2-3 digits."""
     for layer in [*model._flatten_layers(include_self=False, recursive=True), model]:  # the model last
+        if type(layer).__name__ == "InputLayer":  # computes nothing
+            continue
         policy = getattr(layer, "dtype_policy", None)
         compute, variable = (str(getattr(policy, a, "")) for a in ("compute_dtype", "variable_dtype"))
         if (precision_bits(compute) or 64) < (precision_bits(variable) or 0):

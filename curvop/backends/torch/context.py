@@ -98,6 +98,7 @@ class PrecisionWatch(TorchFunctionMode):
         self.bits = precision_bits(dtype_name(dtype)) or 64
         self.found: dict[str, tuple[str, str, str]] = {}  # module name -> (class, op, dtype)
         self.output: str | None = None  # the lowest precision among the model's own outputs
+        self.model_class = type(model).__name__ if model is not None else "the loss function"
         self._stack: list[tuple[str, str]] = [("", "the loss function")]
         self._model, self._handles = model, []
 
@@ -160,11 +161,11 @@ class PrecisionWatch(TorchFunctionMode):
         """The precision error's advice when the model itself returns lower-precision outputs."""
         if self.output is None:
             return None
-        return (f"the loss value is torch.{loss_dtype}, but the parameters are {dtype}: the model itself returns "
-                f"{self.output} outputs ({self.where()}), so no loss_fn can recover the digits. Use the "
-                f"{self.output} Hessian of a {self.output} copy of the model (copy.deepcopy(model).float()), make "
-                "that module compute in the model's dtype, or pass check_loss_dtype=False to accept the lower "
-                "precision.")
+        return (f"the loss value is torch.{loss_dtype}, but the parameters are {dtype}: the model itself "
+                f"({self.model_class}) returns {self.output} outputs, so no loss_fn can recover the digits (lower "
+                f"precision at {self.where()}). Use the {self.output} Hessian of a {self.output} copy of the model "
+                "(copy.deepcopy(model).float()), make those modules compute in the model's dtype, or pass "
+                "check_loss_dtype=False to accept the lower precision.")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
