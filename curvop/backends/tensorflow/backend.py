@@ -201,8 +201,9 @@ class TensorFlowBackend(AutodiffBackend):
 
     def describe(self) -> str:
         how = "vectorized" if self.batched else "looped"
-        return (f"tensorflow {self.mode} mode, {how} blocks, n={self.size}, {self.tf_dtype.name} on "
-                f"{device_key(self.device)[0]}:{tf.DeviceSpec.from_string(self.device).device_index or 0}{self._note()}")
+        where = f"{device_key(self.device)[0]}:{tf.DeviceSpec.from_string(self.device).device_index or 0}"
+        dtype = self.tf_dtype.name
+        return f"tensorflow {self.mode} mode, {how} blocks, n={self.size}, {dtype} on {where}{self._note()}"
 
     # --- products (traced) ------------------------------------------------------------------------
     def _function(self, body: Callable[[tf.Tensor, Any], tf.Tensor], vspec: tf.TensorSpec, template: Any,

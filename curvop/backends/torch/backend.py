@@ -177,6 +177,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     def _prepare_batch(self, batch: Any) -> Any:
         """The tensors of a batch (any nesting: :func:`~curvop.backends.dataset.map_batch`) on the
         device; a ``PackedSequence`` moves as one (its ``batch_sizes`` stay on the CPU)."""
+        if type(batch) is tuple and all(type(t) is Tensor and t.device == self.device for t in batch):
+            return batch  # the usual (x, y) already on the device
         return map_batch(self._to_device, batch, is_leaf=_is_packed)
 
     def _to_device(self, x: Any) -> Any:
@@ -211,7 +213,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         if self._rng is not None:
             cache += f", training mode (seed {self._rng.seed})"
         ranks = f", data-parallel over {self._collective.world} ranks" if self._collective is not None else ""
-        return f"torch {self.mode} mode, {cache}, n={self.size}, {self.torch_dtype} on {self.device}{ranks}{self._note()}"
+        where = f"{self.torch_dtype} on {self.device}{ranks}"
+        return f"torch {self.mode} mode, {cache}, n={self.size}, {where}{self._note()}"
 
     # --- products --------------------------------------------------------------------------------
     def _product(self, v: Tensor, batch: Any, batched: bool) -> Tensor:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
-from typing import Any
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any, ContextManager
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -39,23 +39,28 @@ from curvop.backends.torch.state import LOCK
 __all__ = ["ModuleModes", "PrecisionWatch", "build_time", "mode_failure", "name_users", "no_second_derivative",
            "unwrap"]
 
+_NULL = nullcontext()
+
 
 class ModuleModes:
     """The train/eval flags of a model's modules at build, applied around every loss evaluation."""
 
     def __init__(self, model: torch.nn.Module):
-        self.flags = [(m, m.training) for m in model.modules()]
-        self.sparse = [m for m in model.modules()
-                       if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+        self.modules = list(model.modules())
+        self.flags = [m.training for m in self.modules]
+        embeddings = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+        self.sparse = [m for m in self.modules if isinstance(m, embeddings) and m.sparse]
+
+    def applied(self) -> ContextManager[None]:
+        """The recorded flags inside (call it holding ``LOCK``); the model's own flags afterwards."""
+        if not self.sparse and [m.training for m in self.modules] == self.flags:
+            return _NULL  # the usual case: one list comparison
+        return self._applied()
 
     @contextmanager
-    def applied(self) -> Iterator[None]:
-        """The recorded flags inside (call it holding ``LOCK``); the model's own flags afterwards."""
-        changed = [m for m, t in self.flags if m.training != t]
+    def _applied(self) -> Iterator[None]:
+        changed = [m for m, t in zip(self.modules, self.flags) if m.training != t]
         sparse = [m for m in self.sparse if m.sparse]
-        if not changed and not sparse:
-            yield
-            return
         try:
             for m in changed:
                 m.training = not m.training
@@ -69,14 +74,18 @@ class ModuleModes:
                 m.sparse = True
 
 
-@contextmanager
-def build_time(device_type: str, default_dtype: torch.dtype) -> Iterator[None]:
+def build_time(device_type: str, default_dtype: torch.dtype) -> ContextManager[None]:
     """Autocast off, grad mode on and ``default_dtype`` as torch's default dtype, inside only."""
+    if (torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and torch.get_default_dtype() == default_dtype
+            and (device_type == "cpu" or not torch.is_autocast_enabled(device_type))):
+        return _NULL  # the usual case
+    return _build_time(device_type, default_dtype)
+
+
+@contextmanager
+def _build_time(device_type: str, default_dtype: torch.dtype) -> Iterator[None]:
     autocast = [t for t in dict.fromkeys(("cpu", device_type)) if torch.is_autocast_enabled(t)]
     other_dtype = torch.get_default_dtype() != default_dtype
-    if not autocast and not other_dtype and torch.is_grad_enabled():
-        yield
-        return
     with ExitStack() as stack:
         for t in autocast:
             stack.enter_context(torch.autocast(t, enabled=False))
