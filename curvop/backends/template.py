@@ -21,6 +21,12 @@ then, once the subclass has set ``size``, ``dtype``, ``device`` and its layout, 
 checked on fresh products, cache built). Per product the template calls ``_follow()``, then per
 batch ``_product`` or a cached map inside ``_batch_context(i, cached)``, sums with ``_add`` and
 the dataset's weights, reduces through the optional collective, and checks finiteness once.
+
+The build and every product run inside ``_context()`` (the framework's build-time context:
+torch turns the caller's autocast off). The first work that needs a product (the build's checks
+and cache, or else the first product) goes through :func:`curvop.backends.modes.settle`: an error
+that ``_mode_failure(err)`` recognises ("this mode cannot differentiate this model") moves an
+``"auto"`` option to a mode that works, or refuses a named one naming the mode that works.
 """
 
 from __future__ import annotations
@@ -246,17 +252,17 @@ class AutodiffBackend(Backend):
         with self._context():
             self._follow()
             if not self._settled:
-                return self._first(lambda: self._finite(self._reduce(v, False), v, False))
+                return self._settle_first(lambda: self._finite(self._reduce(v, False), v, False))
             return self._finite(self._reduce(v, False), v, False)
 
     def hvp_batch(self, v: Array) -> Array:
         with self._context():
             self._follow()
             if not self._settled:
-                return self._first(lambda: self._block_product(v))
+                return self._settle_first(lambda: self._block_product(v))
             return self._block_product(v)
 
-    def _first(self, product: Callable[[], Array]) -> Array:
+    def _settle_first(self, product: Callable[[], Array]) -> Array:
         """The first product of an operator built without one: in a mode that works."""
         y = settle(self, product)
         self._settled = True

@@ -116,13 +116,13 @@ class TensorFlowBackend(AutodiffBackend):
         first = None if dataset.data is None else self._prepare_batch(dataset.first())
         #: number of times the product functions were traced (one each, however many products)
         self.traces = 0
-        self._first = first
+        self._first_batch = first
         self._complete(loss_info(loss(first)), check_loss_dtype)
 
     # --- the template's hooks ---------------------------------------------------------------------
     def _resolved(self) -> None:
         self._functions: dict[Any, tuple[Any, Any]] = {}  # traced anew for a new mode
-        self._single, self._block = self._functions_for(self._first)[1]
+        self._single, self._block = self._functions_for(self._first_batch)[1]
 
     def _mode_failure(self, err: BaseException) -> str | None:
         return mode_failure(err)
