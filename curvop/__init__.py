@@ -8,6 +8,7 @@ with the functions); the sketching both use is ``curvop.sketch``.
 """
 
 from curvop import arrays, backends, sketch
+from curvop._errors import ModeError, NoSecondDerivativeError, PrecisionWarning
 from curvop.factory import hessian, hessian_of
 from curvop.operator import MAX_DENSE_SIZE, HessianOperator, aslinearoperator
 from curvop.eigen import ConvergenceWarning, EigenResult, eigenvalues
@@ -28,6 +29,9 @@ __all__ = [
     "hessian",
     "hessian_of",
     "ConvergenceWarning",
+    "ModeError",
+    "NoSecondDerivativeError",
+    "PrecisionWarning",
     "IndefiniteOperatorError",
     "EigenResult",
     "eigenvalues",

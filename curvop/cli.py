@@ -150,6 +150,14 @@ def _optimizers(args: argparse.Namespace) -> dict[str, Any]:
                           jobs=args.jobs, say=_say(args))
 
 
+def _announce_spectrum(args: argparse.Namespace) -> None:
+    """Say what is being built before anything slow (importing torch, the module, the factory)."""
+    module, _, name = args.target.rpartition(":")
+    _say(args)(f"curvop spectrum: importing {module or args.target} and calling {name or '?'}() for "
+               "(model, loss_fn, data) ...")
+    sys.stdout.flush()
+
+
 def _spectrum(args: argparse.Namespace) -> dict[str, Any]:
     from curvop.studies import own_model
 
@@ -193,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads_before = None
     try:
         _check_out(args.out)
+        if args.command == "spectrum":  # within a second: before torch, the module and the factory load
+            _announce_spectrum(args)
         import torch
 
         threads_before = torch.get_num_threads()

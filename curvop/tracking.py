@@ -16,12 +16,14 @@ from __future__ import annotations
 import random
 import sys
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from curvop._dtypes import numpy_dtype
 from curvop.eigen import eigenvalues
 from curvop.factory import hessian
 from curvop.trace_estimation import trace
@@ -135,6 +137,7 @@ class SharpnessTracker:
         t0 = time.perf_counter()
         with _training_untouched(self.model):
             H = self._operator(params)
+            self._check_previous(H)
             ss = np.random.SeedSequence([self.seed, step & 0xFFFFFFFF])
             first = self.warm_start and self._previous is None  # seeds every later start: the safer rule
             r = eigenvalues(H, k=self.k, tol=self.tol, tol_on="residual" if first else self.tol_on,
@@ -150,6 +153,19 @@ class SharpnessTracker:
                         tuple(float(v) for v in r.eigenvalues), tr, bool(r.converged))
         self.history.append(m)
         return m
+
+    def _check_previous(self, H: Any) -> None:
+        """Drop the warm start when the operator changed size or dtype since the last measurement
+        (parameters added or frozen, the model converted): this measurement starts cold."""
+        prev = None if self._previous is None else self._previous.eigenvectors
+        if prev is None or (prev.shape[0] == H.shape[0] and numpy_dtype(prev.dtype) == H.dtype):
+            return
+        warnings.warn(
+            f"the Hessian changed since the last measurement ({prev.shape[0]:,} {numpy_dtype(prev.dtype)} "
+            f"parameters, now {H.shape[0]:,} {H.dtype}: parameters added, frozen or converted), so the previous "
+            "eigenvectors cannot start this solve: it starts cold, from a random vector, and warm-starts again "
+            "from the next measurement", stacklevel=3)
+        self._previous = None
 
     def _operator(self, params: Any) -> Any:
         model = self.model

@@ -430,3 +430,46 @@ def test_issue13_item7_classes_of_a_factory_file_pickle(tmp_path):
         assert type(again) is type(made) and again.n == 3
     finally:
         sys.modules.pop("_curvop_user_my_exp", None)
+
+
+# --- issue 26: a factory returning loss_fn=None with a dict batch; saying what is being built ------
+OWN_LOSS = """
+import time
+from types import SimpleNamespace
+import torch
+
+class OwnLoss(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x, labels, note):
+        assert note == "kept"  # a string in the batch reaches the model
+        logits = self.lin(x)
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits, labels), logits=logits)
+
+def make():
+    print("factory runs", flush=True)
+    time.sleep(0.2)
+    torch.manual_seed(0)
+    return OwnLoss().double(), None, {"x": torch.randn(8, 4, dtype=torch.float64),
+                                      "labels": torch.randint(0, 3, (8,)), "note": "kept"}
+"""
+
+
+def test_issue26_section4_factory_with_loss_fn_none_and_a_dict_batch(tmp_path, capsys):
+    f = _write(tmp_path / "own.py", OWN_LOSS)
+    code = main(["spectrum", f"{f}:make", "-k", "1", "--steps", "5", "--trace-matvecs", "6", "--quiet",
+                 "--out", str(tmp_path / "o")])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    lines = printed.out.splitlines()
+    # said first, before torch, the module and the factory load (a factory that takes seconds)
+    assert lines[0] == f"curvop spectrum: importing {f} and calling make() for (model, loss_fn, data) ..."
+    assert lines[1] == "factory runs" and "15 parameters" in printed.out
+
+
+def test_issue26_section4_factory_loss_fn_neither_callable_nor_none(tmp_path, capsys):
+    f = _write(tmp_path / "bad.py", "import torch\ndef make():\n    return torch.nn.Linear(2, 1), 'mse', None\n")
+    code = main(["spectrum", f"{f}:make", "--quiet", "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, code, "returned a str as loss_fn; expected a callable, or None")

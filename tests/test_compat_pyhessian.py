@@ -382,3 +382,43 @@ def products_table(seeds: int = 5) -> str:
 
 if __name__ == "__main__":
     print(products_table())
+
+
+def test_issue26_item4_pyhessian_drop_in_takes_pytree_batches():
+    """A packed-sequence batch (data=) and a loader of namedtuple batches with dict inputs holding a
+    string (dataloader=): products equal a double-backward float64 reference."""
+    from collections import namedtuple
+
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = torch.nn.GRU(3, 4, batch_first=True), torch.nn.Linear(4, 2)
+
+        def forward(self, packed, mode="last"):
+            assert mode == "last"
+            return self.head(self.rnn(packed)[1][0])
+
+    torch.manual_seed(0)
+    model = Net().double()
+    seq, y = torch.randn(3, 5, 3, dtype=torch.float64), torch.tensor([0, 1, 1])
+    packed = pack_padded_sequence(seq, torch.tensor([5, 4, 2]), batch_first=True)
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+
+    def reference(batches):
+        n = sum(len(b[1]) for b in batches)
+        loss = sum(torch.nn.functional.cross_entropy(model(**b[0]) if isinstance(b[0], dict) else model(b[0]), b[1])
+                   * len(b[1]) for b in batches) / n
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), params)
+
+    _, got = hessian(model, torch.nn.CrossEntropyLoss(), data=(packed, y), cuda=False).dataloader_hv_product(v)
+    for g, e in zip(got, reference([(packed, y)])):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    Batch = namedtuple("Batch", "inputs targets")
+    loader = [Batch({"packed": packed, "mode": "last"}, y), Batch({"packed": packed, "mode": "last"}, y)]
+    _, got = hessian(model, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=False).dataloader_hv_product(v)
+    for g, e in zip(got, reference(loader)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

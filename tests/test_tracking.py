@@ -307,3 +307,32 @@ def test_issue14_item2_loader_that_draws_from_torch_rng_leaves_it_untouched():
 
     dense = np.linalg.eigvalsh(dense_hessian(model, torch.nn.MSELoss(), [ds.tensors]))[-1]  # all 40 samples
     assert m.value == pytest.approx(dense, rel=tracker.tol)  # tol bounds the eigenvalue's error (tol_on)
+
+
+# --- issue 26 section 4: a tracker after the parameter set or dtype changed ------------------------
+@pytest.mark.parametrize("change", ["freeze", "dtype"])
+def test_issue26_section4_tracker_restarts_cold_when_the_parameters_change(change):
+    torch = pytest.importorskip("torch")
+    from torch_reference import dense_hessian, tanh_mlp
+
+    model, (x, y) = tanh_mlp(4, 6, 1, 32)
+    data = [(x, y)]
+    tracker = curvop.SharpnessTracker(model, torch.nn.MSELoss(), data, tol=1e-8)
+    tracker(0)
+    if change == "freeze":
+        model[0].weight.requires_grad_(False)  # 24 fewer parameters
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
+    else:
+        model.float()
+        data[0] = (x.float(), y.float())
+        names = None
+    with pytest.warns(UserWarning, match=r"the Hessian changed since the last measurement \(37 float64 parameters, "
+                                         r"now \d+ float(32|64).*starts cold"):
+        m = tracker(1)
+    ref = dense_hessian(model.double(), torch.nn.MSELoss(), [(x, y)], names)
+    rtol = 1e-6 if change == "dtype" else 1e-8
+    np.testing.assert_allclose(m.value, np.linalg.eigvalsh(ref)[-1], rtol=rtol)
+    if change == "dtype":
+        model.float()
+    m2 = tracker(2)  # warm-started again from the cold measurement
+    np.testing.assert_allclose(m2.value, m.value, rtol=rtol)

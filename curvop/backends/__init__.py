@@ -8,7 +8,7 @@ the first time they are used. Third-party packages add their own at run time wit
 The package is a tree whose top level names no framework (``docs/architecture.md``):
 
 * the template layer, here: ``base`` (the contract), ``template`` (the autodiff template), ``checks``,
-  ``dataset``, ``faults``, ``selection``, and the backends without autodiff ``array`` and ``callables``;
+  ``dataset``, ``faults``, ``modes``, ``selection``, and the backends without autodiff ``array`` and ``callables``;
 * one folder per framework, reached only through this registry: ``torch/``, ``jax/`` and
   ``tensorflow/`` (each its autodiff, model adapter, op rewrites and distributed or sharded code),
   and the single-file ``cupy``.

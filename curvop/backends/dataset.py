@@ -6,6 +6,11 @@ data set. For a mean-reduced loss that is ``sum_b (n_b / N) H_b`` with ``n_b`` t
 batch is smaller); for a sum-reduced loss it is ``sum_b H_b``. The sizes are counted during each
 pass, so a loader is iterated once per product and never materialised.
 
+**A batch is a pytree.** :func:`map_batch` walks any nesting of tuples, lists, mappings,
+namedtuples and dataclasses and rebuilds only what changed, so containers and the leaves that are
+not arrays (strings, ints, ``None``) reach the model as they were given. Every framework moves or
+converts a batch's arrays with it (torch: to the device; TensorFlow: to tensors).
+
 A loss whose mean is not over samples (a class-weighted cross-entropy divides by the sum of the
 targets' weights, one with ignored targets by the number of targets kept) passes ``weight=``: a
 function giving what the loss averages over in a batch; ``n_b`` is then that weight.
@@ -13,11 +18,13 @@ function giving what the loss averages over in a batch; ``n_b`` is then that wei
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, Callable, Iterator
 
-__all__ = ["Dataset", "batch_size", "resolve_reduction"]
+__all__ = ["Dataset", "batch_leaves", "batch_size", "map_batch", "resolve_reduction"]
 
 _MEAN = {"mean", "sum_over_batch_size", "auto", "batchmean"}
 
@@ -39,18 +46,83 @@ def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
     raise ValueError(f"unknown reduction {reduction!r}; pass reduction='mean' or reduction='sum'")
 
 
-def batch_size(batch: Any) -> int:
-    """Number of samples in a batch: the leading dimension of its targets (or of its only array).
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
 
-    Only the top level of the batch is looked at, so no tree library is needed: this module is
-    framework-free and ``optree`` is not a dependency; the backends walk nested batches with their
-    framework's own tree utilities (``tf.nest``, ``jax.tree_util``).
+
+def _is_dataclass(x: Any) -> bool:
+    return dataclasses.is_dataclass(x) and not isinstance(x, type)
+
+
+def map_batch(fn: Callable[[Any], Any], batch: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
+    """``batch`` with ``fn`` applied to every leaf, containers rebuilt only where a leaf changed.
+
+    Containers: tuples (namedtuples by their fields), lists, mappings (a mutable one is copied and
+    refilled, so ``OrderedDict``, ``defaultdict`` or Hugging Face's ``BatchEncoding`` keep their
+    type) and dataclass instances (copied, their fields set). Everything else is a leaf, and so is
+    anything ``is_leaf`` accepts (torch's ``PackedSequence``, which moves as one object). A
+    container whose leaves ``fn`` all returned unchanged is returned itself.
+
+    >>> from collections import namedtuple
+    >>> P = namedtuple("P", "x tag")
+    >>> map_batch(lambda a: a * 2 if isinstance(a, float) else a, ([P(1.0, "s")], {"n": None}))
+    ([P(x=2.0, tag='s')], {'n': None})
     """
-    item = batch
-    if isinstance(batch, Mapping):  # e.g. {"input_ids": ..., "labels": ...}: the first array's leading dimension
-        item = next((v for v in batch.values() if hasattr(v, "shape")), None)
-    elif isinstance(batch, (list, tuple)):
-        item = batch[-1] if hasattr(batch[-1], "shape") else batch[0]
+    if is_leaf is not None and is_leaf(batch):
+        return fn(batch)
+    if isinstance(batch, (tuple, list)):
+        items = [map_batch(fn, b, is_leaf) for b in batch]
+        if all(a is b for a, b in zip(items, batch)):
+            return batch
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+            return type(batch)(*items)
+        try:
+            return type(batch)(items)
+        except TypeError:  # a subclass with another constructor
+            return tuple(items) if isinstance(batch, tuple) else items
+    if isinstance(batch, Mapping):
+        items = {k: map_batch(fn, v, is_leaf) for k, v in batch.items()}
+        if all(items[k] is v for k, v in batch.items()):
+            return batch
+        if isinstance(batch, MutableMapping):
+            out = copy.copy(batch)
+            for k, v in items.items():
+                out[k] = v
+            return out
+        return items
+    if _is_dataclass(batch):
+        items = {f.name: map_batch(fn, getattr(batch, f.name), is_leaf) for f in dataclasses.fields(batch)
+                 if hasattr(batch, f.name)}
+        if all(v is getattr(batch, k) for k, v in items.items()):
+            return batch
+        out = copy.copy(batch)
+        for k, v in items.items():
+            object.__setattr__(out, k, v)  # frozen dataclasses too
+        return out
+    return fn(batch)
+
+
+def batch_leaves(batch: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[Any]:
+    """The leaves of ``batch`` in the order :func:`map_batch` visits them."""
+    out: list[Any] = []
+
+    def visit(x: Any) -> Any:
+        out.append(x)
+        return x
+
+    map_batch(visit, batch, is_leaf)
+    return out
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in a batch: the leading dimension of its targets, else of its first array.
+
+    The targets are the last element of a tuple batch ``(inputs, targets)``; when they are not an
+    array (or the batch is a mapping), the first array leaf of the batch is used.
+    """
+    item = batch[-1] if isinstance(batch, (list, tuple)) and len(batch) > 0 else batch
+    if not _is_array(item):
+        item = next((x for x in batch_leaves(batch) if _is_array(x)), None)
     shape = getattr(item, "shape", None)
     if shape is None or len(shape) == 0:
         raise ValueError(
@@ -61,19 +133,14 @@ def batch_size(batch: Any) -> int:
 
 
 def _is_batch(data: Any) -> bool:
-    """One batch: a dict of arrays, ``(x, y, ...)`` of arrays, or ``(inputs, y)`` with tuple/dict inputs."""
-    if isinstance(data, Mapping):
+    """One batch, not a collection of batches: a mapping, a dataclass, or a tuple/list holding an
+    array at its top level (``(x, y)``, ``(inputs, y)`` with ``inputs`` any structure, a
+    namedtuple of arrays). A list of batches holds batches, never a bare array."""
+    if isinstance(data, Mapping) or _is_dataclass(data):
         return True
     if not isinstance(data, (tuple, list)) or len(data) == 0:
         return False
-    if hasattr(data[0], "shape"):
-        return True
-    return (len(data) == 2 and hasattr(data[1], "shape") and isinstance(data[0], (tuple, list, Mapping))
-            and len(data[0]) > 0 and all(hasattr(x, "shape") for x in _values(data[0])))
-
-
-def _values(inputs: Any) -> list[Any]:
-    return list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
+    return any(_is_array(x) for x in data)
 
 
 class Dataset:

@@ -21,6 +21,12 @@ then, once the subclass has set ``size``, ``dtype``, ``device`` and its layout, 
 checked on fresh products, cache built). Per product the template calls ``_follow()``, then per
 batch ``_product`` or a cached map inside ``_batch_context(i, cached)``, sums with ``_add`` and
 the dataset's weights, reduces through the optional collective, and checks finiteness once.
+
+The build and every product run inside ``_context()`` (the framework's build-time context:
+torch turns the caller's autocast off). The first work that needs a product (the build's checks
+and cache, or else the first product) goes through :func:`curvop.backends.modes.settle`: an error
+that ``_mode_failure(err)`` recognises ("this mode cannot differentiate this model") moves an
+``"auto"`` option to a mode that works, or refuses a named one naming the mode that works.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from curvop.backends.base import Backend, check_deterministic
 from curvop.backends.checks import LossInfo, ParamInfo, check_loss, check_options, check_params
 from curvop.backends.dataset import Dataset
 from curvop.backends.faults import locate_nonfinite, nonfinite_error
+from curvop.backends.modes import settle
 
 __all__ = ["AutodiffBackend", "Collective", "LossInfo", "ParamInfo", "check_options", "check_params",
            "check_loss"]
@@ -97,6 +104,9 @@ class AutodiffBackend(Backend):
     device: Any = None
     _collective: Collective | None = None
     _cached: list[tuple[Callable[[Array, bool], Array], Any]] | None = None
+    #: Why the build left the mode it was given (``"auto"`` only: :mod:`curvop.backends.modes`), or None.
+    fallback: str | None = None
+    _settled = False  # a product has run in the current mode
 
     # --- construction ---------------------------------------------------------------------------
     def _begin(self, dataset: Dataset, params: Sequence[ParamInfo], *, hvp: str = "auto",
@@ -127,14 +137,20 @@ class AutodiffBackend(Backend):
         opts = {k: auto[k] if v == "auto" else v for k, v in self._options.items()}
         self.mode = opts["hvp"]
         self.batched = bool(opts["batched"])
-        want_cache = bool(opts["cache"]) and self.can_cache()
-        self.cache = want_cache
+        self.cache = bool(opts["cache"]) and self.can_cache()
         self._resolved()
+        with self._context():
+            settle(self, self._build)
+
+    def _build(self) -> None:
+        """The determinism check on fresh products, then the cache (both in the current mode)."""
+        self._cached = None
         if self._check_det:
             v = self.random(self.size, "gaussian", np.random.default_rng(0))
             check_deterministic(lambda u: self._finite(self._reduce(u, False, fresh=True), u, False, fresh=True),
                                 v, self.dtype)
-        self._cached = self._build_cache() if want_cache else None
+        self._cached = self._build_cache() if self.cache else None
+        self._settled = self._check_det or self.cache
 
     def _build_cache(self) -> list[tuple[Callable[[Array, bool], Array], Any]]:
         """One ``(linear map, weight)`` per batch (``_linearize`` under the batch's context)."""
@@ -229,20 +245,64 @@ class AutodiffBackend(Backend):
         """``acc + p`` when summing batches (an in-place add where the framework allows)."""
         return acc + p
 
+    def _context(self) -> ContextManager[Any]:
+        """Context around the build's evaluations and every product: the framework's build-time
+        context, whatever the caller's (torch: no autocast, grad mode on). Default: none."""
+        return contextlib.nullcontext()
+
+    # --- modes that cannot differentiate the model (:mod:`curvop.backends.modes`) -------------------
+    def _mode_failure(self, err: BaseException) -> str | None:
+        """A short reason when ``err`` means "this mode cannot differentiate this model" (forward AD
+        missing for an op, ...), ``None`` for any other error. Default: ``None`` (no fallback)."""
+        return None
+
+    def _modes(self) -> list[tuple[str, bool]]:
+        """The ``(hvp, cache)`` pairs this backend can run."""
+        caches = (True, False) if self.can_cache() else (False,)
+        return [(m, c) for m in ("reverse", "forward") for c in caches]
+
+    def _switch(self, mode: str, cache: bool) -> None:
+        """Go over to another mode (before the build's products, or before the first product)."""
+        self.mode, self.cache, self._cached = mode, cache, None
+        self._resolved()
+
+    def _underivable(self, failures: dict[tuple[str, bool], BaseException]) -> BaseException:
+        """The error when no mode can differentiate the model. Default: the first mode's error."""
+        return next(iter(failures.values()))
+
     # --- the contract -----------------------------------------------------------------------------
     def hvp(self, v: Array) -> Array:
-        self._follow()
-        return self._finite(self._reduce(v, False), v, False)
+        with self._context():
+            self._follow()
+            if not self._settled:
+                return self._settle_first(lambda: self._finite(self._reduce(v, False), v, False))
+            return self._finite(self._reduce(v, False), v, False)
 
     def hvp_batch(self, v: Array) -> Array:
-        self._follow()
+        with self._context():
+            self._follow()
+            if not self._settled:
+                return self._settle_first(lambda: self._block_product(v))
+            return self._block_product(v)
+
+    def _settle_first(self, product: Callable[[], Array]) -> Array:
+        """The first product of an operator built without one: in a mode that works."""
+        y = settle(self, product)
+        self._settled = True
+        if self.cache and self._cached is None:
+            self._cached = self._build_cache()
+        return y
+
+    def _block_product(self, v: Array) -> Array:
         if self.batched:
             try:
                 y = self._reduce(v, True)
             except self.batch_errors as err:  # an op without a batching rule
+                if self._mode_failure(err) is not None and not self._settled:
+                    raise  # not the batching: the mode (:func:`curvop.backends.modes.settle`)
                 warnings.warn(
                     f"batched products failed ({type(err).__name__}: {str(err)[:200]}); falling back to one "
-                    "product per column (pass batched=False to skip the attempt)", stacklevel=3)
+                    "product per column (pass batched=False to skip the attempt)", stacklevel=4)
                 self.batched = False
             else:
                 return self._finite(y, v, True)
@@ -265,7 +325,11 @@ class AutodiffBackend(Backend):
 
     def describe(self) -> str:
         cache = "cached" if self._cached is not None else "uncached"
-        return f"{self.name} {self.mode} mode, {cache}, n={self.size}, {self.dtype} on {self.device}"
+        return f"{self.name} {self.mode} mode, {cache}, n={self.size}, {self.dtype} on {self.device}{self._note()}"
+
+    def _note(self) -> str:
+        """What :meth:`describe` adds when the build fell back to another mode."""
+        return "" if self.fallback is None else f" ({self.fallback})"
 
     # --- the dataset loop -------------------------------------------------------------------------
     def _products(self, v: Array, batched: bool, fresh: bool = False) -> Iterator[tuple[Array, Any]]:

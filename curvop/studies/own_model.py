@@ -135,7 +135,8 @@ def load_factory(target: str) -> Callable[[], Any]:
 
 
 def call_factory(factory: Callable[[], Any], target: str) -> tuple[Any, Any, Any]:
-    """Call the factory and check that it returned ``(torch.nn.Module, callable loss, data)``."""
+    """Call the factory and check that it returned ``(torch.nn.Module, loss, data)``; the loss is a
+    callable, or ``None`` when the model computes its own (as :func:`curvop.hessian` takes it)."""
     import torch
 
     with as_script(target.rpartition(":")[0]):
@@ -146,8 +147,9 @@ def call_factory(factory: Callable[[], Any], target: str) -> tuple[Any, Any, Any
     model, loss_fn, data = out
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{target}() returned a {type(model).__name__} as model; expected a torch.nn.Module")
-    if not callable(loss_fn):
-        raise InputError(f"{target}() returned a {type(loss_fn).__name__} as loss_fn; expected a callable")
+    if loss_fn is not None and not callable(loss_fn):
+        raise InputError(f"{target}() returned a {type(loss_fn).__name__} as loss_fn; expected a callable, or None "
+                         "when the model computes its own loss (a batch dict with labels)")
     return model, loss_fn, data
 
 

@@ -116,3 +116,63 @@ def test_issue11_item7_hf_llama_rmsnorm_in_model_dtype(tokens, monkeypatch):
     batch, labels = tokens
     H = curvop.hessian(model, causal_lm_loss, (batch, labels))
     check_torch(H, ref, lambda: causal_lm_loss(ref(**batch), labels))
+
+
+# --- issue 26: modes, precision inside the model, messages ------------------------------------------
+def bert():
+    return _pair(transformers.BertForSequenceClassification, transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=8, num_labels=3, **SMALL))
+
+
+def test_issue26_item5_hf_attention_mask_forward_cached_falls_back_or_names_uncached(tokens):
+    model, ref = bert()
+    batch = {**tokens[0], "labels": torch.tensor([0, 2])}  # with a padded attention_mask
+    with pytest.raises(curvop.ModeError, match=r"hvp='forward', cache=True .*data-dependent branch"
+                                                             r".*hvp='forward', cache=False works"):
+        curvop.hessian(model, None, batch, hvp="forward", cache=True)
+    H = curvop.hessian(model, None, batch, hvp="forward")  # the cache left at "auto"
+    assert not H.backend.cache and "using hvp='forward', cache=False" in H.backend.describe()
+    check_torch(H, ref, lambda: ref(**batch).loss)
+
+
+@pytest.mark.parametrize("name, norm", [("t5", "T5LayerNorm"), ("mistral", "MistralRMSNorm")])
+def test_issue26_section2_hf_float32_norms_inside_a_float64_model_are_named(tokens, name, norm):
+    from curvop._errors import PrecisionWarning
+
+    torch.manual_seed(0)
+    batch, labels = tokens
+    if name == "t5":
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, decoder_start_token_id=0,
+            **SMALL)).double().eval()
+        args = (model, None, {**batch, "labels": batch["input_ids"]})
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(
+            vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=8, **SMALL)).double().eval()
+        args = (model, causal_lm_loss, (batch, labels))
+    with pytest.warns(PrecisionWarning, match=rf"'[\w.]+' \({norm}, Tensor\.to -> float32\)"):
+        curvop.hessian(*args)
+
+
+def test_issue26_section2_hf_mamba_float64_is_refused_with_advice_that_applies(tokens):
+    from curvop.backends.base import LossPrecisionError
+
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=VOCAB, hidden_size=8, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=2,
+        **SMALL)).double().eval()
+    batch, labels = tokens
+    for args in [(None, {"input_ids": batch["input_ids"], "labels": labels}), (causal_lm_loss, (batch, labels))]:
+        with pytest.raises(LossPrecisionError, match=r"model itself \(MambaForCausalLM\) returns float32 outputs, "
+                                                     r"so no loss_fn can recover") as info:
+            curvop.hessian(model, *args)
+        assert "out.logits" not in str(info.value)
+
+
+def test_issue26_section4_hf_return_dict_false_names_the_fix(tokens):
+    model, _ = bert()
+    batch = {**tokens[0], "labels": torch.tensor([0, 2]), "return_dict": False}
+    with pytest.raises(ValueError, match=r"plain tuple .*return_dict=False.*'return_dict': True"):
+        curvop.hessian(model, None, batch)

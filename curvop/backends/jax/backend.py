@@ -34,7 +34,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from curvop.backends.jax import sharding
-from curvop.backends.jax.model import model_apply, prepare_params
+from curvop.backends.jax.model import check_batch, model_apply, prepare_params
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.template import AutodiffBackend, LossInfo
 
@@ -100,6 +100,7 @@ class JaxBackend(AutodiffBackend):
                     check_finite=check_finite, check_loss_dtype=check_loss_dtype)
         self._loss, self._params = loss, params
         first = dataset.first()
+        check_batch(first)
         self._layout = sharding.layout(params, first)  # None unless leaves are sharded
         flat, self._unravel = ravel_pytree(params) if self._layout is None else self._layout.spec()
         self.size = int(flat.shape[0])
@@ -209,7 +210,7 @@ class JaxBackend(AutodiffBackend):
     def describe(self) -> str:
         how = "linearized (cached)" if self._cached is not None else f"{self.mode} mode, uncached"
         where = self.device if self._layout is None else self._layout.describe()
-        return f"jax {how}, n={self.size}, {self.dtype} on {where}"
+        return f"jax {how}, n={self.size}, {self.dtype} on {where}{self._note()}"
 
 
 _all_finite = jax.jit(lambda y: jnp.isfinite(y).all())

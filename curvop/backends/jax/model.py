@@ -1,5 +1,12 @@
 """Model adapters of the JAX backend: parameter pytrees checked and converted, ``(apply_fn, params)``,
-bare ``apply_fn`` and Flax NNX modules turned into ``apply_fn(params, inputs)`` (no autodiff here)."""
+bare ``apply_fn`` and Flax NNX modules turned into ``apply_fn(params, inputs)``, batches checked
+(no autodiff here).
+
+Modes: JAX has no train/eval state to change behind the operator's back. A Flax linen module's
+``deterministic=`` / ``use_running_average=`` are arguments fixed in the ``apply_fn`` the user
+passes; an NNX module is split once at build, and its flags (``Dropout.deterministic``,
+``BatchNorm.use_running_average``) are static parts of that split, so ``model.train()`` after the
+build changes nothing (tests/backends/jax/test_jax_model.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvop.backends.dataset import batch_leaves
 from curvop.backends.jax import sharding
 from curvop.backends.template import ParamInfo
 
-__all__ = ["prepare_params", "model_apply"]
+__all__ = ["check_batch", "prepare_params", "model_apply"]
 
 
 def _x64() -> bool:
@@ -119,3 +127,20 @@ def _check_nnx_eval(model: Any, nnx: Any) -> None:
             f"{'use batch statistics' if kind == 'BatchNorm' else 'use one random dropout mask'}; "
             "call model.eval() before building the Hessian"
         )
+
+
+def check_batch(batch: Any) -> None:
+    """The first batch's leaves are arrays JAX can take: a torch or TensorFlow tensor, or a string,
+    is refused with the fix (``jax.jit`` takes arrays and numbers only)."""
+    for leaf in batch_leaves(batch):
+        root = type(leaf).__module__.split(".")[0]
+        if root in ("torch", "tensorflow") and hasattr(leaf, "shape"):
+            raise TypeError(
+                f"the batch holds {root} tensors ({type(leaf).__name__}), which JAX cannot take (a torch DataLoader "
+                "yields torch tensors): convert each batch to numpy, e.g. DataLoader(..., collate_fn=lambda b: "
+                "jax.tree_util.tree_map(np.asarray, torch.utils.data.default_collate(b))), or for tf.data "
+                "list(dataset.as_numpy_iterator())")
+        if isinstance(leaf, (str, bytes)):
+            raise TypeError(
+                f"the batch holds a string ({leaf!r:.40}); jax.jit takes arrays and numbers only: close over it "
+                "in apply_fn or loss_fn instead of passing it in the batch")

@@ -26,10 +26,11 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from curvop.backends.tensorflow.model import (batch_spec, check_loss_object, device_key, hessian_of_variables,
-                                       loss_info, model_variables, precision_message, to_tensors, var_name)
+from curvop.backends.tensorflow.model import (batch_spec, check_data, check_loss_object, device_key,
+                                              hessian_of_variables, loss_info, mode_failure, model_variables,
+                                              precision_message, to_tensors, var_name)
 from curvop.backends.base import LossPrecisionError
-from curvop.backends.dataset import Dataset, resolve_reduction
+from curvop.backends.dataset import Dataset, batch_leaves, map_batch, resolve_reduction
 from curvop.backends.template import AutodiffBackend, ParamInfo
 
 __all__ = ["TensorFlowBackend", "LossPrecisionError", "hessian", "hessian_of"]
@@ -102,6 +103,7 @@ class TensorFlowBackend(AutodiffBackend):
                  for n, v in zip(names, variables)]
         self._begin(dataset, infos, hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
                     check_finite=check_finite, check_loss_dtype=check_loss_dtype)
+        check_data(dataset.data)
         self._loss, self._vars, self._names = loss, list(variables), names
         self.tf_dtype = variables[0].dtype
         self.dtype = np.dtype(self.tf_dtype.as_numpy_dtype)
@@ -114,12 +116,17 @@ class TensorFlowBackend(AutodiffBackend):
         first = None if dataset.data is None else self._prepare_batch(dataset.first())
         #: number of times the product functions were traced (one each, however many products)
         self.traces = 0
-        self._bspec = None if first is None else tf.nest.map_structure(batch_spec, first)
-        self._single = self._function(self._one, tf.TensorSpec([self.size], self.tf_dtype))
-        self._block = self._function(self._many, tf.TensorSpec([self.size, None], self.tf_dtype))
+        self._first_batch = first
         self._complete(loss_info(loss(first)), check_loss_dtype)
 
     # --- the template's hooks ---------------------------------------------------------------------
+    def _resolved(self) -> None:
+        self._functions: dict[Any, tuple[Any, Any]] = {}  # traced anew for a new mode
+        self._single, self._block = self._functions_for(self._first_batch)[1]
+
+    def _mode_failure(self, err: BaseException) -> str | None:
+        return mode_failure(err)
+
     def _auto_options(self) -> dict[str, Any]:
         return {"hvp": "forward", "cache": False, "batched": device_key(self.device)[0] == "GPU"}
 
@@ -147,8 +154,21 @@ class TensorFlowBackend(AutodiffBackend):
         return None if batch is None else to_tensors(batch)
 
     def _product(self, v: tf.Tensor, batch: Any, batched: bool) -> tf.Tensor:
-        fn = self._block if batched else self._single
-        return fn(v) if self._bspec is None else fn(v, batch)
+        tensors, fns = self._functions_for(batch)
+        return fns[1 if batched else 0](v) if batch is None else fns[1 if batched else 0](v, tensors)
+
+    def _functions_for(self, batch: Any) -> tuple[list[tf.Tensor], tuple[Any, Any]]:
+        """The batch's tensors, and the single and block product functions for batches whose other
+        leaves (strings, ints) are this batch's: traced once for each such set of leaves."""
+        leaves = [] if batch is None else batch_leaves(batch)
+        tensors = [t for t in leaves if isinstance(t, tf.Tensor)]
+        key = tuple(t for t in leaves if not isinstance(t, tf.Tensor))
+        if key not in self._functions:
+            spec = None if batch is None else [batch_spec(t) for t in tensors]
+            self._functions[key] = (self._function(self._one, tf.TensorSpec([self.size], self.tf_dtype), batch, spec),
+                                    self._function(self._many, tf.TensorSpec([self.size, None], self.tf_dtype),
+                                                   batch, spec))
+        return tensors, self._functions[key]
 
     def _reduce(self, v: tf.Tensor, batched: bool, fresh: bool = False) -> tf.Tensor:
         with tf.device(self.device):
@@ -181,19 +201,26 @@ class TensorFlowBackend(AutodiffBackend):
 
     def describe(self) -> str:
         how = "vectorized" if self.batched else "looped"
-        return (f"tensorflow {self.mode} mode, {how} blocks, n={self.size}, {self.tf_dtype.name} on "
-                f"{device_key(self.device)[0]}:{tf.DeviceSpec.from_string(self.device).device_index or 0}")
+        where = f"{device_key(self.device)[0]}:{tf.DeviceSpec.from_string(self.device).device_index or 0}"
+        dtype = self.tf_dtype.name
+        return f"tensorflow {self.mode} mode, {how} blocks, n={self.size}, {dtype} on {where}{self._note()}"
 
     # --- products (traced) ------------------------------------------------------------------------
-    def _function(self, body: Callable[[tf.Tensor, Any], tf.Tensor], vspec: tf.TensorSpec):
-        """``body`` as a ``tf.function`` with a fixed signature: traced once, whatever the batch size."""
-        def counted(v, batch=None):
+    def _function(self, body: Callable[[tf.Tensor, Any], tf.Tensor], vspec: tf.TensorSpec, template: Any,
+                  spec: list[tf.TensorSpec] | None):
+        """``body`` as a ``tf.function`` of the vector and the batch's tensors, with a fixed signature:
+        traced once, whatever the batch size. The batch is ``template`` with its tensors replaced
+        (its other leaves, strings or ints, are the template's)."""
+        def counted(v, tensors=None):
             self.traces += 1  # runs at trace time only
-            return body(v, batch)
+            if tensors is None:
+                return body(v, None)
+            it = iter(tensors)
+            return body(v, map_batch(lambda a: next(it) if isinstance(a, tf.Tensor) else a, template))
 
-        if self._bspec is None:
+        if spec is None:
             return tf.function(lambda v: counted(v), input_signature=[vspec])
-        return tf.function(counted, input_signature=[vspec, self._bspec])
+        return tf.function(counted, input_signature=[vspec, spec])
 
     def _one(self, v: tf.Tensor, batch: Any) -> tf.Tensor:
         """One product on one batch."""

@@ -1,5 +1,7 @@
 """Model adapters of the TensorFlow backend: Keras 3 / ``tf.Module`` variable discovery, selection,
-the loss object's dtype, batches as tensors, device keys (no autodiff here)."""
+the loss object's dtype, Keras mixed-precision policies (refused), batches as tensors, infinite
+``tf.data`` datasets (refused), device keys, the errors of a mode that cannot differentiate the
+model (no autodiff here)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from curvop._dtypes import precision_bits
 from curvop.backends.base import LossPrecisionError
+from curvop.backends.dataset import map_batch
 from curvop.backends.selection import select
 from curvop.backends.template import LossInfo
 
-__all__ = ["model_variables", "check_loss_object", "hessian_of_variables", "precision_message", "var_name",
-           "to_tensors", "batch_spec", "device_key", "loss_info"]
+__all__ = ["model_variables", "check_loss_object", "check_data", "hessian_of_variables", "precision_message",
+           "var_name", "to_tensors", "batch_spec", "device_key", "loss_info", "mode_failure"]
 
 
 def var_name(v: Any) -> str:
@@ -78,12 +82,29 @@ def _keras_variables(model: Any) -> tuple[dict[str, Any], list[Any]]:
             f"the Keras model {model.name!r} has no weights yet (it is not built): call "
             "model.build(input_shape) or call it on a batch first, e.g. model(x[:1])"
         )
+    _check_policies(model)
     prefix = f"{model.name}/"
     named: dict[str, Any] = {}
     for w in model.weights:
         name = var_name(w)
         named[_unique(named, name[len(prefix):] if name.startswith(prefix) else name)] = w
     return named, list(model.trainable_weights)
+
+
+def _check_policies(model: Any) -> None:
+    """A layer computing in a lower precision than its variables (a mixed-precision dtype policy) is
+    refused: its products would carry float16's or bfloat16's 2-3 digits."""
+    for layer in [*model._flatten_layers(include_self=False, recursive=True), model]:  # the model last
+        if type(layer).__name__ == "InputLayer":  # computes nothing
+            continue
+        policy = getattr(layer, "dtype_policy", None)
+        compute, variable = (str(getattr(policy, a, "")) for a in ("compute_dtype", "variable_dtype"))
+        if (precision_bits(compute) or 64) < (precision_bits(variable) or 0):
+            raise TypeError(
+                f"layer {layer.name!r} computes in {compute} under the Keras dtype policy {policy.name!r}, while "
+                f"its variables are {variable}: the Hessian would carry {compute}'s 2-3 digits. Build the model "
+                "without a mixed-precision policy: keras.mixed_precision.set_global_policy('float32') (or "
+                "'float64') before creating it, or dtype='float32' on each layer")
 
 
 def _module_variables(module: tf.Module) -> tuple[dict[str, Any], list[Any]]:
@@ -154,11 +175,36 @@ def hessian_of_variables(params: Any) -> tuple[list[str], list[tf.Variable]]:
 
 
 # --- batches, devices, the loss value ----------------------------------------------------------------
+def check_data(data: Any) -> None:
+    """An infinite ``tf.data`` dataset (``.repeat()`` without a count) is refused: every product
+    iterates over the whole data, which would never end."""
+    if isinstance(data, tf.data.Dataset) and int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(
+            "the tf.data.Dataset is infinite (.repeat() without a count), but every Hessian-vector product "
+            "iterates over the whole data: pass a finite dataset, e.g. dataset.take(n) for n batches, or "
+            "repeat(count) with a count")
+
+
+def _to_tensor(a: Any) -> Any:
+    """An array leaf as a tensor; strings, ints, bools and ``None`` as they are."""
+    if isinstance(a, (tf.Tensor, str, bytes, bool, int)) or a is None:
+        return a
+    return tf.convert_to_tensor(a)
+
+
 def to_tensors(batch: Any) -> Any:
-    """A batch as (a structure of) tensors; lists become tuples so every batch has one structure."""
+    """A batch with its array leaves as tensors (any nesting: ``curvop.backends.dataset.map_batch``);
+    lists become tuples so every batch has one structure."""
     if isinstance(batch, list):
         batch = tuple(batch)
-    return tf.nest.map_structure(lambda a: a if isinstance(a, tf.Tensor) else tf.convert_to_tensor(a), batch)
+    return map_batch(_to_tensor, batch)
+
+
+def mode_failure(err: BaseException) -> str | None:
+    """The reason ``err`` means "this mode cannot differentiate the model", or ``None``."""
+    if "Tried to take gradients (or similar) of a variable without handle data" in str(err):
+        return "TensorFlow's forward-mode accumulator fails inside a while loop (Keras LSTM, GRU, SimpleRNN)"
+    return None
 
 
 def batch_spec(t: tf.Tensor) -> tf.TensorSpec:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Mapping
 from functools import partial
 from typing import Any, Callable
 
@@ -25,7 +24,9 @@ import torch
 from torch.func import grad, jvp, linearize, vmap
 
 from curvop._dtypes import dtype_name
+from curvop.backends.dataset import map_batch
 from curvop.backends.torch.checks import TorchAdvice, loss_info, param_infos
+from curvop.backends.torch.context import PrecisionWatch, build_time, mode_failure, no_second_derivative
 from curvop.backends.torch.model import factories
 from curvop.backends.torch.rewrites import Rewrites
 from curvop.backends.torch.state import LOCK, batch_seed, check_autograd_available, inference_mode_error
@@ -74,6 +75,9 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         The model adapter's hooks: tensors besides ``params`` (buffers) whose in-place change
         (``_version``) calls ``on_change()`` and rebuilds cached graphs; ``check_state()`` after
         the first loss; ``train_mode``'s seed (:func:`batch_seed`, ``curvop.backends.torch.state.train_randomness``).
+    module
+        The model, watched during the first forward for parts computing in a lower precision than the
+        parameters (:class:`~curvop.backends.torch.context.PrecisionWatch`); not kept.
 
     Notes
     -----
@@ -90,7 +94,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
                  check_deterministic: bool = True, process_group: Any = None, timeout: float | None = None,
                  check_finite: bool = True, rewrite: bool = True, check_loss_dtype: bool = True,
                  watch: list[Tensor] = (), on_change: Callable[[], None] | None = None,
-                 check_state: Callable[[], None] | None = None, rng_seed: int | np.random.Generator | None = None):
+                 check_state: Callable[[], None] | None = None, rng_seed: int | np.random.Generator | None = None,
+                 module: torch.nn.Module | None = None):
         check_autograd_available()
         self._begin(dataset, param_infos(params), hvp=hvp, cache=cache, batched=batched,
                     check_deterministic=check_deterministic, check_finite=check_finite, rewrite=rewrite,
@@ -112,10 +117,14 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         self._watch = [*self._params.values(), *watch]
         self._on_change, self._state_lock = on_change, threading.Lock()
         self._versions = [t._version for t in self._watch]
+        self._default_dtype = torch.get_default_dtype()  # the build's: every product uses it
         p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
-        with torch.enable_grad():
+        self._watch_precision = PrecisionWatch(module, self.torch_dtype)
+        with self._context(), LOCK, self._watch_precision:
             first = loss_info(self._loss(p, self._prepare_batch(dataset.first())))
         self._complete(first, check_loss_dtype)
+        self._watch_precision.warn(self.torch_dtype)
+        self._watch_precision = None
 
     # --- the template's hooks --------------------------------------------------------------------
     def _resolved(self) -> None:
@@ -149,19 +158,35 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     def _add(self, acc: Tensor, p: Tensor) -> Tensor:
         return acc.add_(p)
 
+    def _context(self) -> Any:
+        return build_time(self.device.type, self._default_dtype)
+
+    def _mode_failure(self, err: BaseException) -> str | None:
+        return mode_failure(err)
+
+    def _underivable(self, failures: dict[tuple[str, bool], BaseException]) -> BaseException:
+        return no_second_derivative(failures)
+
+    def _precision_message(self, loss_dtype: str) -> str:
+        advice = self._watch_precision.loss_advice(loss_dtype, self.torch_dtype) if self._watch_precision else None
+        return advice or super()._precision_message(loss_dtype)
+
     def _all_finite(self, y: Tensor) -> bool:
         return bool(torch.isfinite(y).all())
 
     def _prepare_batch(self, batch: Any) -> Any:
-        """Tensors of a (nested) batch on the device. Hand-written: torch's pytree utilities are
-        private, and would leave a ``Mapping`` that is not a dict (Hugging Face's BatchEncoding) alone."""
-        if isinstance(batch, torch.Tensor):
-            return batch if batch.device == self.device else batch.to(self.device, non_blocking=True)
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._prepare_batch(b) for b in batch)
-        if isinstance(batch, Mapping):
-            return {k: self._prepare_batch(b) for k, b in batch.items()}
-        return batch
+        """The tensors of a batch (any nesting: :func:`~curvop.backends.dataset.map_batch`) on the
+        device; a ``PackedSequence`` moves as one (its ``batch_sizes`` stay on the CPU)."""
+        if type(batch) is tuple and all(type(t) is Tensor and t.device == self.device for t in batch):
+            return batch  # the usual (x, y) already on the device
+        return map_batch(self._to_device, batch, is_leaf=_is_packed)
+
+    def _to_device(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x if x.device == self.device else x.to(self.device, non_blocking=True)
+        if _is_packed(x) and x.data.device != self.device:
+            return x.to(self.device)
+        return x
 
     # --- the contract ----------------------------------------------------------------------------
     def is_native(self, x: Any) -> bool:
@@ -188,7 +213,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         if self._rng is not None:
             cache += f", training mode (seed {self._rng.seed})"
         ranks = f", data-parallel over {self._collective.world} ranks" if self._collective is not None else ""
-        return f"torch {self.mode} mode, {cache}, n={self.size}, {self.torch_dtype} on {self.device}{ranks}"
+        where = f"{self.torch_dtype} on {self.device}{ranks}"
+        return f"torch {self.mode} mode, {cache}, n={self.size}, {where}{self._note()}"
 
     # --- products --------------------------------------------------------------------------------
     def _product(self, v: Tensor, batch: Any, batched: bool) -> Tensor:
@@ -225,6 +251,10 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         with Rewrites(conv="auto" if self.device.type == "cpu" else False, fast=self.rewrite,
                       gelu=getattr(self, "cache", False)):  # unset while the first loss is checked
             return self._loss(p, batch)
+
+
+def _is_packed(x: Any) -> bool:
+    return isinstance(x, torch.nn.utils.rnn.PackedSequence)
 
 
 class _Layout:

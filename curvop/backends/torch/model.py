@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from curvop._errors import NoSecondDerivativeError
+from curvop.backends.torch.context import ModuleModes, name_users, unwrap
 from curvop.backends.torch.state import LOCK, check_autograd_available
 from curvop.backends.base import Backend
 from curvop.backends.dataset import Dataset, resolve_reduction
@@ -34,7 +36,7 @@ def factories(backend: type[Backend]) -> tuple[Callable[..., Backend], Callable[
 
     Built here, around the class, so that this adapter never imports the backend module.
     """
-    internal = {"self", "loss", "params", "dataset", "watch", "on_change", "check_state", "rng_seed"}
+    internal = {"self", "loss", "params", "dataset", "watch", "on_change", "check_state", "rng_seed", "module"}
     valid = [k for k in inspect.signature(backend.__init__).parameters if k not in internal]
 
     def hessian(
@@ -114,7 +116,10 @@ def factories(backend: type[Backend]) -> tuple[Callable[..., Backend], Callable[
             return hessian_fsdp(model, loss_fn, data, params=params, reduction=reduction, **extra, **options)
         problem = model_problem(model, loss_fn, data, params=params, reduction=reduction,
                                 batch_weight=batch_weight, options=options, valid=valid)
-        return backend(**problem, **options)
+        try:
+            return backend(**problem, **options)
+        except NoSecondDerivativeError as err:
+            raise name_users(err, problem["module"], loss_fn) from err
 
 
     def hessian_of(f: Callable[..., Tensor], params: Any, data: Any = None, *, reduction: str = "mean",
@@ -145,8 +150,10 @@ def model_problem(model: Any, loss_fn: Any, data: Any, *, params: Any, reduction
     check_autograd_available()
     if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         model = model.module  # the wrapped model; curvop does its own all-reduce of products
+    model = unwrap(model)  # torch.compile: its _orig_mod; TorchScript: refused
     if not train_mode:
         _check_module(model)
+    modes = ModuleModes(model)  # the build's train/eval flags, applied around every evaluation
     selected = select(dict(model.named_parameters()), params, default=lambda k, p: p.requires_grad,
                       is_leaf=lambda x: isinstance(x, torch.Tensor))
     consts = {k: p.detach() for k, p in model.named_parameters() if k not in selected}
@@ -168,19 +175,26 @@ def model_problem(model: Any, loss_fn: Any, data: Any, *, params: Any, reduction
     def loss(p: dict[str, Tensor], batch: Any) -> Tensor:
         tensors = (p, consts, buffers.copies)
         if loss_fn is None:  # the model computes its own loss
-            return _model_loss(model, tensors, batch)
+            return _model_loss(model, tensors, batch, modes)
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise ValueError("each batch must be a pair (inputs, targets)")
         inputs, targets = batch
-        with LOCK:
-            if isinstance(inputs, Mapping):
-                out = functional_call(model, tensors, (), dict(inputs))
-            else:
-                out = functional_call(model, tensors, tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,))
-        return loss_fn(out, targets)
+        return loss_fn(_call(model, tensors, inputs, modes), targets)
 
     return dict(loss=loss, params=selected, dataset=dataset, watch=list(buffers.live.values()),
-                on_change=buffers.refresh, check_state=buffers.check, rng_seed=rng_seed)
+                on_change=buffers.refresh, check_state=buffers.check, rng_seed=rng_seed, module=model)
+
+
+def _call(model: torch.nn.Module, tensors: tuple[dict[str, Tensor], ...], inputs: Any, modes: ModuleModes) -> Any:
+    """``model(**inputs)`` (a mapping), ``model(*inputs)`` (a plain tuple or list) or ``model(inputs)``
+    (anything else: a tensor, a namedtuple, a ``PackedSequence``, a dataclass), with ``tensors`` as
+    its parameters and buffers and the build's train/eval flags."""
+    with LOCK, modes.applied():
+        if isinstance(inputs, Mapping):
+            return functional_call(model, tensors, (), dict(inputs))
+        if type(inputs) in (tuple, list):
+            return functional_call(model, tensors, tuple(inputs))
+        return functional_call(model, tensors, (inputs,))
 
 
 def function_problem(f: Callable[..., Tensor], params: Any, data: Any, *, reduction: str,
@@ -303,15 +317,10 @@ class Buffers:
             )
 
 
-def _model_loss(model: torch.nn.Module, tensors: tuple[dict[str, Tensor], ...], batch: Any) -> Tensor:
+def _model_loss(model: torch.nn.Module, tensors: tuple[dict[str, Tensor], ...], batch: Any,
+                modes: ModuleModes) -> Tensor:
     """``loss_fn=None``: the loss the model computes itself (``.loss``, ``["loss"]`` or a scalar output)."""
-    with LOCK:
-        if isinstance(batch, Mapping):
-            out = functional_call(model, tensors, (), dict(batch))
-        elif isinstance(batch, (list, tuple)):
-            out = functional_call(model, tensors, tuple(batch))
-        else:
-            out = functional_call(model, tensors, (batch,))
+    out = _call(model, tensors, batch, modes)
     if isinstance(out, torch.Tensor):
         if out.numel() == 1:
             return out
@@ -320,6 +329,13 @@ def _model_loss(model: torch.nn.Module, tensors: tuple[dict[str, Tensor], ...], 
         value = getattr(out, "loss", None)
         if value is None and isinstance(out, Mapping):
             value = out.get("loss")
+    if value is None and type(out) is tuple and out and isinstance(out[0], torch.Tensor) and out[0].numel() == 1:
+        raise ValueError(
+            f"loss_fn=None takes the loss from the output's .loss or ['loss'], but the model returned a plain tuple "
+            f"of {len(out)} (a Hugging Face model called with return_dict=False returns (loss, logits, ...)); call it "
+            "with return_dict=True (add 'return_dict': True to the batch, or set model.config.return_dict = True), "
+            "or return an object with .loss"
+        )
     if value is None:
         raise ValueError(
             f"loss_fn=None means the model computes its own loss, but its output ({type(out).__name__}"
