@@ -25,6 +25,11 @@ default's time for its build plus 40 products (about a top-5 eigenvalue solve) o
 mode's.
 
     python benchmarks/models.py --workers 12 --first-cpu 4   # one configuration per core, in parallel
+    python benchmarks/models.py --device cuda --models resnet18 gpt2 --dtypes float32 --batches 32
+
+``--device cuda`` puts models and batches on the GPU and synchronises after every timed call; it
+adds a ``matmat`` column: ``H @ V`` with 8 columns, vmapped (``batched=True``, the CUDA default),
+over 8 single products, both in the default mode.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ CNNS = ["resnet18", "mobilenet_v3_small", "convnext_atto", "tinynet_e"]
 DEFAULT = "rev cached"
 JOB_PRODUCTS = 40  # about what a top-5 eigenvalue solve takes
 MIN_SAMPLE_S = 0.02  # shorter calls are timed several times per sample
+DEVICE = "cpu"  # --device: where models, batches and vectors live
+MATMAT_COLUMNS = 8
 
 
 def problem(name: str, dtype, batch: int):
@@ -81,7 +88,8 @@ def problem(name: str, dtype, batch: int):
         lm = GPT2LMHeadModel(cfg)
         model = _Logits(lm).to(dtype).eval()
         ids = torch.randint(0, 64, (batch, 16), generator=g)
-        return model, nn.CrossEntropyLoss(), (ids, torch.randint(0, 64, (batch * 16,), generator=g))
+        return model.to(DEVICE), nn.CrossEntropyLoss(), (ids.to(DEVICE),
+                                                         torch.randint(0, 64, (batch * 16,), generator=g).to(DEVICE))
     if name == "tiny_vit":
         model = zoo.TinyViT()
     elif name == "encoder":
@@ -94,8 +102,8 @@ def problem(name: str, dtype, batch: int):
     with torch.no_grad():  # BatchNorm statistics of data, then frozen
         model(torch.randn((16,) + shape[1:], dtype=dtype, generator=g))
     model.eval()
-    return model, nn.CrossEntropyLoss(), (torch.randn(shape, dtype=dtype, generator=g),
-                                          torch.randint(0, 10, (batch,), generator=g))
+    return model.to(DEVICE), nn.CrossEntropyLoss(), (torch.randn(shape, dtype=dtype, generator=g).to(DEVICE),
+                                                     torch.randint(0, 10, (batch,), generator=g).to(DEVICE))
 
 
 class _Logits:  # a module wrapper made lazily so that torch imports only when needed
@@ -116,6 +124,10 @@ class _Logits:  # a module wrapper made lazily so that torch imports only when n
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
+    if DEVICE != "cpu":  # the GPU's queue drained: the call's whole cost
+        import torch
+
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
@@ -156,27 +168,36 @@ def measure(name: str, dtype_name: str, batch: int, repeats: int) -> dict:
             for label, options in MODES.items():
                 t = _timed(lambda: ops.__setitem__(label, build(model, loss_fn, (x, y), options)))
                 setup[label] = min(t, setup.get(label, t))
-    v = torch.randn(ops["rev"].shape[0], dtype=dtype, generator=torch.Generator().manual_seed(2))
+    v = torch.randn(ops["rev"].shape[0], dtype=dtype, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     gradient()
     for H in ops.values():  # warm-up
         H.backend.hvp(v)
-    times: dict[str, list[float]] = {"grad": [], **{k: [] for k in ops}}
+    runs = {"grad": gradient, **{k: (lambda H=H: H.backend.hvp(v)) for k, H in ops.items()}}
+    if DEVICE != "cpu":  # one block of columns: vmapped against a loop of single products
+        V = torch.randn(v.shape[0], MATMAT_COLUMNS, dtype=dtype, generator=torch.Generator().manual_seed(3))
+        V = V.to(DEVICE)
+        Hv, Hl = (build(model, loss_fn, (x, y), dict(MODES[DEFAULT], batched=b)) for b in (True, False))
+        runs["matmat vmap"] = lambda: Hv.backend.hvp_batch(V)
+        runs["matmat loop"] = lambda: Hl.backend.hvp_batch(V)
+        runs["matmat vmap"](), runs["matmat loop"]()  # warm-up (the vmapped graph is traced once)
+    times: dict[str, list[float]] = {k: [] for k in runs}
     order = random.Random(0)
     reps = max(1, round(MIN_SAMPLE_S / _timed(gradient)))  # a sample of a tiny model is several calls
-    runs = {"grad": gradient, **{k: (lambda H=H: H.backend.hvp(v)) for k, H in ops.items()}}
     for _ in range(repeats):  # interleaved rounds, each in a new order (no mode always runs first)
         for label in order.sample(list(runs), len(runs)):
             times[label].append(_timed(lambda: [runs[label]() for _ in range(reps)]) / reps)
     g = statistics.median(times["grad"])
-    hvp = {k: statistics.median(t) / g for k, t in times.items() if k != "grad"}
-    paired = {k: median_ci([d / o for d, o in zip(times[DEFAULT], t)]) for k, t in times.items()
-              if k not in ("grad", DEFAULT)}
+    hvp = {k: statistics.median(times[k]) / g for k in ops}
+    paired = {k: median_ci([d / o for d, o in zip(times[DEFAULT], times[k])]) for k in ops if k != DEFAULT}
+    matmat = (median_ci([lo / vm for lo, vm in zip(times["matmat loop"], times["matmat vmap"])])
+              if "matmat vmap" in times else None)
     setup_g = {k: t / g for k, t in setup.items()}
     return {"model": name, "dtype": dtype_name, "batch": batch, "params": sum(p.numel() for p in params),
             "grad_ms": round(1e3 * g, 2), "repeats": repeats,
             "hvp": {k: round(v, 3) for k, v in hvp.items()},
             "paired": {k: [round(x, 3) for x in v] for k, v in paired.items()},
             "setup": {k: round(v, 1) for k, v in setup_g.items()},
+            "device": DEVICE, "matmat_loop_over_vmap": matmat and [round(x, 3) for x in matmat],
             "rounds_ms": {k: [round(1e3 * x, 3) for x in t] for k, t in times.items()}}
 
 
@@ -211,6 +232,9 @@ def table(rows: list[dict]) -> str:
     head = ("| model | dtype | batch | grad ms | " + " | ".join(labels)
             + " | default / best | 90 % CI | best (paired) | default / torch ops | job: default / best |")
     lines = [head, "|" + "---|" * (len(labels) + 9)]
+    if any(r.get("matmat_loop_over_vmap") for r in rows):  # a GPU run: the block product's column
+        lines[0] += f" {MATMAT_COLUMNS} loops / vmap |"
+        lines[1] += "---|"
     for r in rows:
         best = min(r["hvp"].values())
         cells = [f"**{r['hvp'][k]:.2f}**" if r["hvp"][k] == best else f"{r['hvp'][k]:.2f}" for k in labels]
@@ -219,6 +243,9 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['grad_ms']:.0f} | " + " | ".join(cells)
                      + f" | {m:.2f} | {lo:.2f}-{hi:.2f} | {label} | {r['paired']['rev cached torch ops'][0]:.2f}"
                      + f" | {job:.2f} |")
+        if "loops / vmap" in lines[0]:
+            mm = r.get("matmat_loop_over_vmap")
+            lines[-1] += f" {mm[0]:.2f} ({mm[1]:.2f}-{mm[2]:.2f}) |" if mm else " - |"
     return "\n".join(lines)
 
 
@@ -302,6 +329,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--first-cpu", type=int, default=0, help="with --workers: the first core to pin to")
     ap.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)  # a worker's core
     ap.add_argument("--table", metavar="JSON", help="print the table of a saved run and exit")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: models and vectors on the GPU, one process")
     ap.add_argument("--candidate", action="append", default=[], metavar="DTYPE:KIND=T[,...]",
                     help="one more cached reverse mode with conv_wins thresholds changed, e.g. float64:pointwise=64")
     args = ap.parse_args(argv)
@@ -313,6 +341,8 @@ def main(argv=None) -> list[dict]:
     for spec in args.candidate:
         ratios = {tuple(k.split(":")): float(t) for k, t in (item.split("=") for item in spec.split(","))}
         MODES[f"candidate {spec}"] = dict(hvp="reverse", cache=True, ratios=ratios)
+    global DEVICE
+    DEVICE = args.device
     if args.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
     import torch

@@ -70,7 +70,7 @@ class GraphBackend(TorchBackend):
     (tensor([6., 0.], dtype=torch.float64), tensor([ 3., 12.], dtype=torch.float64))
     """
 
-    _check_state = _rng = None  # no model adapter, no train-mode draws: TorchBackend's hooks do nothing
+    _check_state = _rng = _watch_precision = None  # no model adapter, no train-mode draws, no forward to watch
 
     def __init__(self, params: dict[str, Tensor], *, closure: Callable[[], Tensor] | None = None,
                  grads: Sequence[Tensor | None] | None = None, hvp: str = "auto", cache: bool | str = "auto",
@@ -102,6 +102,7 @@ class GraphBackend(TorchBackend):
         self.device, self.torch_dtype = self._layout.device, self._layout.dtype
         self.dtype, self.size = np.dtype(dtype_name(self.torch_dtype)), int(sum(self._layout.numels))
         self._closure, self._rewrite = closure, bool(rewrite)
+        self._default_dtype = torch.get_default_dtype()  # the build's, as for TorchBackend
         self._versions = [p._version for p in self._live]
         #: The loss of the closure's latest evaluation (detached), ``None`` for given gradients.
         self.loss: Tensor | None = None
