@@ -17,7 +17,8 @@ import numpy as np
 
 from curvop._progress import progress_bar
 from curvop.eigen import default_basis_budget
-from curvop.krylov import lanczos_tridiag
+from curvop._checks import PROBES, check_choice, check_flag, check_float_dtype, check_int
+from curvop.krylov import check_location, lanczos_tridiag
 from curvop.operator import aslinearoperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -209,12 +210,15 @@ def spectral_density(
     (55.0, True)
     """
     H = aslinearoperator(H)
-    if int(num_steps) < 1 or int(num_probes) < 1:
-        raise ValueError(f"num_steps and num_probes must be >= 1, got {num_steps} and {num_probes}")
-    n, num_probes = H.shape[0], int(num_probes)
-    block_size = num_probes if block_size is None else max(1, int(block_size))
-    if reorth not in ("auto", "full", "local"):
-        raise ValueError(f"reorth must be 'auto', 'full' or 'local', got {reorth!r}")
+    num_steps, num_probes = check_int("num_steps", num_steps, 1), check_int("num_probes", num_probes, 1)
+    n = H.shape[0]
+    block_size = num_probes if block_size is None else check_int("block_size", block_size, 1)
+    check_choice("probes", probes, PROBES)
+    check_choice("reorth", reorth, ("auto", "full", "local"))
+    check_location(basis_location)
+    check_float_dtype("basis_dtype", basis_dtype)
+    max_basis_bytes = check_int("max_basis_bytes", max_basis_bytes, 1, optional=True)
+    progress = check_flag("progress", progress)
     if reorth == "auto":
         vec = n * np.dtype(basis_dtype if basis_dtype is not None else H.dtype).itemsize
         budget = default_basis_budget(n * np.dtype(H.dtype).itemsize) if max_basis_bytes is None else int(max_basis_bytes)

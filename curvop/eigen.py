@@ -18,6 +18,7 @@ from curvop._progress import progress_bar
 from curvop.arrays import column_dots, dot, matmul, norm, project_out, stack
 from curvop.krylov import TOL_ON, KrylovProblem, check_location, eigenvalue_errors, order_by, thick_restart
 from curvop.operator import HessianOperator, aslinearoperator
+from curvop._checks import check_flag, check_float_dtype, check_int, check_positive
 from curvop._checks import require_finite as _require_finite
 
 __all__ = ["EigenResult", "ConvergenceWarning", "eigenvalues", "array_summary", "default_basis_budget"]
@@ -365,8 +366,15 @@ def eigenvalues(
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
-    if not isinstance(k, (int, np.integer)) or k < 1 or k >= n:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, (bool, np.bool_)) or k < 1 or k >= n:
         raise ValueError(f"k must be an integer with 1 <= k < n = {n}, got k={k!r}")
+    # every argument is checked here, also those the chosen method does not use
+    tol = check_positive("tol", tol)
+    max_matvecs = check_int("max_matvecs", max_matvecs, 1, optional=True)
+    ncv = check_int("ncv", ncv, 2, optional=True)
+    verify, progress = check_flag("verify", verify), check_flag("progress", progress)
+    check_float_dtype("basis_dtype", basis_dtype)
+    max_basis_bytes = check_int("max_basis_bytes", max_basis_bytes, 1, optional=True)
     if method == "power" and which != "LM":
         raise ValueError(
             "method='power' finds the dominant (largest magnitude) eigenvalues, as PyHessian does; "

@@ -253,7 +253,12 @@ class HessianOperator(LinearOperator):
         On a data-parallel operator every rank gets the same generator state, whatever the seed
         (:meth:`Backend.agree_seed`: rank 0's draw for ``None`` or a Generator).
         """
-        return np.random.default_rng(self.backend.agree_seed(seed))
+        try:
+            return np.random.default_rng(self.backend.agree_seed(seed))
+        except (TypeError, ValueError) as err:  # numpy's words for a bad seed ("SeedSequence expects ...")
+            kind = TypeError if isinstance(err, TypeError) else ValueError
+            raise kind(f"seed must be None, a non-negative int (or a sequence of them), a numpy SeedSequence "
+                       f"or Generator; got {seed!r} ({err})") from None
 
     def random(self, shape: int | tuple[int, ...], kind: str = "rademacher", seed: Any = None) -> Any:
         """Native random probes (``"rademacher"``, ``"gaussian"`` or ``"sphere"``) from a seed.
