@@ -35,8 +35,8 @@ stops earlier from the same start, so "oracle warm / oracle cold" bounds every s
 ``--starts`` random seeds under each ``--tol-on`` rule: how often a rule settles on a lower
 eigenvalue before the start's share of the top eigenvector shows (docs/training.md).
 ``--noise`` repeats the warm runs with other random shares mixed into the start
-(``curvop.eigen.WARM_START_NOISE``, in units of sqrt(eps); default 1), which is how that constant
-was chosen.
+(``curvop.eigen.WARM_START_NOISE``: the random unit vector's weight relative to the warm direction;
+default 1, the library's), which is how that constant was chosen (docs/training.md, issue 26).
 """
 
 from __future__ import annotations
