@@ -48,6 +48,27 @@ class HessianOperator(LinearOperator):
         self.num_matvecs = 0
         super().__init__(dtype=np.dtype(backend.dtype), shape=(backend.size, backend.size))
 
+    # --- copies ------------------------------------------------------------------------------------
+    def __copy__(self) -> "HessianOperator":
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> "HessianOperator":
+        """A deep copy shares the backend, which is a view of the model, loss and data (a copy of
+        the model would not be the one its functions compute with); the copy counts its own
+        products. ``copy.deepcopy`` of anything that holds an operator then works."""
+        memo[id(self)] = new = self.__copy__()
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"a curvop.HessianOperator ({self.backend.name} backend) cannot be pickled: it computes with "
+            "the functions, model and data it was built from, which live in this process. Send what "
+            "it was built from (the model's state_dict, the data) and build it again there with "
+            "curvop.hessian(...) or aslinearoperator(...)"
+        )
+
     # --- scipy's contract: numpy in, numpy out ---------------------------------------------------
     # The entry points below call these for a numpy input once it is checked, as scipy's do; scipy
     # derives the rest (``@``, ``*``, ``H(x)``, ``x @ H``, sums and products of operators).
