@@ -58,9 +58,11 @@ class Collective(Protocol):
     rank: int
     world: int
 
-    def reduce_product(self, acc: Array, count: Any, reduction: str) -> Array: ...
+    def reduce_product(self, acc: Array, count: Any, reduction: str, failure: BaseException | None = None,
+                       batch_error: bool = False) -> Array: ...
     def gather_ints(self, value: int, device: Any) -> list[int]: ...
     def agree_seed(self, seed: Any, device: Any) -> Any: ...
+    def agree(self, failure: BaseException | None, where: str) -> None: ...
 
 
 class AutodiffBackend(Backend):
@@ -125,20 +127,27 @@ class AutodiffBackend(Backend):
         self._options = {"hvp": hvp, "cache": cache, "batched": batched}
         self._check_det = bool(check_deterministic)
 
-    def _complete(self, loss: LossInfo | None = None, check_loss_dtype: bool = True) -> None:
-        """Check the loss (``loss``: its value on the first batch), resolve ``"auto"``, check that
-        the products are deterministic and build the cache."""
-        if loss is not None:
-            check_loss(loss, self._param_dtype_name(), framework=self._loss_type(),
-                       reduce_fix=self._reduce_advice(),
-                       precision_message=self._precision_message if check_loss_dtype else None,
-                       zero_dim=self.loss_zero_dim)
-        auto = self._auto_options()
-        opts = {k: auto[k] if v == "auto" else v for k, v in self._options.items()}
-        self.mode = opts["hvp"]
-        self.batched = bool(opts["batched"])
-        self.cache = bool(opts["cache"]) and self.can_cache()
-        self._resolved()
+    def _complete(self, loss: LossInfo | Callable[[], LossInfo] | None = None, check_loss_dtype: bool = True) -> None:
+        """Check the loss (``loss``: its value on the first batch, or a function computing it),
+        resolve ``"auto"``, check that the products are deterministic and build the cache.
+
+        With a collective, what each process checks alone (the loss, the options, the cache) is
+        agreed on before the next collective: a failure on one rank raises a
+        ``DistributedError`` on every rank, never leaving the others waiting in a product."""
+        with self._agreed("building the operator (its first loss and checks)"):
+            if callable(loss):
+                loss = loss()
+            if loss is not None:
+                check_loss(loss, self._param_dtype_name(), framework=self._loss_type(),
+                           reduce_fix=self._reduce_advice(),
+                           precision_message=self._precision_message if check_loss_dtype else None,
+                           zero_dim=self.loss_zero_dim)
+            auto = self._auto_options()
+            opts = {k: auto[k] if v == "auto" else v for k, v in self._options.items()}
+            self.mode = opts["hvp"]
+            self.batched = bool(opts["batched"])
+            self.cache = bool(opts["cache"]) and self.can_cache()
+            self._resolved()
         with self._context():
             settle(self, self._build)
 
@@ -149,8 +158,23 @@ class AutodiffBackend(Backend):
             v = self.random(self.size, "gaussian", np.random.default_rng(0))
             check_deterministic(lambda u: self._finite(self._reduce(u, False, fresh=True), u, False, fresh=True),
                                 v, self.dtype)
-        self._cached = self._build_cache() if self.cache else None
+        if self.cache:
+            with self._agreed("building the cache of linearisations"):
+                self._cached = self._build_cache()
         self._settled = self._check_det or self.cache
+
+    @contextlib.contextmanager
+    def _agreed(self, where: str) -> Iterator[None]:
+        """Run local work; with a collective, every rank then learns whether it failed anywhere."""
+        if self._collective is None:
+            yield
+            return
+        failure = None
+        try:
+            yield
+        except Exception as err:  # raised below on every rank (as a DistributedError unless all failed)
+            failure = err
+        self._collective.agree(failure, where)
 
     def _build_cache(self) -> list[tuple[Callable[[Array, bool], Array], Any]]:
         """One ``(linear map, weight)`` per batch (``_linearize`` under the batch's context)."""
@@ -348,12 +372,17 @@ class AutodiffBackend(Backend):
     def _reduce(self, v: Array, batched: bool, fresh: bool = False) -> Array:
         """The product over the whole dataset (weighting rule of :mod:`curvop.backends.dataset`)."""
         terms = self._products(v, batched, fresh)
-        if self.dataset.single and self._collective is None:
-            return next(terms)[0]  # one batch: its product, unweighted (exact)
-        acc, count = self.dataset.accumulate(terms, add=self._add)
-        if self._collective is not None:
-            return self._collective.reduce_product(acc, count, self.dataset.reduction)
-        return self.dataset.normalize(acc, count)
+        if self._collective is None:
+            if self.dataset.single:
+                return next(terms)[0]  # one batch: its product, unweighted (exact)
+            return self.dataset.normalize(*self.dataset.accumulate(terms, add=self._add))
+        failure = None
+        try:  # every rank takes part in the reduction, also one whose own products failed
+            acc, count = self.dataset.accumulate(terms, add=self._add)
+        except Exception as err:
+            failure, acc, count = err, v * 0, 0
+        return self._collective.reduce_product(acc, count, self.dataset.reduction, failure=failure,
+                                               batch_error=batched is True and isinstance(failure, self.batch_errors))
 
     def _finite(self, y: Array, v: Array, batched: bool, fresh: bool = False) -> Array:
         """``y`` if it is finite (one sync); else the error naming the first non-finite batch."""

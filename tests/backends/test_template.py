@@ -147,9 +147,16 @@ class _FakeCollective:
     def __init__(self):
         self.calls = []
 
-    def reduce_product(self, acc, count, reduction):
+    def reduce_product(self, acc, count, reduction, failure=None, batch_error=False):
         self.calls.append(("reduce", count, reduction))
+        if failure is not None:
+            raise failure
         return 2 * acc / (2 * count) if reduction == "mean" else 2 * acc
+
+    def agree(self, failure, where):
+        self.calls.append(("agree", where))
+        if failure is not None:
+            raise failure
 
     def gather_ints(self, value, device):
         return [-1, value]
@@ -164,7 +171,7 @@ def test_issue13_template_calls_the_collective():
     B = LeastSquares(3, data, collective=coll, check_deterministic=False)
     X = np.concatenate([b[0] for b in data])
     np.testing.assert_allclose(B.hvp(np.ones(3)), X.T @ X @ np.ones(3) / len(X), rtol=1e-13)
-    assert coll.calls == [("reduce", 12, "mean")]
+    assert coll.calls == [("agree", "building the operator (its first loss and checks)"), ("reduce", 12, "mean")]
     assert B.agree_seed(None) == 1234 and not B.is_main_process()
     data[1][0][0, 0] = np.inf
     with pytest.raises(NonFiniteProductError, match="batch 1 .*rank 1") as info:
@@ -261,3 +268,27 @@ def test_issue13_jax_half_precision_and_low_precision_loss_are_refused():
         curvop.hessian_of(lambda w: jnp.sum(w ** 4).astype(jnp.float32), jnp.ones(3))
     H = curvop.hessian_of(lambda w: jnp.sum(w ** 4).astype(jnp.float32), jnp.ones(3), check_loss_dtype=False)
     assert H.shape == (3, 3)
+
+
+# --- issue 26: every rank takes part in every collective, also one whose own work failed ----------------
+def test_issue26_a_rank_whose_products_fail_still_takes_part_in_the_reduction():
+    coll = _FakeCollective()
+    data = _batches(sizes=(4, 4))
+    B = LeastSquares(3, data, collective=coll, check_deterministic=False)
+    coll.calls.clear()
+    data[1] = (np.ones((4, 5)), np.ones(4))  # this rank's second batch has 5 features
+    with pytest.raises(ValueError, match="matmul"):
+        B.hvp(np.ones(3))
+    assert coll.calls == [("reduce", 0, "mean")]  # the failure went through the collective, not around it
+
+
+def test_issue26_a_rank_whose_checks_fail_at_build_tells_the_others():
+    coll = _FakeCollective()
+
+    class BadLoss(LeastSquares):
+        def _resolved(self):
+            raise ValueError("a check that failed on this rank only")
+
+    with pytest.raises(ValueError, match="this rank only"):
+        BadLoss(3, _batches(), collective=coll)
+    assert coll.calls == [("agree", "building the operator (its first loss and checks)")]  # before any product
