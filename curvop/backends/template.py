@@ -50,6 +50,7 @@ __all__ = ["AutodiffBackend", "Collective", "LossInfo", "ParamInfo", "check_opti
            "check_loss"]
 
 Array = Any
+COLUMNS = "columns"  # ``batched`` for a block computed column by column within each batch (one pass)
 
 
 class Collective(Protocol):
@@ -333,13 +334,19 @@ class AutodiffBackend(Backend):
         return self._looped(v)
 
     def _looped(self, v: Array) -> Array:
-        """One product per column, checked once for the block (one sync, not one per column)."""
-        cols = [self._reduce(v[:, j], False) for j in range(v.shape[1])]
-        y = arrays.stack(cols, axis=1)
-        if self.check_finite and not self._all_finite(y):
-            for j, col in enumerate(cols):
-                self._finite(col, v[:, j], False)  # raises for the first column that is not finite
-        return y
+        """One product per column, in one pass over the data (each batch computes every column, see
+        :meth:`_columns`), checked once for the block (one sync, not one per column)."""
+        return self._finite(self._reduce(v, COLUMNS), v, COLUMNS)
+
+    def _columns(self, v: Array, batch: Any, index: int) -> Array:
+        """The ``(n, k)`` products of ``v``'s columns on one prepared batch, uncached: one vector
+        product each, each under the batch's context as a vector product is (so equal to it, bit
+        for bit). A framework overrides it where the columns can share work on the batch."""
+        cols = []
+        for j in range(v.shape[1]):
+            with self._batch_context(index, False):
+                cols.append(self._product(v[:, j], batch, False))
+        return arrays.stack(cols, axis=1)
 
     def agree_seed(self, seed: Any) -> Any:
         return seed if self._collective is None else self._collective.agree_seed(seed, self.device)
@@ -357,14 +364,28 @@ class AutodiffBackend(Backend):
 
     # --- the dataset loop -------------------------------------------------------------------------
     def _products(self, v: Array, batched: bool, fresh: bool = False) -> Iterator[tuple[Array, Any]]:
-        """``(product, weight)`` per batch, lazily: from the cache, or computed afresh."""
+        """``(product, weight)`` per batch, lazily: from the cache, or computed afresh.
+
+        ``batched``: ``v`` is one vector (``False``), a block computed batched (``True``), or a block
+        computed column by column within each batch (:data:`COLUMNS`): one pass over the data
+        for the whole block, never one per column."""
         if self._cached is not None and not fresh:
             for i, (fn, w) in enumerate(self._cached):
+                if batched == COLUMNS:
+                    cols = []
+                    for j in range(v.shape[1]):
+                        with self._batch_context(i, True):
+                            cols.append(fn(v[:, j], False))
+                    yield arrays.stack(cols, axis=1), w
+                    continue
                 with self._batch_context(i, True):
                     p = fn(v, batched)
                 yield p, w
             return
         for i, batch, w in self.dataset.weighted_batches():
+            if batched == COLUMNS:
+                yield self._columns(v, self._prepare_batch(batch), i), w
+                continue
             with self._batch_context(i, False):
                 p = self._product(v, self._prepare_batch(batch), batched)
             yield p, w
