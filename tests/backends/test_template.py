@@ -346,6 +346,12 @@ def test_issue26_torch_block_and_density_make_one_pass_per_product():
         if "train_mode" not in opts:
             torch.testing.assert_close(Y, torch.as_tensor(dense_hessian(model, loss_fn, list(data))) @ V,
                                        rtol=1e-10, atol=1e-12)
+    data.passes, start = 0, H.num_matvecs
+    curvop.spectral_density(H, num_steps=5, num_probes=4, seed=0)  # Lanczos on 4 probes in lockstep
+    assert (data.passes, H.num_matvecs - start) == (5, 20)  # was 20 passes
+    data.passes = 0
+    curvop.trace(H, method="hutch++", num_matvecs=12, seed=0)  # three blocks: sketch, projection, probes
+    assert data.passes == 3  # was 12
 
 
 @pytest.mark.parametrize("framework", ["jax", "tensorflow"])
