@@ -15,10 +15,8 @@ What differs, on purpose:
   rather than when two power iterates differ by less than ``tol``;
 * ``trace()`` stops when the standard error of the mean is below ``tol·|mean|`` (else after
   ``maxIter`` samples), not when one sample happens to land near the running mean;
-* the model's train/eval mode is never changed (PyHessian leaves it in eval mode): products run
-  on an eval-mode twin of it that shares its parameters and buffers, so ``hc.operator`` is the
-  eval-mode Hessian also for calls made outside this class (``curvop.eigenvalues(hc.operator)``
-  on a model in training mode), and no ``.grad`` is written to the parameters;
+* the model's train/eval mode is restored after each call (PyHessian leaves it in eval mode), and
+  no ``.grad`` is written to the parameters;
 * probes come from a seed derived from ``torch.initial_seed()`` (so ``torch.manual_seed`` makes a
   script repeatable) without drawing from torch's global generator;
 * a result that did not converge, or an impossible request (``cuda=True`` without CUDA, the model
@@ -28,7 +26,8 @@ What differs, on purpose:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -43,27 +42,16 @@ class CompatWarning(UserWarning):
     """A PyHessian call gave a result curvop could not certify (e.g. eigenvalues not converged)."""
 
 
-def _eval_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """The model in eval mode without changing it: its modules copied shallowly, every copy in eval mode.
-
-    The copies hold the model's own parameter and buffer tensors (and its hooks), so the operator
-    follows every in-place update of the model, while no mode the user sets (``model.train()``
-    before or after the build) reaches the products: the operator is the eval-mode Hessian,
-    whoever calls it. A module used twice is copied once (weight tying).
-    """
-    twins: dict[int, torch.nn.Module] = {}
-
-    def twin(m: torch.nn.Module) -> torch.nn.Module:
-        if id(m) not in twins:
-            t = object.__new__(type(m))
-            t.__dict__.update(m.__dict__)
-            t._parameters, t._buffers = dict(m._parameters), dict(m._buffers)
-            t.training = False
-            twins[id(m)] = t
-            t._modules = {k: None if c is None else twin(c) for k, c in m._modules.items()}
-        return twins[id(m)]
-
-    return twin(model)
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run in eval mode (as PyHessian does) and give every module back its own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _device(cuda: bool) -> torch.device:
@@ -82,7 +70,7 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
     ----------
     model : torch.nn.Module
         Its parameters with ``requires_grad`` are differentiated; it is evaluated in eval mode
-        (BatchNorm uses its running statistics, dropout is off) without changing its own mode.
+        (BatchNorm uses its running statistics, dropout is off) and its mode restored afterwards.
     criterion : callable
         ``criterion(model(inputs), targets)`` -> scalar tensor.
     data : (inputs, targets), optional
@@ -145,8 +133,8 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
         self._seeds = np.random.SeedSequence(torch.initial_seed() if seed is None else int(seed))
         # PyHessian weights the batches of a loader by their size whatever the criterion's reduction
         options.setdefault("reduction", "mean")
-        self.operator = curvop.hessian(_eval_twin(model), criterion, self.data if self.full_dataset else data,
-                                       **options)
+        with _eval_mode(model):
+            self.operator = curvop.hessian(model, criterion, self.data if self.full_dataset else data, **options)
         self._numels = [p.numel() for p in self.params]
 
     @property
@@ -174,7 +162,8 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
     def dataloader_hv_product(self, v: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
         """``(vᵀHv, Hv)`` for ``v`` a list of per-parameter tensors (one product)."""
         u = self._flat(v)
-        hu = self.operator.matvec(u)
+        with _eval_mode(self.model):
+            hu = self.operator.matvec(u)
         return float(torch.dot(u, hu)), self._split(hu)
 
     def eigenvalues(self, maxIter: int = 100, tol: float = 1e-3,  # noqa: N803 -- PyHessian's keywords
@@ -199,8 +188,9 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
         if not isinstance(top_n, (int, np.integer)) or not 1 <= top_n < n:
             raise ValueError(f"top_n must be an integer with 1 <= top_n < {n} (the number of parameters), "
                              f"got {top_n!r}")
-        r = curvop.eigenvalues(self.operator, k=int(top_n), which="LM", tol=float(tol),
-                               max_matvecs=max(int(maxIter) * int(top_n), int(top_n)), seed=self._rng())
+        with _eval_mode(self.model):
+            r = curvop.eigenvalues(self.operator, k=int(top_n), which="LM", tol=float(tol),
+                                   max_matvecs=max(int(maxIter) * int(top_n), int(top_n)), seed=self._rng())
         if not r.converged:
             warnings.warn(
                 f"eigenvalues did not reach tol={tol} in {r.num_matvecs} products (relative residuals "
@@ -220,11 +210,12 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
             raise ValueError(f"maxIter must be >= 1, got {maxIter}")
         H, rng, n = self.operator, self._rng(), self.operator.shape[0]
         samples = np.zeros(0)
-        while samples.size < maxIter:
-            Z = H.random((n, min(10, maxIter - samples.size)), "rademacher", seed=rng)
-            samples = np.concatenate([samples, column_dots(Z, H.matmat(Z))])
-            if samples.size > 1 and samples.std(ddof=1) / np.sqrt(samples.size) <= tol * abs(samples.mean()):
-                break
+        with _eval_mode(self.model):
+            while samples.size < maxIter:
+                Z = H.random((n, min(10, maxIter - samples.size)), "rademacher", seed=rng)
+                samples = np.concatenate([samples, column_dots(Z, H.matmat(Z))])
+                if samples.size > 1 and samples.std(ddof=1) / np.sqrt(samples.size) <= tol * abs(samples.mean()):
+                    break
         return [float(s) for s in samples]
 
     def density(self, iter: int = 100, n_v: int = 1) -> tuple[list[list[float]], list[list[float]]]:  # noqa: A002
@@ -241,5 +232,6 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
         -------
         eigenvalues, weights : lists (one per probe) of lists of float; each probe's weights sum to 1
         """
-        sd = curvop.spectral_density(self.operator, num_steps=int(iter), num_probes=int(n_v), seed=self._rng())
+        with _eval_mode(self.model):
+            sd = curvop.spectral_density(self.operator, num_steps=int(iter), num_probes=int(n_v), seed=self._rng())
         return [[float(x) for x in a] for a in sd.nodes], [[float(w) for w in a] for a in sd.weights]
