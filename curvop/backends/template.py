@@ -338,15 +338,15 @@ class AutodiffBackend(Backend):
         :meth:`_columns`), checked once for the block (one sync, not one per column)."""
         return self._finite(self._reduce(v, COLUMNS), v, COLUMNS)
 
-    def _columns(self, v: Array, batch: Any, index: int) -> Array:
-        """The ``(n, k)`` products of ``v``'s columns on one prepared batch, uncached: one vector
-        product each, each under the batch's context as a vector product is (so equal to it, bit
-        for bit). A framework overrides it where the columns can share work on the batch."""
-        cols = []
-        for j in range(v.shape[1]):
+    def _columns(self, columns: list[Array], batch: Any, index: int) -> Array:
+        """The ``(n, k)`` products of a block's ``columns`` on one prepared batch, uncached: one
+        vector product each, each under the batch's context as a vector product is (so equal to it,
+        bit for bit). A framework overrides it where the columns can share work on the batch."""
+        out = []
+        for u in columns:
             with self._batch_context(index, False):
-                cols.append(self._product(v[:, j], batch, False))
-        return arrays.stack(cols, axis=1)
+                out.append(self._product(u, batch, False))
+        return arrays.stack(out, axis=1)
 
     def agree_seed(self, seed: Any) -> Any:
         return seed if self._collective is None else self._collective.agree_seed(seed, self.device)
@@ -369,14 +369,15 @@ class AutodiffBackend(Backend):
         ``batched``: ``v`` is one vector (``False``), a block computed batched (``True``), or a block
         computed column by column within each batch (:data:`COLUMNS`): one pass over the data
         for the whole block, never one per column."""
+        columns = [v[:, j] for j in range(v.shape[1])] if batched == COLUMNS else []  # sliced once
         if self._cached is not None and not fresh:
             for i, (fn, w) in enumerate(self._cached):
                 if batched == COLUMNS:
-                    cols = []
-                    for j in range(v.shape[1]):
+                    out = []
+                    for u in columns:
                         with self._batch_context(i, True):
-                            cols.append(fn(v[:, j], False))
-                    yield arrays.stack(cols, axis=1), w
+                            out.append(fn(u, False))
+                    yield arrays.stack(out, axis=1), w
                     continue
                 with self._batch_context(i, True):
                     p = fn(v, batched)
@@ -384,7 +385,7 @@ class AutodiffBackend(Backend):
             return
         for i, batch, w in self.dataset.weighted_batches():
             if batched == COLUMNS:
-                yield self._columns(v, self._prepare_batch(batch), i), w
+                yield self._columns(columns, self._prepare_batch(batch), i), w
                 continue
             with self._batch_context(i, False):
                 p = self._product(v, self._prepare_batch(batch), batched)

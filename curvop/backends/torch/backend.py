@@ -237,14 +237,14 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
         return _reverse_product(self._layout, self._graph(p, batch), list(p.values()), v, batched, retain=False)
 
-    def _columns(self, v: Tensor, batch: Any, index: int) -> Tensor:
+    def _columns(self, columns: list[Tensor], batch: Any, index: int) -> Tensor:
         """Reverse mode: the batch's gradient graph built once (under the batch's seed, so the same
         dropout masks as each column's own product) and differentiated once per column."""
         if self.mode == "forward":
-            return super()._columns(v, batch, index)
+            return super()._columns(columns, batch, index)
         with self._batch_context(index, False):
             fn = self._linearize(batch)
-        return torch.stack([fn(v[:, j], False) for j in range(v.shape[1])], dim=1)
+        return torch.stack([fn(u, False) for u in columns], dim=1)
 
     def _linearize(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         """What stays fixed between products on ``batch``, as a function of the vector (no ref. to self)."""

@@ -183,9 +183,9 @@ class GraphBackend(TorchBackend):
     def _linearize(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         return partial(_reverse_product, self._layout, self._g, self._live, retain=True)
 
-    def _columns(self, v: Tensor, batch: Any, index: int) -> Tensor:
+    def _columns(self, columns: list[Tensor], batch: Any, index: int) -> Tensor:
         """Fresh columns: one fresh product each (``_linearize`` here is the cached graph)."""
-        return AutodiffBackend._columns(self, v, batch, index)
+        return AutodiffBackend._columns(self, columns, batch, index)
 
     def _product(self, v: Tensor, batch: Any, batched: bool) -> Tensor:
         """A fresh product (the determinism check): the closure evaluated again, its graph used once."""
