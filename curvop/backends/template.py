@@ -20,7 +20,8 @@ then, once the subclass has set ``size``, ``dtype``, ``device`` and its layout, 
 (loss checked on the first batch, ``"auto"`` resolved, ``_resolved()`` called, determinism
 checked on fresh products, cache built). Per product the template calls ``_follow()``, then per
 batch ``_product`` or a cached map inside ``_batch_context(i, cached)``, sums with ``_add`` and
-the dataset's weights, reduces through the optional collective, and checks finiteness once.
+the dataset's weights, reduces through the optional collective, and checks finiteness once. A
+block is one pass over the data, batched or not (unbatched: every column on each batch, ``_columns``).
 
 The build and every product run inside ``_context()`` (the framework's build-time context:
 torch turns the caller's autocast off). The first work that needs a product (the build's checks
