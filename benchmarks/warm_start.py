@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/warm_start.py [--steps 300] [--every 10] [--k 1] [--quick]
         [--tol-on residual|eigenvalue ...] [--span-starts] [--out FILE]
     PYTHONPATH=. python benchmarks/warm_start.py --misses-at STEP [--starts 200] --lr LR --tol-on eigenvalue residual
+    PYTHONPATH=. python benchmarks/warm_start.py --adversarial --noise 1.49e-8 0.01 0.1 0.3 0.5 1 [--starts 20]
 
 The digits CNN (:func:`curvop.studies.digits.cnn`, float64) is trained with plain SGD on
 mini-batches; every ``--every`` steps the top-k eigenvalues of the loss Hessian on a fixed
@@ -34,9 +35,11 @@ stops earlier from the same start, so "oracle warm / oracle cold" bounds every s
 ``--misses-at STEP`` runs the same training to STEP only and then solves the Hessian there cold from
 ``--starts`` random seeds under each ``--tol-on`` rule: how often a rule settles on a lower
 eigenvalue before the start's share of the top eigenvector shows (docs/training.md).
+``--adversarial`` starts from an exact eigenvector of λ₂ of two synthetic spectra, for each ``--noise``
+share, and counts the seeds that still find λ₁ (issue 26; docs/training.md, "The random share").
 ``--noise`` repeats the warm runs with other random shares mixed into the start
-(``curvop.eigen.WARM_START_NOISE``, in units of sqrt(eps); default 1), which is how that constant
-was chosen.
+(``curvop.eigen.WARM_START_NOISE``: the random unit vector's weight relative to the warm direction;
+default 1, the library's), which is how that constant was chosen (docs/training.md, issue 26).
 """
 
 from __future__ import annotations
@@ -247,6 +250,33 @@ def random_start_misses(at_step: int, lr: float, seed: int, measure_size: int, s
     return out
 
 
+def adversarial_starts(shares: list[float], seeds: int) -> dict:
+    """``v0`` an exact eigenvector of λ₂ (issue 26): from how many seeds each share and rule still finds λ₁.
+
+    Two synthetic spectra (random eigenvectors): n = 200 evenly from 60 to 0, and n = 1000 with its top
+    three eigenvalues 1 % apart above a bulk from 30 to 0; ``tol=1e-6``; "cold" is a random start."""
+    out = {}
+    spectra = {"n = 200, 60 to 0 evenly": np.linspace(60.0, 0.0, 200),
+               "n = 1000, top three 1 % apart": np.r_[[60.0, 59.4, 59.0], np.linspace(30.0, 0.0, 997)]}
+    print("| spectrum | rule | " + " | ".join(f"share {s:g}" for s in shares) + " | cold start |")
+    print("|---|---|" + "---|" * (len(shares) + 1))
+    for name, lam in spectra.items():
+        U = np.linalg.qr(np.random.default_rng(0).standard_normal((lam.size, lam.size)))[0]
+        A = (U * lam) @ U.T
+        for rule in ("residual", "eigenvalue"):
+            found = []
+            for share in [*shares, None]:
+                eigen.WARM_START_NOISE = 1.0 if share is None else share
+                v0 = None if share is None else U[:, 1]
+                hits = sum(lam[0] - curvop.eigenvalues(A, v0=v0, seed=s, tol_on=rule).eigenvalues[0] <= 2e-6 * lam[0]
+                           for s in range(seeds))
+                found.append(int(hits))
+            eigen.WARM_START_NOISE = 1.0
+            out[f"{name} [{rule}]"] = found
+            print(f"| {name} | {rule} | " + " | ".join(str(f) for f in found) + " |", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -265,11 +295,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--misses-at", type=int, metavar="STEP",
                     help="instead: cold solves from --starts random seeds on the Hessian at STEP, per rule")
     ap.add_argument("--starts", type=int, default=200)
+    ap.add_argument("--adversarial", action="store_true",
+                    help="instead: v0 an exact eigenvector of lambda_2 on two synthetic spectra, for each --noise share")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.quick:
         a.steps, a.measure_size = 60, 256
-    if a.misses_at is not None:
+    if a.adversarial:
+        import warnings
+
+        warnings.simplefilter("ignore", curvop.ConvergenceWarning)
+        out = adversarial_starts(a.noise, min(a.starts, 20))
+    elif a.misses_at is not None:
         out = random_start_misses(a.misses_at, a.lr, a.seed, a.measure_size, a.starts, tuple(a.tol_on))
     else:
             out = run(a.steps, a.every, a.k, a.noise, a.lr, a.seed, a.measure_size, a.span_starts, tuple(a.tol_on))

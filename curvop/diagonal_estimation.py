@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from curvop._checks import require_finite
+from curvop._checks import check_choice, check_flag, check_int, require_finite
 from curvop._progress import progress_bar
 from curvop.arrays import asarray_like, concat, matmul, namespace, stack
 from curvop.eigen import array_summary
@@ -192,9 +192,9 @@ def diagonal(
     array([1., 2., 3.])
     """
     H = aslinearoperator(H)
-    if method not in _MIN_MATVECS:
-        raise ValueError(f"method must be 'hutchinson' or 'xdiag', got {method!r}")
-    num_matvecs, n = int(num_matvecs), H.shape[0]
+    check_choice("method", method, tuple(_MIN_MATVECS))
+    num_matvecs, n = check_int("num_matvecs", num_matvecs), H.shape[0]
+    progress = check_flag("progress", progress)
     if num_matvecs < min(_MIN_MATVECS[method], n):
         raise ValueError(f"method={method!r} needs num_matvecs >= {_MIN_MATVECS[method]}, got {num_matvecs}")
     rng = H.rng(seed)  # the same probes on every rank

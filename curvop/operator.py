@@ -48,6 +48,27 @@ class HessianOperator(LinearOperator):
         self.num_matvecs = 0
         super().__init__(dtype=np.dtype(backend.dtype), shape=(backend.size, backend.size))
 
+    # --- copies ------------------------------------------------------------------------------------
+    def __copy__(self) -> "HessianOperator":
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> "HessianOperator":
+        """A deep copy shares the backend, which is a view of the model, loss and data (a copy of
+        the model would not be the one its functions compute with); the copy counts its own
+        products. ``copy.deepcopy`` of anything that holds an operator then works."""
+        memo[id(self)] = new = self.__copy__()
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"a curvop.HessianOperator ({self.backend.name} backend) cannot be pickled: it computes with "
+            "the functions, model and data it was built from, which live in this process. Send what "
+            "it was built from (the model's state_dict, the data) and build it again there with "
+            "curvop.hessian(...) or aslinearoperator(...)"
+        )
+
     # --- scipy's contract: numpy in, numpy out ---------------------------------------------------
     # The entry points below call these for a numpy input once it is checked, as scipy's do; scipy
     # derives the rest (``@``, ``*``, ``H(x)``, ``x @ H``, sums and products of operators).
@@ -253,7 +274,12 @@ class HessianOperator(LinearOperator):
         On a data-parallel operator every rank gets the same generator state, whatever the seed
         (:meth:`Backend.agree_seed`: rank 0's draw for ``None`` or a Generator).
         """
-        return np.random.default_rng(self.backend.agree_seed(seed))
+        try:
+            return np.random.default_rng(self.backend.agree_seed(seed))
+        except (TypeError, ValueError) as err:  # numpy's words for a bad seed ("SeedSequence expects ...")
+            kind = TypeError if isinstance(err, TypeError) else ValueError
+            raise kind(f"seed must be None, a non-negative int (or a sequence of them), a numpy SeedSequence "
+                       f"or Generator; got {seed!r} ({err})") from None
 
     def random(self, shape: int | tuple[int, ...], kind: str = "rademacher", seed: Any = None) -> Any:
         """Native random probes (``"rademacher"``, ``"gaussian"`` or ``"sphere"``) from a seed.

@@ -33,15 +33,16 @@ def density_curve(density: Any, sigma: float | None = None, num: int = 4000,
     """The smoothed density on a grid of ``num`` points: ``(grid, values)``.
 
     ``span`` is the ``(left, right)`` range of the grid; default the nodes' range widened by a
-    tenth of its width on each side (at least 1), the margin PyHessian's plots have.
+    tenth of its width on each side (at least 1), the margin PyHessian's plots have. A ``sigma``
+    narrower than the spacing adds points around the nodes (:meth:`SpectralDensity.grid`), so
+    no peak falls between two points.
     """
     sigma = density.default_sigma() if sigma is None else float(sigma)
     if span is None:
         x = np.concatenate(density.nodes)
         pad = max(1.0, 0.1 * float(x.max() - x.min()))
         span = (float(x.min()) - pad, float(x.max()) + pad)
-    grid = np.linspace(span[0], span[1], num)
-    return density.density(grid=grid, sigma=sigma)
+    return density.density(grid=density.grid(sigma, span=span, num=num), sigma=sigma)
 
 
 def _draw(ax: Any, density: Any, sigma: float | None, span: Any, **style: Any) -> Any:

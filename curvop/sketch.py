@@ -112,9 +112,33 @@ def exchangeable_basis(Y: Array) -> tuple[Array, np.ndarray, np.ndarray]:
     try:
         Rinv_t = np.linalg.inv(R).T
     except np.linalg.LinAlgError:
-        Rinv_t = np.linalg.pinv(R).T
-    S = Rinv_t / np.linalg.norm(Rinv_t, axis=0)
+        Rinv_t = None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        S = None if Rinv_t is None else Rinv_t / np.linalg.norm(Rinv_t, axis=0)
+    if S is None or not np.all(np.isfinite(S)):  # Y of lower rank (a zero or low-rank H): no R⁻ᵀ
+        S = _leave_one_out_vectors(R)
     return Q, R, S
+
+
+def _leave_one_out_vectors(R: np.ndarray) -> np.ndarray:
+    """Unit ``s_i`` orthogonal to every column of ``R`` but the ``i``-th, for a singular ``R``.
+
+    ``s_i`` spans the left null space of ``R`` without column ``i``; where that space has more
+    than one dimension (the other columns are themselves dependent, e.g. ``Y = 0``), the one
+    closest to column ``i`` is taken, so ``s_iᵀRe_i`` keeps the part of ``y_i`` that the other
+    columns do not explain (zero when there is none).
+    """
+    k = R.shape[1]
+    S = np.zeros((R.shape[0], k))
+    for i in range(k):
+        others = np.delete(R, i, axis=1)
+        U, sv, _ = np.linalg.svd(others, full_matrices=True)
+        tol = max(others.shape) * np.finfo(np.float64).eps * (sv[0] if sv.size else 0.0)
+        N = U[:, int(np.sum(sv > tol)):]  # orthonormal basis of the left null space of ``others``
+        t = N.T @ R[:, i]
+        nt = np.linalg.norm(t)
+        S[:, i] = N @ (t / nt) if nt > 0 else N[:, 0]
+    return S
 
 
 class RangeSketch(NamedTuple):
@@ -190,7 +214,8 @@ def shifted_nystrom(Om: Array, Y: Array, dtype: Any, where: str) -> Nystrom:
 
     With ``Y = HΩ``, the shift ``ν = √n·eps·‖Y‖`` makes ``Y_ν = Y + νΩ = (H + νI)Ω`` and
     ``G_ν = ΩᵀY_ν`` positive definite for any PSD ``H`` (also of rank below ``m``); ``G_ν = CᵀC``
-    (Cholesky) and ``F = Y_ν C⁻¹`` give ``FFᵀ ≈ H + νI`` (Epperly, Tropp & Webber). A Cholesky
+    (Cholesky) and ``F = Y_ν C⁻¹`` give ``FFᵀ ≈ H + νI`` (Epperly, Tropp & Webber); ``ν`` is at
+    least ``sqrt(tiny)`` of the dtype, so ``Y = 0`` (a zero ``H``) works too. A Cholesky
     failure means ``ΩᵀHΩ`` has a negative eigenvalue below rounding: ``H`` is not PSD, and
     :class:`IndefiniteOperatorError` says so (never a silently wrong result). ``dtype`` is the
     operator's (it sets ``eps``); NaN or Inf in ``ΩᵀY`` raises ``NonFiniteProductError``.
@@ -199,7 +224,8 @@ def shifted_nystrom(Om: Array, Y: Array, dtype: Any, where: str) -> Nystrom:
     G = gram(Om, Y)
     require_finite(G, where)
     dt = np.dtype(dtype) if np.dtype(dtype).kind == "f" else np.dtype(np.float64)
-    nu = float(np.sqrt(n) * np.finfo(dt).eps * norm(Y))
+    # ν > 0 always: Y = 0 (a zero H on the probes) would give ν = 0 and a singular G_ν
+    nu = max(float(np.sqrt(n) * np.finfo(dt).eps * norm(Y)), float(np.sqrt(np.finfo(dt).tiny)))
     G = (G + G.T) / 2 + nu * gram(Om, Om)
     try:
         C = np.linalg.cholesky(G).T  # upper triangular, CᵀC = G_ν

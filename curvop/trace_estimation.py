@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from curvop._checks import require_finite
+from curvop._checks import PROBES, check_choice, check_flag, check_int, check_positive, require_finite
 from curvop._progress import progress_bar
 from curvop.arrays import column_dots, gram, orthonormalize, project_out
 from curvop.operator import aslinearoperator
@@ -298,11 +298,13 @@ def trace(
     TraceResult(estimate=7.0, stderr=0.0, num_matvecs=3, method='exact', num_probes=3, converged=True)
     """
     H = aslinearoperator(H)
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    check_choice("method", method, _METHODS)
+    check_choice("probes", probes, PROBES)
+    num_matvecs = check_int("num_matvecs", num_matvecs)
+    rtol = check_positive("rtol", rtol, optional=True)
+    progress = check_flag("progress", progress)
     if rtol is not None and method != "hutchinson":
         raise ValueError("rtol (adaptive stopping) is supported for method='hutchinson' only")
-    num_matvecs = int(num_matvecs)
     n = H.shape[0]
     need = _MIN_MATVECS[method]
     if num_matvecs < min(need, n):

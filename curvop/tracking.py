@@ -23,8 +23,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from curvop._checks import check_choice, check_flag, check_int, check_positive
 from curvop._dtypes import numpy_dtype
 from curvop.eigen import eigenvalues
+from curvop.krylov import TOL_ON
 from curvop.factory import hessian
 from curvop.trace_estimation import trace
 
@@ -127,6 +129,18 @@ class SharpnessTracker:
     history: list[Measurement] = field(default_factory=list, init=False)
     _previous: Any = field(default=None, init=False, repr=False)
     _built: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        """Every option checked now, not at the measurement that first uses it."""
+        self.k = check_int("k", self.k, 1)
+        self.trace, self.warm_start = check_flag("trace", self.trace), check_flag("warm_start", self.warm_start)
+        self.trace_matvecs = check_int("trace_matvecs", self.trace_matvecs, 2)
+        self.tol = check_positive("tol", self.tol)
+        self.max_matvecs = check_int("max_matvecs", self.max_matvecs, 1, optional=True)
+        self.seed = check_int("seed", self.seed, 0)
+        check_choice("tol_on", self.tol_on, TOL_ON)
+        if not isinstance(self.hessian_options, dict):
+            raise TypeError(f"hessian_options must be a dict of curvop.hessian options, got {self.hessian_options!r}")
 
     def __call__(self, step: int | None = None, *, params: Any = None) -> Measurement:
         """Measure now, at the model's current parameters (or ``params`` for JAX); returns it.

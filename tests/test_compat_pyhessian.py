@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
+import curvop  # noqa: E402
 from curvop.compat.pyhessian import CompatWarning, hessian  # noqa: E402
 from curvop.compat.pyhessian.density_plot import density_generate, get_esd_plot  # noqa: E402
 
@@ -422,3 +423,30 @@ def test_issue26_item4_pyhessian_drop_in_takes_pytree_batches():
     _, got = hessian(model, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=False).dataloader_hv_product(v)
     for g, e in zip(got, reference(loader)):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+# --- issue 26: the native API on hc.operator never changes what the operator computes ---------------
+@pytest.mark.parametrize("loader", [False, True])
+def test_issue26_native_calls_on_hc_operator_of_a_train_mode_model_keep_the_eval_hessian(setup, loader):
+    # docs/pyhessian.md's pattern: curvop.eigenvalues(hc.operator, ...) on a BatchNorm + dropout model in
+    # training mode. The products ran the model in its own (training) mode and wrote the operator's copies
+    # of the BatchNorm statistics, so hc.eigenvalues() afterwards gave 2.197 instead of 1.365.
+    model, x, y, dense = setup
+    m = copy.deepcopy(model)
+    m.insert(3, torch.nn.Dropout(0.3))  # Flatten, Linear, BatchNorm, Dropout, Tanh, Linear
+    m.train()
+    stats = {k: b.clone() for k, b in m.named_buffers()}
+    data = dict(dataloader=[(x[:100], y[:100]), (x[100:], y[100:])]) if loader else dict(data=(x, y))
+    hc = hessian(m, torch.nn.CrossEntropyLoss(), cuda=False, seed=0, **data)
+    before, _ = hc.eigenvalues(tol=1e-6)
+    exact = np.linalg.eigvalsh(dense)  # the eval-mode Hessian (dropout off, running statistics)
+    assert before[0] == pytest.approx(exact[np.argmax(np.abs(exact))], rel=1e-4)
+    native = curvop.eigenvalues(hc.operator, k=2, which="LM", seed=0)  # the model is in training mode here
+    assert native.converged and native.eigenvalues[0] == pytest.approx(before[0], rel=1e-4)
+    curvop.trace(hc.operator, num_matvecs=10, seed=0)
+    after, _ = hc.eigenvalues(tol=1e-6)
+    assert after[0] == pytest.approx(before[0], rel=1e-5)
+    v = torch.randn(hc.operator.shape[0])
+    np.testing.assert_allclose((hc.operator @ v).double().numpy(), dense @ v.double().numpy(), rtol=1e-3, atol=1e-4)
+    assert all(mod.training for mod in m.modules())  # the model's own mode was never changed
+    assert all(torch.equal(b, stats[k]) for k, b in m.named_buffers())

@@ -189,3 +189,51 @@ def test_issue12_item16_plot_and_density_share_one_default_width():
     grid, drawn = plot.density_curve(sd)
     _, own = sd.density(grid=grid)
     np.testing.assert_allclose(drawn, own, rtol=1e-12)
+
+
+# --- issue 26: the density's grid follows the user's sigma ------------------------------------------
+@pytest.mark.parametrize("sigma", [None, 1.0, 0.1, 1e-2, 1e-4, 1e-6, 1e-9])
+def test_issue26_density_integrates_to_one_for_every_sigma(sigma):
+    # a spectrum from 0 to 60: at sigma=1e-4 the fixed 2000-point grid integrated to 1.58, at 1e-6 to 0.0002
+    sd = curvop.spectral_density(np.diag(np.linspace(0.0, 60.0, 300)), num_steps=60, num_probes=4, seed=0)
+    grid, values = sd.density(sigma=sigma)
+    assert np.all(np.diff(grid) > 0) and np.all(values >= 0)
+    assert abs(np.trapezoid(values, grid) - 1.0) < 1e-6, (sigma, np.trapezoid(values, grid))
+
+
+def test_issue26_small_sigma_resolves_every_node_and_keeps_the_default_grid():
+    sd = curvop.spectral_density(np.diag(np.linspace(0.0, 60.0, 300)), num_steps=60, num_probes=2, seed=0)
+    x = np.concatenate(sd.nodes)
+    grid, values = sd.density(sigma=1e-4)
+    # every Gaussian's peak is on the grid (no node falls between two points)
+    peak_height = 1 / (1e-4 * np.sqrt(2 * np.pi))
+    nearest = np.abs(grid[:, None] - x[None, :]).min(axis=0)
+    assert nearest.max() <= 1e-4 / 8 + 1e-12
+    assert values.max() >= 0.5 * peak_height * np.concatenate(sd.weights).max() / len(sd.nodes)
+    # the default width keeps the 2000 evenly spaced points it always had
+    g0, _ = sd.density()
+    s = sd.default_sigma()
+    assert np.array_equal(g0, np.linspace(x.min() - 5 * s, x.max() + 5 * s, 2000))
+    # a user's grid is evaluated where asked, exactly (a mixture of normal densities)
+    from scipy.stats import norm
+    g = np.array([x[0], x[0] + 2e-4, 30.0])
+    _, v = sd.density(grid=g, sigma=1e-4)
+    w = np.concatenate(sd.weights) / len(sd.nodes)
+    assert np.allclose(v, norm.pdf(g[:, None], loc=x[None, :], scale=1e-4) @ w, rtol=1e-12, atol=0)
+
+
+def test_issue26_plot_curve_follows_a_small_sigma():
+    from curvop import plot
+
+    sd = curvop.spectral_density(np.diag(np.linspace(0.0, 60.0, 300)), num_steps=40, seed=0)
+    grid, values = plot.density_curve(sd, sigma=1e-4)
+    x = sd.nodes[0]
+    assert np.abs(grid[:, None] - x[None, :]).min(axis=0).max() <= 1e-4 / 8 + 1e-12  # no peak drawn off its top
+    assert abs(np.trapezoid(values, grid) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, np.nan, np.inf, 1e-20])
+def test_issue26_bad_sigma_is_a_clear_error(sigma):
+    sd = curvop.spectral_density(np.diag(np.linspace(0.0, 60.0, 50)), num_steps=10, seed=0)
+    with pytest.raises(ValueError, match="sigma"):
+        sd.density(sigma=sigma)

@@ -114,3 +114,36 @@ def test_issue24_xdiag_covariance_is_the_leave_two_out_sum(kind):
     expected = total / (k * (k - 1) * (k - 2))
     np.testing.assert_allclose(curvop.arrays.to_numpy(cov), expected, atol=1e-12 * np.abs(expected).max())
     assert np.abs(expected).max() > 1e-3
+
+
+# --- issue 26: degenerate operators give finite, right diagonals -------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_issue26_degenerate_operators_give_finite_right_diagonals(kind, method):
+    n = 40
+    e1 = np.zeros(n)
+    e1[0] = 1.0
+    u = np.random.default_rng(3).standard_normal(n)
+    exact_cases = {"zero": np.zeros((n, n)), "rank one e1": 3.0 * np.outer(e1, e1), "1x1": np.array([[2.5]])}
+    if method == "xdiag":  # deflation by a sketch of rank >= the rank is exact
+        exact_cases["rank one"] = np.outer(u, u)
+    for name, A in exact_cases.items():
+        r = curvop.diagonal(operator(A, kind), method=method, num_matvecs=10, seed=0)
+        est, err = curvop.arrays.to_numpy(r.estimate), curvop.arrays.to_numpy(r.stderr)
+        assert np.all(np.isfinite(est)) and np.all(np.isfinite(err)), name
+        assert np.allclose(est, np.diag(A), atol=1e-12), (name, est[:3], np.diag(A)[:3])
+    for name, A in {"negative definite": -np.diag(np.arange(1.0, n + 1)), "identity": np.eye(n)}.items():
+        r = curvop.diagonal(operator(A, kind), method=method, num_matvecs=10, seed=0)
+        assert np.all(np.isfinite(curvop.arrays.to_numpy(r.estimate))), name
+        assert np.all(np.isfinite(curvop.arrays.to_numpy(r.stderr))), name
+
+
+def test_issue26_zero_hessian_of_a_linear_model_with_l1_loss_has_a_zero_diagonal():
+    torch = pytest.importorskip("torch")
+    from torch_reference import zero_hessian_operator
+
+    H = zero_hessian_operator()
+    for method in ("xdiag", "hutchinson"):  # xdiag raised NonFiniteProductError, blaming NaN in the data
+        r = curvop.diagonal(H, method=method, num_matvecs=8, seed=0)
+        assert torch.equal(r.estimate, torch.zeros(15, dtype=torch.float64)), method
+        assert torch.equal(r.stderr, torch.zeros(15, dtype=torch.float64)), method

@@ -124,7 +124,7 @@ def test_lanczos_tridiag_is_exact_on_full_space():
 def test_bad_input_is_a_clear_error():
     A = np.eye(10)
     with pytest.raises(ValueError, match="k must"):
-        curvop.eigenvalues(A, k=10)
+        curvop.eigenvalues(A, k=11)
     with pytest.raises(ValueError, match="square"):
         curvop.eigenvalues(np.ones((4, 5)))
     with pytest.raises(ValueError, match="too small"):
@@ -207,3 +207,73 @@ def test_issue12_item12_power_eigenvalues_sorted_like_lanczos(kind):
     assert np.all(np.diff(np.abs(r.eigenvalues)) <= 0), r.eigenvalues
     V = curvop.arrays.to_numpy(r.eigenvectors)
     np.testing.assert_allclose(np.linalg.norm(A @ V - V * r.eigenvalues, axis=0), r.residual_norms, rtol=1e-8)
+
+
+# --- issue 26: a start vector never confines the solve; degenerate operators -----------------------------
+def _spread_spectrum(n=200, seed=0):
+    U = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))[0]
+    lam = np.linspace(60.0, 0.0, n)  # gaps of 0.3 at the top
+    return (U * lam) @ U.T, U, lam
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tol_on", ["residual", "eigenvalue"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_issue26_an_exact_eigenvector_of_lambda2_as_v0_still_finds_lambda1(kind, tol_on, k):
+    # v0 = v(λ₂) (k=1) or [v(λ₂), v(λ₃)] (k=2) returned λ₂ (and λ₂, λ₃) with converged=True: the start's random
+    # share (sqrt(eps)) was too small to show λ₁ before the residual test passed
+    A, U, lam = _spread_spectrum()
+    H = operator(A, kind)
+    for seed in range(5):
+        r = curvop.eigenvalues(H, k=k, v0=U[:, 1:1 + k], seed=seed, tol_on=tol_on)
+        assert r.converged
+        assert np.allclose(r.eigenvalues, lam[:k], rtol=1e-6, atol=0), (seed, r.eigenvalues, lam[:k])
+
+
+@pytest.mark.parametrize("tol_on", ["residual", "eigenvalue"])
+def test_issue26_a_good_warm_start_still_saves_products(tol_on):
+    A, U, lam = _spread_spectrum()
+    cold = curvop.eigenvalues(A, seed=0, tol_on=tol_on)
+    warm = curvop.eigenvalues(A, v0=U[:, 0] + 0.05 * U[:, 1], seed=0, tol_on=tol_on)
+    assert warm.converged and warm.eigenvalues[0] == pytest.approx(60.0, rel=1e-6)
+    assert warm.num_matvecs < cold.num_matvecs
+
+
+def _degenerate_eigen(n=30):
+    e1 = np.zeros(n)
+    e1[0] = 1.0
+    u = np.random.default_rng(3).standard_normal(n)
+    return {"zero": np.zeros((n, n)), "rank one": np.outer(u, u), "negative rank one": -3.0 * np.outer(e1, e1),
+            "negative definite": -np.diag(np.arange(1.0, n + 1)), "1x1": np.array([[2.5]]),
+            "1x1 negative": np.array([[-2.0]]), "1x1 zero": np.array([[0.0]])}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(_degenerate_eigen()))
+def test_issue26_degenerate_operators_give_finite_right_eigenvalues(kind, name):
+    A = _degenerate_eigen()[name]
+    exact = np.linalg.eigvalsh(A)
+    n = A.shape[0]
+    H = operator(A, kind)
+    calls = [(which, "lanczos", k) for which in ("LA", "SA", "LM") for k in sorted({1, min(2, n)})] + [("LM", "power", 1)]
+    for which, method, k in calls:
+        budget = 3000 if method == "power" else None  # power iteration on -diag(1..30): ratio 29/30 per step
+        r = curvop.eigenvalues(H, k=k, which=which, method=method, seed=0, max_matvecs=budget)
+        want = {"LA": exact[::-1], "SA": exact, "LM": exact[np.argsort(-np.abs(exact), kind="stable")]}[which][:k]
+        assert r.converged and np.all(np.isfinite(r.eigenvalues)), (which, method, k, r)
+        assert np.allclose(np.abs(r.eigenvalues) if which == "LM" else r.eigenvalues,
+                           np.abs(want) if which == "LM" else want, atol=1e-8 * max(1.0, np.abs(exact).max())), \
+            (which, method, k, r.eigenvalues, want)
+    sd = curvop.spectral_density(H, num_steps=10, num_probes=2, seed=0)
+    if not np.any(A - np.diag(np.diag(A))):  # diagonal: the Rademacher probes' quadrature is exact
+        assert sd.trace() == pytest.approx(np.trace(A), abs=1e-8 * max(1.0, np.abs(A).max() * n))
+    grid, values = sd.density()
+    assert np.all(np.isfinite(values)) and abs(np.trapezoid(values, grid) - 1.0) < 1e-3
+
+
+def test_issue26_k_equal_to_n_gives_the_whole_spectrum():
+    A = np.diag([3.0, -1.0, 2.0])
+    r = curvop.eigenvalues(A, k=3, seed=0)
+    assert r.converged and np.allclose(r.eigenvalues, [3.0, 2.0, -1.0])
+    with pytest.raises(ValueError, match=r"1 <= k <= n = 3"):
+        curvop.eigenvalues(A, k=4)

@@ -91,7 +91,9 @@ def test_issue14_item1_adversarial_close_pair_start_nearly_orthogonal_to_top(tol
     # lambda_1 and lambda_2 within 1e-4 relative; the start is random, or lambda_2's eigenvector plus
     # `start` times lambda_1's. The documented behaviour (eigenvalues' tol_on): within tol when tol is
     # above the pair's distance; below it, the error can reach that distance (the Ritz gap to the bulk
-    # over-estimates the gap to the unresolved lambda_2) but not exceed it.
+    # over-estimates the gap to the unresolved lambda_2) plus tol, the error of the Ritz value settled
+    # on (issue 26: a warm start keeps a random share of its own weight, so lambda_2's Ritz value is
+    # no longer exact at once).
     d = 1e-4
     for seed in range(3):
         lam = tuple(np.concatenate([[10.0, 10.0 * (1 - d)], np.linspace(0.0, 9.0, N - 2)]))
@@ -102,7 +104,7 @@ def test_issue14_item1_adversarial_close_pair_start_nearly_orthogonal_to_top(tol
             warnings.simplefilter("error", curvop.ConvergenceWarning)
             r = curvop.eigenvalues(A, tol=tol, tol_on="eigenvalue", seed=seed, v0=v0, max_matvecs=1000)
         rel = abs(r.eigenvalues[0] - w[-1]) / w[-1]
-        assert r.converged and rel <= max(tol, d) * (1 + 1e-9), (seed, rel)
+        assert r.converged and rel <= max(tol, d) + tol, (seed, rel)
         if tol >= d:
             assert rel <= tol
 

@@ -45,3 +45,67 @@ def test_issue23_on_other_data_is_the_hessian_there():
         H.on((x, y), params=list(model.parameters()))
     with pytest.raises(NotImplementedError, match="cannot be moved"):
         curvop.aslinearoperator(np.eye(3)).on(None)
+
+
+# --- issue 26: copy.deepcopy works for every kind of operator; pickling is a clear curvop error ---------
+def _operators():
+    import torch
+
+    A = np.diag([1.0, 2.0, 3.0])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1)).double()
+    batch = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64))
+    yield "numpy", curvop.aslinearoperator(A), np.ones(3)
+    yield "from_hvp", curvop.HessianOperator.from_hvp(lambda v: A @ v, np.zeros(3)), np.ones(3)
+    yield "from_grad", curvop.HessianOperator.from_grad(lambda x: A @ x, np.zeros(3)), np.ones(3)
+    yield "torch", curvop.hessian(model, torch.nn.MSELoss(), batch), torch.ones(11, dtype=torch.float64)
+    yield "torch loader", curvop.hessian(model, torch.nn.MSELoss(), [batch, batch]), torch.ones(11, dtype=torch.float64)
+    yield "torch hessian_of", curvop.hessian_of(lambda p: (p ** 4).sum(), torch.ones(3, dtype=torch.float64)), \
+        torch.ones(3, dtype=torch.float64)
+    try:
+        import jax
+        import jax.numpy as jnp
+
+        jax.config.update("jax_enable_x64", True)
+        yield "jax", curvop.hessian_of(lambda w: jnp.sum(w ** 4), jnp.ones(3)), jnp.ones(3)
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf
+
+        w = tf.Variable(np.ones(3))
+        yield "tensorflow", curvop.hessian_of(lambda w: tf.reduce_sum(w ** 4), w), tf.ones(3, tf.float64)
+    except ImportError:
+        pass
+
+
+def test_issue26_deepcopy_of_every_operator_kind_multiplies_alike_and_pickle_is_a_clear_error():
+    import copy
+    import pickle
+
+    for name, H, v in _operators():
+        want = curvop.arrays.to_numpy(H @ v)
+        for C in (copy.deepcopy(H), copy.copy(H), copy.deepcopy({"H": [H]})["H"][0]):  # failed on a _thread.lock
+            assert type(C) is type(H) and C is not H, name
+            assert np.array_equal(curvop.arrays.to_numpy(C @ v), want), name
+        C = copy.deepcopy(H)
+        counted = H.num_matvecs
+        C @ v
+        assert C.num_matvecs == counted + 1 and H.num_matvecs == counted, name  # counts its own products
+        with pytest.raises(TypeError, match=r"HessianOperator .* cannot be pickled.*build it again"):
+            pickle.dumps(H)
+
+
+def test_issue26_a_deep_copy_follows_the_model_like_the_operator():
+    import copy
+
+    import torch
+
+    model = torch.nn.Linear(3, 1).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    H = curvop.hessian(model, lambda out, y: ((out ** 3).mean()), (x, torch.zeros(8, 1, dtype=torch.float64)))
+    C = copy.deepcopy(H)
+    v = torch.ones(4, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.mul_(2.0)  # an optimizer step, in place
+    assert torch.equal(C @ v, H @ v)

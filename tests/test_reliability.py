@@ -178,9 +178,9 @@ CASES = [
                                    [(1.0, 2.0), (1.0, 3.0)]),
          ValueError, r"cannot tell the size of a batch"),
     # --- algorithms ----------------------------------------------------------------------------
-    Case("k-too-large", "`eigenvalues(H, k)` with k >= n",
-         lambda: curvop.eigenvalues(curvop.aslinearoperator(np.eye(3)), 3),
-         ValueError, r"1 <= k < n = 3, got k=3"),
+    Case("k-too-large", "`eigenvalues(H, k)` with k > n",
+         lambda: curvop.eigenvalues(curvop.aslinearoperator(np.eye(3)), 4),
+         ValueError, r"1 <= k <= n = 3, got k=4"),
     Case("bad-which", "`eigenvalues(H, which='XX')`",
          lambda: curvop.eigenvalues(curvop.aslinearoperator(np.eye(3)), 1, which="XX"),
          ValueError, r"which must be one of"),
@@ -189,7 +189,7 @@ CASES = [
          ValueError, r"needs num_matvecs >= 6"),
     Case("zero-steps", "`spectral_density(H, num_steps=0)`",
          lambda: curvop.spectral_density(curvop.aslinearoperator(np.eye(3)), num_steps=0),
-         ValueError, r"num_steps and num_probes must be >= 1"),
+         ValueError, r"num_steps must be >= 1"),
     Case("too-big-dense", "`H.to_dense()` for n above `max_size`", lambda: _H().to_dense(max_size=10),
          ValueError, r"to_dense\(\) refuses n=43"),
     # --- distributed ---------------------------------------------------------------------------

@@ -382,3 +382,47 @@ def test_issue24_exchangeable_variance_is_the_leave_two_out_covariance():
         D = np.array([[0.0 if i == j else t[i] - estimate(i, [i, j]) for j in range(k)] for i in range(k)])
         np.testing.assert_allclose(r.loo2, D, atol=1e-10 * np.abs(D).max())
         assert np.abs(D).max() > 1e-3  # the correction is not trivially zero
+
+
+# --- issue 26: degenerate operators give finite, right answers; arguments checked on the exact path -----
+def _degenerate(n=40):
+    e1 = np.zeros(n)
+    e1[0] = 1.0
+    u = np.random.default_rng(3).standard_normal(n)
+    return {"zero": np.zeros((n, n)), "rank one e1": 3.0 * np.outer(e1, e1), "rank one": np.outer(u, u),
+            "negative definite": -np.diag(np.arange(1.0, n + 1)), "1x1": np.array([[2.5]]),
+            "1x1 zero": np.array([[0.0]]), "identity": np.eye(n)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(_degenerate()))
+@pytest.mark.parametrize("method", ["auto", "hutchinson", "hutch++", "xtrace", "xnystrace"])
+def test_issue26_degenerate_operators_give_finite_right_traces(kind, name, method):
+    A = _degenerate()[name]
+    exact = float(np.trace(A))
+    H = operator(A, kind)
+    if method == "xnystrace" and np.linalg.eigvalsh(A).min() < -1e-10 * np.abs(A).max():
+        with pytest.raises(curvop.IndefiniteOperatorError):
+            curvop.trace(H, method=method, num_matvecs=10, seed=0)
+        return
+    r = curvop.trace(H, method=method, num_matvecs=10, seed=0)
+    assert np.isfinite(r.estimate) and np.isfinite(r.stderr)
+    assert abs(r.estimate - exact) <= 5 * r.stderr + 1e-10 * max(1.0, abs(exact)), (r, exact)
+    if name.startswith("zero") or name.endswith("zero"):
+        assert abs(r.estimate) <= 1e-100 and r.stderr <= 1e-100  # zero (XNysTrace: within its tiny shift)
+
+
+def test_issue26_zero_hessian_of_a_linear_model_with_l1_loss_traces_to_zero():
+    torch = pytest.importorskip("torch")
+    from torch_reference import zero_hessian_operator
+
+    H = zero_hessian_operator()
+    assert np.array_equal(H.to_dense(), np.zeros((15, 15)))  # linear model, piecewise-linear loss
+    for method in ("xtrace", "auto", "hutch++", "hutchinson", "xnystrace"):  # xtrace raised NonFiniteProductError
+        r = curvop.trace(H, method=method, num_matvecs=8, seed=0)
+        assert abs(r.estimate) <= 1e-100, (method, r)
+
+
+def test_issue26_probes_checked_when_the_budget_makes_the_answer_exact():
+    with pytest.raises(ValueError, match="probes"):
+        curvop.trace(np.eye(5), probes="bogus", num_matvecs=60)  # was accepted: the exact path draws no probe

@@ -29,7 +29,13 @@ def test_issue14_item1_warm_start_accepts_vector_block_result_and_saves_products
     assert warm.converged and cold.converged
     np.testing.assert_allclose(warm.eigenvalues, exact[:k], rtol=1e-9)
     assert is_native(warm.eigenvectors, kind)
-    assert warm.num_matvecs <= 0.6 * cold.num_matvecs, (warm.num_matvecs, cold.num_matvecs)
+    # issue 26: the start keeps a random share as large as the warm direction (so that no v0 confines the
+    # solve); what the warm direction saves is then the part before the random share is damped below tol:
+    # little at tol=1e-6 (21 / 25 products here, was 10 / 25 with a share of sqrt(eps)), more at 1e-3
+    assert warm.num_matvecs < cold.num_matvecs, (warm.num_matvecs, cold.num_matvecs)
+    cold = curvop.eigenvalues(operator(B, kind), k=k, tol=1e-3, seed=1)
+    warm = curvop.eigenvalues(operator(B, kind), k=k, tol=1e-3, seed=1, v0=v0)
+    assert warm.num_matvecs <= 0.75 * cold.num_matvecs, (warm.num_matvecs, cold.num_matvecs)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -42,12 +48,14 @@ def test_issue14_item1_numpy_v0_on_native_operator(kind):
 
 def test_issue14_item1_exact_eigenvector_start_stays_cheap():
     # An exact eigenvector closes the Krylov space at the first step; without the random share the
-    # breakdown rule would run a whole cycle (ncv = 20 products) before stopping.
+    # breakdown rule would run a whole cycle (ncv = 20 products) before stopping. The share has the
+    # warm direction's weight (issue 26), so damping it to tol costs a few products (was 2 with sqrt(eps)).
     A = with_spectrum(LAM)
     v = np.linalg.eigh(A)[1][:, -1]
     r = curvop.eigenvalues(A, tol=1e-3, seed=0, v0=v)
-    assert r.converged and abs(r.eigenvalues[0] - 10.0) < 1e-6
-    assert r.num_matvecs <= 8, r.num_matvecs
+    assert r.converged and abs(r.eigenvalues[0] - 10.0) < 1e-3 * 10.0  # within tol (no longer exact at once)
+    assert r.num_matvecs <= 12, r.num_matvecs
+    assert r.num_matvecs < curvop.eigenvalues(A, tol=1e-3, seed=0).num_matvecs
 
 
 def test_issue14_item1_same_seed_same_result():

@@ -49,3 +49,14 @@ def tanh_mlp(d_in: int, hidden: int, d_out: int, n: int, seed: int = 0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, d_out)).double()
     return model, (torch.randn(n, d_in, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64))
+
+
+def zero_hessian_operator():
+    """``curvop.hessian`` of ``Linear(4, 3)`` + ``L1Loss`` (float64, 16 samples): exactly zero, 15×15
+    (a linear model under a piecewise-linear loss)."""
+    import curvop
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    batch = (torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64))
+    return curvop.hessian(model, torch.nn.L1Loss(), batch)

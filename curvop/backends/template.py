@@ -20,7 +20,8 @@ then, once the subclass has set ``size``, ``dtype``, ``device`` and its layout, 
 (loss checked on the first batch, ``"auto"`` resolved, ``_resolved()`` called, determinism
 checked on fresh products, cache built). Per product the template calls ``_follow()``, then per
 batch ``_product`` or a cached map inside ``_batch_context(i, cached)``, sums with ``_add`` and
-the dataset's weights, reduces through the optional collective, and checks finiteness once.
+the dataset's weights, reduces through the optional collective, and checks finiteness once. A
+block is one pass over the data, batched or not (unbatched: every column on each batch, ``_columns``).
 
 The build and every product run inside ``_context()`` (the framework's build-time context:
 torch turns the caller's autocast off). The first work that needs a product (the build's checks
@@ -50,6 +51,7 @@ __all__ = ["AutodiffBackend", "Collective", "LossInfo", "ParamInfo", "check_opti
            "check_loss"]
 
 Array = Any
+COLUMNS = "columns"  # ``batched`` for a block computed column by column within each batch (one pass)
 
 
 class Collective(Protocol):
@@ -58,9 +60,11 @@ class Collective(Protocol):
     rank: int
     world: int
 
-    def reduce_product(self, acc: Array, count: Any, reduction: str) -> Array: ...
+    def reduce_product(self, acc: Array, count: Any, reduction: str, failure: BaseException | None = None,
+                       batch_error: bool = False) -> Array: ...
     def gather_ints(self, value: int, device: Any) -> list[int]: ...
     def agree_seed(self, seed: Any, device: Any) -> Any: ...
+    def agree(self, failure: BaseException | None, where: str) -> None: ...
 
 
 class AutodiffBackend(Backend):
@@ -125,20 +129,27 @@ class AutodiffBackend(Backend):
         self._options = {"hvp": hvp, "cache": cache, "batched": batched}
         self._check_det = bool(check_deterministic)
 
-    def _complete(self, loss: LossInfo | None = None, check_loss_dtype: bool = True) -> None:
-        """Check the loss (``loss``: its value on the first batch), resolve ``"auto"``, check that
-        the products are deterministic and build the cache."""
-        if loss is not None:
-            check_loss(loss, self._param_dtype_name(), framework=self._loss_type(),
-                       reduce_fix=self._reduce_advice(),
-                       precision_message=self._precision_message if check_loss_dtype else None,
-                       zero_dim=self.loss_zero_dim)
-        auto = self._auto_options()
-        opts = {k: auto[k] if v == "auto" else v for k, v in self._options.items()}
-        self.mode = opts["hvp"]
-        self.batched = bool(opts["batched"])
-        self.cache = bool(opts["cache"]) and self.can_cache()
-        self._resolved()
+    def _complete(self, loss: LossInfo | Callable[[], LossInfo] | None = None, check_loss_dtype: bool = True) -> None:
+        """Check the loss (``loss``: its value on the first batch, or a function computing it),
+        resolve ``"auto"``, check that the products are deterministic and build the cache.
+
+        With a collective, what each process checks alone (the loss, the options, the cache) is
+        agreed on before the next collective: a failure on one rank raises a
+        ``DistributedError`` on every rank, never leaving the others waiting in a product."""
+        with self._agreed("building the operator (its first loss and checks)"):
+            if callable(loss):
+                loss = loss()
+            if loss is not None:
+                check_loss(loss, self._param_dtype_name(), framework=self._loss_type(),
+                           reduce_fix=self._reduce_advice(),
+                           precision_message=self._precision_message if check_loss_dtype else None,
+                           zero_dim=self.loss_zero_dim)
+            auto = self._auto_options()
+            opts = {k: auto[k] if v == "auto" else v for k, v in self._options.items()}
+            self.mode = opts["hvp"]
+            self.batched = bool(opts["batched"])
+            self.cache = bool(opts["cache"]) and self.can_cache()
+            self._resolved()
         with self._context():
             settle(self, self._build)
 
@@ -149,8 +160,23 @@ class AutodiffBackend(Backend):
             v = self.random(self.size, "gaussian", np.random.default_rng(0))
             check_deterministic(lambda u: self._finite(self._reduce(u, False, fresh=True), u, False, fresh=True),
                                 v, self.dtype)
-        self._cached = self._build_cache() if self.cache else None
+        if self.cache:
+            with self._agreed("building the cache of linearisations"):
+                self._cached = self._build_cache()
         self._settled = self._check_det or self.cache
+
+    @contextlib.contextmanager
+    def _agreed(self, where: str) -> Iterator[None]:
+        """Run local work; with a collective, every rank then learns whether it failed anywhere."""
+        if self._collective is None:
+            yield
+            return
+        failure = None
+        try:
+            yield
+        except Exception as err:  # raised below on every rank (as a DistributedError unless all failed)
+            failure = err
+        self._collective.agree(failure, where)
 
     def _build_cache(self) -> list[tuple[Callable[[Array, bool], Array], Any]]:
         """One ``(linear map, weight)`` per batch (``_linearize`` under the batch's context)."""
@@ -309,13 +335,19 @@ class AutodiffBackend(Backend):
         return self._looped(v)
 
     def _looped(self, v: Array) -> Array:
-        """One product per column, checked once for the block (one sync, not one per column)."""
-        cols = [self._reduce(v[:, j], False) for j in range(v.shape[1])]
-        y = arrays.stack(cols, axis=1)
-        if self.check_finite and not self._all_finite(y):
-            for j, col in enumerate(cols):
-                self._finite(col, v[:, j], False)  # raises for the first column that is not finite
-        return y
+        """One product per column, in one pass over the data (each batch computes every column, see
+        :meth:`_columns`), checked once for the block (one sync, not one per column)."""
+        return self._finite(self._reduce(v, COLUMNS), v, COLUMNS)
+
+    def _columns(self, columns: list[Array], batch: Any, index: int) -> Array:
+        """The ``(n, k)`` products of a block's ``columns`` on one prepared batch, uncached: one
+        vector product each, each under the batch's context as a vector product is (so equal to it,
+        bit for bit). A framework overrides it where the columns can share work on the batch."""
+        out = []
+        for u in columns:
+            with self._batch_context(index, False):
+                out.append(self._product(u, batch, False))
+        return arrays.stack(out, axis=1)
 
     def agree_seed(self, seed: Any) -> Any:
         return seed if self._collective is None else self._collective.agree_seed(seed, self.device)
@@ -333,14 +365,29 @@ class AutodiffBackend(Backend):
 
     # --- the dataset loop -------------------------------------------------------------------------
     def _products(self, v: Array, batched: bool, fresh: bool = False) -> Iterator[tuple[Array, Any]]:
-        """``(product, weight)`` per batch, lazily: from the cache, or computed afresh."""
+        """``(product, weight)`` per batch, lazily: from the cache, or computed afresh.
+
+        ``batched``: ``v`` is one vector (``False``), a block computed batched (``True``), or a block
+        computed column by column within each batch (:data:`COLUMNS`): one pass over the data
+        for the whole block, never one per column."""
+        columns = [v[:, j] for j in range(v.shape[1])] if batched == COLUMNS else []  # sliced once
         if self._cached is not None and not fresh:
             for i, (fn, w) in enumerate(self._cached):
+                if batched == COLUMNS:
+                    out = []
+                    for u in columns:
+                        with self._batch_context(i, True):
+                            out.append(fn(u, False))
+                    yield arrays.stack(out, axis=1), w
+                    continue
                 with self._batch_context(i, True):
                     p = fn(v, batched)
                 yield p, w
             return
         for i, batch, w in self.dataset.weighted_batches():
+            if batched == COLUMNS:
+                yield self._columns(columns, self._prepare_batch(batch), i), w
+                continue
             with self._batch_context(i, False):
                 p = self._product(v, self._prepare_batch(batch), batched)
             yield p, w
@@ -348,12 +395,17 @@ class AutodiffBackend(Backend):
     def _reduce(self, v: Array, batched: bool, fresh: bool = False) -> Array:
         """The product over the whole dataset (weighting rule of :mod:`curvop.backends.dataset`)."""
         terms = self._products(v, batched, fresh)
-        if self.dataset.single and self._collective is None:
-            return next(terms)[0]  # one batch: its product, unweighted (exact)
-        acc, count = self.dataset.accumulate(terms, add=self._add)
-        if self._collective is not None:
-            return self._collective.reduce_product(acc, count, self.dataset.reduction)
-        return self.dataset.normalize(acc, count)
+        if self._collective is None:
+            if self.dataset.single:
+                return next(terms)[0]  # one batch: its product, unweighted (exact)
+            return self.dataset.normalize(*self.dataset.accumulate(terms, add=self._add))
+        failure = None
+        try:  # every rank takes part in the reduction, also one whose own products failed
+            acc, count = self.dataset.accumulate(terms, add=self._add)
+        except Exception as err:
+            failure, acc, count = err, v * 0, 0
+        return self._collective.reduce_product(acc, count, self.dataset.reduction, failure=failure,
+                                               batch_error=batched is True and isinstance(failure, self.batch_errors))
 
     def _finite(self, y: Array, v: Array, batched: bool, fresh: bool = False) -> Array:
         """``y`` if it is finite (one sync); else the error naming the first non-finite batch."""

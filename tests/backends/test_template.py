@@ -147,9 +147,16 @@ class _FakeCollective:
     def __init__(self):
         self.calls = []
 
-    def reduce_product(self, acc, count, reduction):
+    def reduce_product(self, acc, count, reduction, failure=None, batch_error=False):
         self.calls.append(("reduce", count, reduction))
+        if failure is not None:
+            raise failure
         return 2 * acc / (2 * count) if reduction == "mean" else 2 * acc
+
+    def agree(self, failure, where):
+        self.calls.append(("agree", where))
+        if failure is not None:
+            raise failure
 
     def gather_ints(self, value, device):
         return [-1, value]
@@ -164,7 +171,7 @@ def test_issue13_template_calls_the_collective():
     B = LeastSquares(3, data, collective=coll, check_deterministic=False)
     X = np.concatenate([b[0] for b in data])
     np.testing.assert_allclose(B.hvp(np.ones(3)), X.T @ X @ np.ones(3) / len(X), rtol=1e-13)
-    assert coll.calls == [("reduce", 12, "mean")]
+    assert coll.calls == [("agree", "building the operator (its first loss and checks)"), ("reduce", 12, "mean")]
     assert B.agree_seed(None) == 1234 and not B.is_main_process()
     data[1][0][0, 0] = np.inf
     with pytest.raises(NonFiniteProductError, match="batch 1 .*rank 1") as info:
@@ -261,3 +268,125 @@ def test_issue13_jax_half_precision_and_low_precision_loss_are_refused():
         curvop.hessian_of(lambda w: jnp.sum(w ** 4).astype(jnp.float32), jnp.ones(3))
     H = curvop.hessian_of(lambda w: jnp.sum(w ** 4).astype(jnp.float32), jnp.ones(3), check_loss_dtype=False)
     assert H.shape == (3, 3)
+
+
+# --- issue 26: every rank takes part in every collective, also one whose own work failed ----------------
+def test_issue26_a_rank_whose_products_fail_still_takes_part_in_the_reduction():
+    coll = _FakeCollective()
+    data = _batches(sizes=(4, 4))
+    B = LeastSquares(3, data, collective=coll, check_deterministic=False)
+    coll.calls.clear()
+    data[1] = (np.ones((4, 5)), np.ones(4))  # this rank's second batch has 5 features
+    with pytest.raises(ValueError, match="matmul"):
+        B.hvp(np.ones(3))
+    assert coll.calls == [("reduce", 0, "mean")]  # the failure went through the collective, not around it
+
+
+def test_issue26_a_rank_whose_checks_fail_at_build_tells_the_others():
+    coll = _FakeCollective()
+
+    class BadLoss(LeastSquares):
+        def _resolved(self):
+            raise ValueError("a check that failed on this rank only")
+
+    with pytest.raises(ValueError, match="this rank only"):
+        BadLoss(3, _batches(), collective=coll)
+    assert coll.calls == [("agree", "building the operator (its first loss and checks)")]  # before any product
+
+
+# --- issue 26 section 3: a block over a loader is one pass over the data, not one per column -------------
+class _Counted(list):
+    """A re-iterable loader that counts the passes made over it."""
+
+    passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return super().__iter__()
+
+
+def test_issue26_a_block_over_a_loader_is_one_pass_and_equals_its_columns():
+    data = _Counted(_batches(sizes=(5, 3, 4, 6)))
+    B = LeastSquares(3, data, batched=False, check_deterministic=False)
+    X = np.concatenate([b[0] for b in data])
+    V = np.random.default_rng(1).standard_normal((3, 8))
+    data.passes, B.products = 0, 0
+    Y = B.hvp_batch(V)
+    assert data.passes == 1 and B.products == 4 * 8  # was 8 passes: one per column
+    assert np.array_equal(Y, np.stack([B.hvp(V[:, j]) for j in range(8)], axis=1))  # bit for bit
+    np.testing.assert_allclose(Y, X.T @ X @ V / len(X), rtol=1e-13)
+    V[1, 5] = np.nan  # the vector's fault, named as such
+    with pytest.raises(ValueError, match=r"vector contains NaN .*\(1, 5\)"):
+        B.hvp_batch(V)
+    data[2][0][0, 0] = np.inf  # a batch's: named once, for the whole block
+    with pytest.raises(NonFiniteProductError, match="batch 2"):
+        B.hvp_batch(np.ones((3, 8)))
+
+
+def test_issue26_torch_block_and_density_make_one_pass_per_product():
+    torch = pytest.importorskip("torch")
+    from torch_reference import dense_hessian
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(6, 2)).double()
+    x, y = torch.randn(24, 4, dtype=torch.float64), torch.randint(0, 2, (24,))
+    loss_fn = torch.nn.CrossEntropyLoss()  # (MSELoss: forward mode fails on main alone, "ZeroTensors are immutable")
+    V = torch.randn(44, 8, dtype=torch.float64)
+    for opts in ({"hvp": "reverse"}, {"hvp": "forward"}, {"hvp": "reverse", "cache": True},
+                 {"hvp": "reverse", "train_mode": True, "seed": 3}, {"hvp": "forward", "train_mode": True, "seed": 3}):
+        data = _Counted([(x[:8], y[:8]), (x[8:14], y[8:14]), (x[14:], y[14:])])
+        H = curvop.hessian(model.eval() if "train_mode" not in opts else model, loss_fn, data, batched=False,
+                           check_deterministic=False, **opts)
+        data.passes = 0
+        Y = H @ V
+        assert data.passes == (0 if opts.get("cache") else 1), (opts, data.passes)  # was 8
+        cols = torch.stack([H @ V[:, j] for j in range(8)], dim=1)
+        assert torch.equal(Y, cols), (opts, (Y - cols).abs().max())  # bit for bit, dropout masks included
+        if "train_mode" not in opts:
+            torch.testing.assert_close(Y, torch.as_tensor(dense_hessian(model, loss_fn, list(data))) @ V,
+                                       rtol=1e-10, atol=1e-12)
+    data.passes, start = 0, H.num_matvecs
+    curvop.spectral_density(H, num_steps=5, num_probes=4, seed=0)  # Lanczos on 4 probes in lockstep
+    assert (data.passes, H.num_matvecs - start) == (5, 20)  # was 20 passes
+    data.passes = 0
+    curvop.trace(H, method="hutch++", num_matvecs=12, seed=0)  # three blocks: sketch, projection, probes
+    assert data.passes == 3  # was 12
+
+
+@pytest.mark.parametrize("framework", ["jax", "tensorflow"])
+def test_issue26_tensorflow_and_jax_blocks_make_one_pass(framework):
+    rng = np.random.default_rng(0)
+    xs, ys = rng.standard_normal((12, 4)), rng.standard_normal((12, 3))
+    data = _Counted([(xs[:5], ys[:5]), (xs[5:9], ys[5:9]), (xs[9:], ys[9:])])
+    W = rng.standard_normal((4, 3))
+    if framework == "jax":
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        jnp = jax.numpy
+        H = curvop.hessian((lambda p, x: jnp.tanh(x @ p["w"]), {"w": jnp.asarray(W)}),
+                           lambda out, y: jnp.mean((out - y) ** 2), data, batched=False, cache=False)
+        loss = lambda w: jnp.mean((jnp.tanh(xs @ w.reshape(4, 3)) - ys) ** 2)  # noqa: E731
+        dense = np.asarray(jax.hessian(loss)(jnp.asarray(W.reshape(-1))))
+        to_np = np.asarray
+    else:
+        tf = pytest.importorskip("tensorflow")
+        keras = pytest.importorskip("keras")
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,), dtype="float64"),
+                                  keras.layers.Dense(3, activation="tanh", use_bias=False, dtype="float64")])
+        model.layers[0].kernel.assign(W)
+        H = curvop.hessian(model, keras.losses.MeanSquaredError(dtype="float64"), data, batched=False, cache=False)
+        w = tf.Variable(W.reshape(-1))
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                loss = tf.reduce_mean((tf.tanh(xs @ tf.reshape(w, (4, 3))) - ys) ** 2)
+            g = inner.gradient(loss, w)
+        dense = outer.jacobian(g, w).numpy()
+        to_np = lambda t: t.numpy()  # noqa: E731
+    V = H.backend.from_numpy(rng.standard_normal((12, 8)))
+    data.passes = 0
+    Y = to_np(H @ V)
+    assert data.passes == 1, data.passes  # was 8
+    assert np.array_equal(Y, np.stack([to_np(H @ V[:, j]) for j in range(8)], axis=1))
+    np.testing.assert_allclose(Y, dense @ to_np(V), rtol=1e-10, atol=1e-12)

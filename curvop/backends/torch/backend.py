@@ -97,16 +97,22 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
                  check_state: Callable[[], None] | None = None, rng_seed: int | np.random.Generator | None = None,
                  module: torch.nn.Module | None = None):
         check_autograd_available()
-        self._begin(dataset, param_infos(params), hvp=hvp, cache=cache, batched=batched,
-                    check_deterministic=check_deterministic, check_finite=check_finite, rewrite=rewrite,
-                    check_loss_dtype=check_loss_dtype)
-        self._params = {k: p.detach() for k, p in params.items()}
-        self._layout = _Layout(self._params)
-        self.device, self.torch_dtype = self._layout.device, self._layout.dtype
-        self.dtype, self.size = np.dtype(dtype_name(self.torch_dtype)), int(sum(self._layout.numels))
-        self._collective = torch_collective(process_group, timeout)
-        if self._collective is not None:
-            self._collective.check_consistent(self.size, self._params, self.device)
+        collective = torch_collective(process_group, timeout)  # first, so every rank's checks are agreed on
+        try:
+            self._begin(dataset, param_infos(params), hvp=hvp, cache=cache, batched=batched,
+                        check_deterministic=check_deterministic, check_finite=check_finite, rewrite=rewrite,
+                        check_loss_dtype=check_loss_dtype)
+            self._params = {k: p.detach() for k, p in params.items()}
+            self._layout = _Layout(self._params)
+            self.device, self.torch_dtype = self._layout.device, self._layout.dtype
+            self.dtype, self.size = np.dtype(dtype_name(self.torch_dtype)), int(sum(self._layout.numels))
+        except Exception as err:
+            if collective is None:
+                raise
+            collective.check_consistent(0, None, None, failure=err)  # raises on every rank
+        self._collective = collective
+        if collective is not None:
+            collective.check_consistent(self.size, self._params, self.device)
         self._rng = train_randomness(rng_seed, self._collective, self.device)
         self._loss = loss if self._rng is None else self._rng.wrap(loss)
         self._randomness = "error" if self._rng is None else "same"  # vmap: one mask for every column
@@ -118,13 +124,16 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         self._on_change, self._state_lock = on_change, threading.Lock()
         self._versions = [t._version for t in self._watch]
         self._default_dtype = torch.get_default_dtype()  # the build's: every product uses it
-        p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
         self._watch_precision = PrecisionWatch(module, self.torch_dtype)
-        with self._context(), LOCK, self._watch_precision:
-            first = loss_info(self._loss(p, self._prepare_batch(dataset.first())))
-        self._complete(first, check_loss_dtype)
+        self._complete(self._first_loss, check_loss_dtype)
         self._watch_precision.warn(self.torch_dtype)
         self._watch_precision = None
+
+    def _first_loss(self) -> Any:
+        """The loss on the first batch, described for the template's checks."""
+        p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
+        with self._context(), LOCK, self._watch_precision:
+            return loss_info(self._loss(p, self._prepare_batch(self.dataset.first())))
 
     # --- the template's hooks --------------------------------------------------------------------
     def _resolved(self) -> None:
@@ -227,6 +236,15 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
                 return vmap(one, in_dims=1, out_dims=1, randomness=self._randomness)(v) if batched else one(v)
         p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
         return _reverse_product(self._layout, self._graph(p, batch), list(p.values()), v, batched, retain=False)
+
+    def _columns(self, columns: list[Tensor], batch: Any, index: int) -> Tensor:
+        """Reverse mode: the batch's gradient graph built once (under the batch's seed, so the same
+        dropout masks as each column's own product) and differentiated once per column."""
+        if self.mode == "forward":
+            return super()._columns(columns, batch, index)
+        with self._batch_context(index, False):
+            fn = self._linearize(batch)
+        return torch.stack([fn(u, False) for u in columns], dim=1)
 
     def _linearize(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         """What stays fixed between products on ``batch``, as a function of the vector (no ref. to self)."""

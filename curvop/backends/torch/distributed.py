@@ -141,15 +141,78 @@ class TorchCollective:
         self._run("all-reduce", self.dist.all_reduce, t)
         return t
 
-    def reduce_product(self, acc: Any, count: int, reduction: str) -> Any:
-        """``sum_r acc_r / sum_r count_r`` (mean) or ``sum_r acc_r`` (sum), on every rank."""
+    def reduce_product(self, acc: Any, count: int, reduction: str, failure: BaseException | None = None,
+                       batch_error: bool = False) -> Any:
+        """``sum_r acc_r / sum_r count_r`` (mean) or ``sum_r acc_r`` (sum), on every rank.
+
+        Two numbers travel with the product: how many ranks failed to compute their share
+        (``failure``: the exception, ``acc`` then a placeholder of the right shape) and how many of
+        those failed for a reason other than a batching rule (``batch_error``). When a rank failed,
+        every rank raises, so none is left waiting in a collective the others never call: the
+        ranks' own errors when all failed alike (all batching errors: ``hvp_batch`` then falls back
+        on every rank alike; all others: a mode fallback runs alike), else a
+        :class:`DistributedError` naming the ranks and their errors.
+        """
         import torch
 
+        status = [float(failure is not None), float(failure is not None and not batch_error)]
+        extra = ([float(count)] if reduction == "mean" else []) + status
+        flat = torch.cat([acc.reshape(-1), acc.new_tensor(extra)])
+        self.all_reduce(flat)
+        failed, other = (int(x) for x in flat[-2:].tolist())
+        if failed:
+            if failed == self.world and other in (0, self.world):
+                raise failure  # every rank failed alike: each takes the same way on (columns, another mode)
+            self._raise_failed(failure, "the products of its shard of the data")
         if reduction == "mean":
-            flat = torch.cat([acc.reshape(-1), acc.new_tensor([float(count)])])
-            self.all_reduce(flat)
-            return (flat[:-1] / flat[-1]).view(acc.shape)
-        return self.all_reduce(acc.contiguous())
+            return (flat[:-3] / flat[-3]).view(acc.shape)
+        return flat[:-2].view(acc.shape)
+
+    def agree(self, failure: BaseException | None, where: str) -> None:
+        """Whether the local work before the next collective failed on any rank (a collective).
+
+        A rank whose own check failed would otherwise raise alone while the others wait in the
+        next collective, or pair it with a different one, which gloo answers with SIGABRT. Every
+        rank raises a :class:`DistributedError` instead (chained to its own error where it has one);
+        when every rank failed, each raises its own error, so a mode fallback runs alike on all.
+        """
+        import torch
+
+        flag = torch.tensor([float(failure is not None)], dtype=torch.float64, device=self._control_device())
+        self.all_reduce(flag)
+        failed = int(flag.item())
+        if failed == self.world:
+            raise failure
+        if failed:
+            self._raise_failed(failure, where)
+
+    def _control_device(self, device: Any = None) -> Any:
+        """Where small control tensors go: the CPU on gloo, else ``device`` (or the current GPU)."""
+        import torch
+
+        if "gloo" in self.backend or "mpi" in self.backend or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return device if device is not None and getattr(device, "type", "") != "cpu" else torch.device(
+            "cuda", torch.cuda.current_device())
+
+    def _raise_failed(self, failure: BaseException | None, where: str) -> None:
+        """Raise, on every rank, a :class:`DistributedError` naming the ranks that failed ``where``
+        and their errors (each rank contributes its own; a collective every rank calls)."""
+        mine = None if failure is None else f"{type(failure).__name__}: {_first_line(failure)}"
+        texts: list[Any] = [None] * self.world
+        try:
+            self.dist.all_gather_object(texts, mine, group=self.group)
+        except Exception:  # the messages are a courtesy: the error below is raised in any case
+            texts = [mine if r == self.rank else None for r in range(self.world)]
+        bad = [r for r, t in enumerate(texts) if t is not None] or ([self.rank] if failure is not None else [])
+        named = "; ".join(f"rank {r}: {texts[r]}" for r in bad) or "another rank failed"
+        raise DistributedError(
+            f"rank {self.rank} of {self.world}: {where} failed on "
+            f"{'rank' if len(bad) == 1 else 'ranks'} {', '.join(map(str, bad)) or '?'} ({named}). Every rank "
+            "raises this error, so that none waits in a collective the others never reach; fix the cause "
+            "on that rank (every rank must build the operator from the same model, dtype and kind of "
+            "data, and multiply the same vectors)"
+        ) from failure
 
     def gather_ints(self, value: int, device: Any) -> list[int]:
         """Every rank's ``value`` (used to report which rank holds a bad batch)."""
@@ -160,27 +223,37 @@ class TorchCollective:
         self.all_reduce(t)
         return [int(x) for x in t.tolist()]
 
-    def check_consistent(self, size: int, params: dict[str, Any], device: Any) -> None:
+    def check_consistent(self, size: int, params: dict[str, Any] | None, device: Any,
+                         failure: BaseException | None = None) -> None:
         """The same dtype, device type, parameter count and checksum on every rank.
 
         (Every rank is present: the constructor ran a monitored barrier on gloo.) A dtype mismatch
         would otherwise pass and then kill a rank inside gloo (products of different byte sizes).
+        ``failure``: this rank's own parameter checks failed (``params`` is then ``None``); every
+        rank then raises a :class:`DistributedError` naming it, in this same collective.
         """
         import torch
 
-        dtype = next(iter(params.values())).dtype
-        with torch.no_grad():
-            local = torch.stack([
-                torch.tensor(float(_signature(dtype, device)), dtype=torch.float64, device=device),
-                torch.tensor(float(size), dtype=torch.float64, device=device),
-                sum(p.detach().double().sum() for p in params.values()),
-                sum((p.detach().double() ** 2).sum() for p in params.values()),
-            ])
-        mine = local.cpu().tolist()
-        table = torch.zeros(self.world, 4, dtype=torch.float64, device=device)
-        table[self.rank] = local
+        local = torch.zeros(5, dtype=torch.float64)
+        if failure is None:
+            dtype = next(iter(params.values())).dtype
+            with torch.no_grad():
+                local[1:] = torch.stack([
+                    torch.tensor(float(_signature(dtype, device)), dtype=torch.float64, device=device),
+                    torch.tensor(float(size), dtype=torch.float64, device=device),
+                    sum(p.detach().double().sum() for p in params.values()),
+                    sum((p.detach().double() ** 2).sum() for p in params.values()),
+                ]).cpu()
+        else:
+            local[0] = 1.0
+        mine = local[1:].tolist()
+        table = torch.zeros(self.world, 5, dtype=torch.float64, device=self._control_device(device))
+        table[self.rank] = local.to(table.device)
         self.all_reduce(table)
         rows = table.cpu().tolist()
+        if any(row[0] for row in rows):
+            self._raise_failed(failure, "building the operator (the checks of its parameters)")
+        rows = [row[1:] for row in rows]
         for r, row in enumerate(rows):
             if row[0] != mine[0]:
                 raise DistributedError(

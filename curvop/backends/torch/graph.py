@@ -31,6 +31,7 @@ import torch
 
 from curvop._dtypes import dtype_name
 from curvop.backends.dataset import Dataset
+from curvop.backends.template import AutodiffBackend
 from curvop.backends.torch.backend import TorchBackend, _Layout, _reverse_product
 from curvop.backends.torch.checks import loss_info, param_infos
 from curvop.backends.torch.rewrites import Rewrites
@@ -181,6 +182,10 @@ class GraphBackend(TorchBackend):
 
     def _linearize(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         return partial(_reverse_product, self._layout, self._g, self._live, retain=True)
+
+    def _columns(self, columns: list[Tensor], batch: Any, index: int) -> Tensor:
+        """Fresh columns: one fresh product each (``_linearize`` here is the cached graph)."""
+        return AutodiffBackend._columns(self, columns, batch, index)
 
     def _product(self, v: Tensor, batch: Any, batched: bool) -> Tensor:
         """A fresh product (the determinism check): the closure evaluated again, its graph used once."""

@@ -161,6 +161,33 @@ def dtype_mismatch(rank, world, out):
         return _error(err)
 
 
+def rank_fails_alone(rank, world, out, case):
+    """Issue 26: one rank's own check or product fails; every rank must raise DistributedError, and the
+    ranks must still be in step afterwards (gloo answered a stray collective with SIGABRT)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    data = [(x, y), (x, y)]
+    if rank == 1 and case == "data_dtype":  # float32 data for a float64 model on rank 1 only
+        data = [(x.float(), y), (x.float(), y)]
+    if rank == 1 and case == "half":  # a bfloat16 model on rank 1 only: refused before any collective
+        model = model.bfloat16()
+    start = time.monotonic()
+    res = {"error": None}
+    try:
+        H = curvop.hessian(model, nn.CrossEntropyLoss(), data)  # the world group: no timeout of curvop's own
+        if rank == 1 and case == "product":  # the second batch breaks after the build, on rank 1 only
+            data[1] = (x[:, :3], y)
+        H @ np.ones(H.shape[0])
+    except Exception as err:  # noqa: BLE001 - the test checks the type
+        res = _error(err)
+    res["elapsed"] = time.monotonic() - start
+    t = torch.full((1000,), float(rank + 1), dtype=torch.float64)  # a collective of another size afterwards
+    dist.all_reduce(t)
+    res["after"] = float(t[0])
+    return res
+
+
 def cuda_gloo(rank, world, out):
     """Both ranks on the one GPU, gloo with CUDA tensors: start-up check, seeds and products on the device."""
     model, batches = model_and_data()
@@ -206,6 +233,8 @@ def main():
         res = rank0_only(rank, world, prefix, timeout=None)
     elif scenario == "dtype":
         res = dtype_mismatch(rank, world, prefix)
+    elif scenario.startswith("alone_"):
+        res = rank_fails_alone(rank, world, prefix, scenario[len("alone_"):])
     elif scenario == "cuda_gloo":
         res = cuda_gloo(rank, world, prefix)
     elif scenario == "device":
@@ -214,7 +243,7 @@ def main():
         res = fault(rank, world, prefix, scenario)
     with open(f"{prefix}.{rank}.json", "w") as f:
         json.dump(res, f)
-    if scenario in ("agree", "seeds", "dtype", "cuda_gloo", "device"):
+    if scenario in ("agree", "seeds", "dtype", "cuda_gloo", "device") or scenario.startswith("alone_"):
         dist.destroy_process_group()
     else:
         os._exit(0)  # the group is broken; do not wait in destroy_process_group

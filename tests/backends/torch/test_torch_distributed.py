@@ -171,6 +171,25 @@ def test_issue12_item14_dtype_mismatch_across_ranks_fails_clearly(tmp_path):
         assert "float32" in r["error"] and "float64" in r["error"], r["error"]
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("case", ["data_dtype", "half", "product"])
+def test_issue26_a_rank_that_fails_alone_raises_distributed_error_on_every_rank(tmp_path, case):
+    # float32 data on rank 1 of a float64 model: rank 1's first loss failed, rank 0 went on into the
+    # determinism check's all-reduce, and rank 1's next collective met it there: SIGABRT inside gloo
+    procs = _launch(f"alone_{case}", tmp_path)
+    outs = _finish(procs, 120)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]  # no SIGABRT
+    for rank in (0, 1):
+        r = _result(tmp_path, rank)
+        assert r["type"] == "DistributedError", r
+        assert "failed on rank 1" in r["error"], r["error"]
+        assert r["elapsed"] < 30, r  # at once, not after a timeout (the group's is 60 s)
+        assert r["after"] == 3.0  # the ranks are still in step: the next collective pairs up
+    first = _result(tmp_path, 1)["error"]
+    assert {"data_dtype": "dtype", "half": "bfloat16", "product": "mat1 and mat2"}[case] in first, first
+
+
 def test_issue12_item14_start_up_signature_names_dtype_and_device():
     torch = pytest.importorskip("torch")
     from curvop.backends.torch.distributed import _describe_signature, _signature
