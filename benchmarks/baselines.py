@@ -1,7 +1,7 @@
 """curvop against the Hessian-vector products a user would write by hand, on JAX, TensorFlow and torch.
 
     python benchmarks/baselines.py                        # the table of docs/performance.md (~30 min)
-    python benchmarks/baselines.py --quick                # tiny models, 3 rounds: seconds per framework
+    python benchmarks/baselines.py --quick                # a tiny MLP, 3 rounds: seconds per framework
     python benchmarks/baselines.py --frameworks tensorflow --models transformer lstm --rounds 21
     python benchmarks/baselines.py --table benchmarks/results/baselines.json   # reprint a saved run
 
@@ -253,7 +253,7 @@ def _to_numpy(out):
     return np.asarray(out.detach() if hasattr(out, "detach") else out, dtype="float64")
 
 
-def measure(framework: str, name: str, problem, rounds: int, skip: set[str]) -> dict:
+def measure(framework: str, name: str, problem, rounds: int, skip: set[str], tries: int = BUILDS) -> dict:
     """Build every contender (timed), check its product, and time the products in rotated rounds."""
     import numpy as np
 
@@ -263,7 +263,7 @@ def measure(framework: str, name: str, problem, rounds: int, skip: set[str]) -> 
     for label, c in contenders.items():
         if any(s in label for s in skip):
             continue
-        for attempt in range(BUILDS):
+        for attempt in range(tries):
             try:
                 t = _timed(lambda: fns.__setitem__(label, c.make()) or sync(fns[label](v)))
             except Exception as err:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
@@ -386,17 +386,18 @@ def worker(framework: str, quick: bool, models: list[str] | None, rounds: int, s
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     problems = {"jax": zoo.jax_problems, "tensorflow": zoo.keras_problems, "torch": zoo.torch_problems}[framework]
-    names = [m for m in (models or zoo.SHARED + zoo.RECURRENT) if framework == "tensorflow" or m in zoo.SHARED]
+    every = ("mlp",) if quick else zoo.SHARED + zoo.RECURRENT  # quick: the smoke test's one tiny model
+    names = [m for m in (models or every) if framework == "tensorflow" or m in zoo.SHARED]
     rows = []
     for name, problem in problems(quick, tuple(names)).items():
-        rows.append(measure(framework, name, problem, rounds, skip))
+        rows.append(measure(framework, name, problem, rounds, skip, tries=1 if quick else BUILDS))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
         pathlib.Path(out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny models, 3 rounds")
+    ap.add_argument("--quick", action="store_true", help="a tiny MLP (other --models on request), 3 rounds, one build")
     ap.add_argument("--frameworks", nargs="*", default=list(FRAMEWORKS), choices=FRAMEWORKS)
     ap.add_argument("--models", nargs="*", default=None, help="mlp cnn transformer (and lstm gru on tensorflow)")
     ap.add_argument("--rounds", type=int, default=None)

@@ -147,8 +147,13 @@ class JaxBackend(AutodiffBackend):
             apply = lambda lin, v: ravel(lin(unravel(v)))  # noqa: E731
             self._lin = (jax.jit(summed(apply)), jax.jit(summed(jax.vmap(apply, in_axes=(None, 1), out_axes=1))))
             # linearize inside jit: one compiled forward+backward per batch shape, returning the
-            # linear map (a jax.tree_util.Partial holding the residuals) to apply per product
-            self._linearize_jit = jax.jit(lambda p, b: jax.linearize(lambda q: grad_fn(q, b), p)[1])
+            # linear map (a jax.tree_util.Partial holding the residuals) to apply per product. It
+            # runs a few times per batch (the build's check and the cache), so on CPU it is compiled
+            # without LLVM's optimisations: half the compile time, which dominates the build
+            # (benchmarks/baselines.py), for tens of milliseconds more per run.
+            fast = {"xla_backend_optimization_level": 0} if self.device.platform == "cpu" else None
+            self._linearize_jit = jax.jit(lambda p, b: jax.linearize(lambda q: grad_fn(q, b), p)[1],
+                                          compiler_options=fast)
 
     def _rebind(self, params: Any) -> None:
         """:meth:`on` at new parameter values: the same pytree structure, shapes and dtype (the
@@ -231,7 +236,10 @@ class JaxBackend(AutodiffBackend):
         return jax.device_put(a, where)
 
     def describe(self) -> str:
-        how = "linearized (cached)" if self._cached is not None else f"{self.mode} mode, uncached"
+        if self._cached is not None:
+            how = "linearized (cached; auto: one batch)" if self._options.get("cache") == "auto" else "linearized (cached)"
+        else:
+            how = f"{self.mode} mode{' (auto)' if self._options.get('hvp') == 'auto' else ''}, uncached"
         where = self.device if self._layout is None else self._layout.describe()
         return f"jax {how}, n={self.size}, {self.dtype} on {where}{self._note()}"
 
