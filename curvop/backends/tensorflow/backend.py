@@ -134,7 +134,7 @@ class TensorFlowBackend(AutodiffBackend):
 
     # --- the template's hooks ---------------------------------------------------------------------
     def _resolved(self) -> None:
-        self._functions: dict[Any, tuple[Any, Any, Any]] = {}  # traced anew for a new mode (with their spec)
+        self._functions: dict[Any, tuple[Any, ...]] = {}  # traced anew for a new mode (with spec and structure)
         self._calls = {}
         self._single, self._block = self._functions_for(self._first_batch)[1]
 
@@ -174,7 +174,7 @@ class TensorFlowBackend(AutodiffBackend):
         tensors = None if batch is None else to_tensors(batch)
         key, flat = self._split_batch(tensors)
         self._functions_for(tensors)  # traced for batches with these other leaves (once)
-        self._check_batch(key, flat)
+        self._check_batch(key, tensors, flat)
         if self.dataset.single:
             self._ready = (batch, (key, flat))
         return key, flat
@@ -193,7 +193,7 @@ class TensorFlowBackend(AutodiffBackend):
             spec = None if batch is None else [batch_spec(t) for t in tensors]
             self._functions[key] = (self._function(self._one, tf.TensorSpec([self.size], self.tf_dtype), batch, spec),
                                     self._function(self._many, tf.TensorSpec([self.size, None], self.tf_dtype),
-                                                   batch, spec), spec)
+                                                   batch, spec), spec, _skeleton(batch))
         return tensors, self._functions[key][:2]
 
     @staticmethod
@@ -202,15 +202,15 @@ class TensorFlowBackend(AutodiffBackend):
         leaves = [] if batch is None else batch_leaves(batch)
         return tuple(t for t in leaves if not isinstance(t, tf.Tensor)), [t for t in leaves if isinstance(t, tf.Tensor)]
 
-    def _check_batch(self, key: Any, tensors: list[tf.Tensor]) -> None:
-        """Check ``tensors`` against the signature traced for batches with these other leaves:
-        the traced function is then called with them directly, unchecked."""
-        spec = self._functions[key][2]
+    def _check_batch(self, key: Any, batch: Any, tensors: list[tf.Tensor]) -> None:
+        """Check ``batch`` against the signature traced for batches with its other leaves: the
+        traced function is then called with its tensors directly, unchecked."""
+        _, _, spec, skeleton = self._functions[key]
         if spec is None:
             return
-        if len(spec) != len(tensors):
-            raise ValueError(f"a batch has {len(tensors)} tensors, but the first batch of its structure has "
-                             f"{len(spec)}; every batch must be the same (inputs, targets) structure")
+        if len(spec) != len(tensors) or not _same(skeleton, _skeleton(batch)):
+            raise ValueError("a batch has another structure than the first batch; every batch must be the same "
+                             "(inputs, targets) structure")
         for i, (s, t) in enumerate(zip(spec, tensors)):
             if not s.is_compatible_with(t):
                 raise ValueError(
@@ -277,7 +277,8 @@ class TensorFlowBackend(AutodiffBackend):
         how = "vectorized" if self.batched else "looped"
         where = f"{device_key(self.device)[0]}:{tf.DeviceSpec.from_string(self.device).device_index or 0}"
         dtype = self.tf_dtype.name
-        return f"tensorflow {self.mode} mode, {how} blocks, n={self.size}, {dtype} on {where}{self._note()}"
+        auto = " (auto)" if self._options.get("hvp") == "auto" else ""  # the default: see _auto_options
+        return f"tensorflow {self.mode} mode{auto}, {how} blocks, n={self.size}, {dtype} on {where}{self._note()}"
 
     # --- products (traced) ------------------------------------------------------------------------
     def _function(self, body: Callable[[tf.Tensor, Any], tf.Tensor], vspec: tf.TensorSpec, template: Any,
@@ -346,6 +347,21 @@ class TensorFlowBackend(AutodiffBackend):
 
     def _flat(self, parts: list[tf.Tensor]) -> tf.Tensor:
         return tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
+
+
+def _skeleton(batch: Any) -> Any:
+    """``batch`` with its tensors replaced by one marker: equal for batches of one structure."""
+    return map_batch(lambda a: _TENSOR if isinstance(a, tf.Tensor) else a, batch)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # leaves whose == is not a bool (arrays): their tensors' count was compared
+        return True
+
+
+_TENSOR = object()
 
 
 def hessian(
