@@ -314,6 +314,10 @@ def test_issue27_batch_unlike_the_first_is_refused_by_name(mlp):
         curvop.hessian(model, loss, [(x[:8], y[:8]), (x[8:, :3], y[8:])], hvp="reverse", batched=False)
     with pytest.raises(ValueError, match="another structure than the first batch"):
         curvop.hessian(model, loss, [(x[:8], y[:8]), (x[8:], (y[8:], y[8:]))], hvp="reverse", batched=False)
+    w = tf.Variable(np.ones(x.shape[1]))  # as many tensors, other keys: the first batch's keys must not be used silently
+    with pytest.raises(ValueError, match="another structure than the first batch"):
+        curvop.hessian_of(lambda p, b: tf.reduce_sum(tf.tanh(next(iter(b.values())) @ p[:, None]) ** 2), w,
+                          [{"a": x[:8]}, {"b": x[8:]}], hvp="reverse", batched=False)
 
 
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
