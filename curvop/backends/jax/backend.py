@@ -133,6 +133,7 @@ class JaxBackend(AutodiffBackend):
             return ravel(jax.grad(lambda q: jnp.vdot(ravel(grad_fn(q, batch)), v))(p))
 
         self._sums = SumNote() if self.check_finite else None
+        self._last_lin: tuple[Any, Any, Any] | None = None  # (params, batch, linear map) of the latest fresh product
 
         def summed(f):  # with check_finite, a compiled product also returns the sum of its entries
             if self._sums is None:
@@ -172,12 +173,18 @@ class JaxBackend(AutodiffBackend):
 
     def _product(self, v: Array, batch: Any, batched: bool) -> Array:
         if self.cache:  # linearized afresh and applied: the cache's two compiled functions, no third to compile
-            return _apply_linear(self._lin, self._linearize_jit(self._params, batch), self._sums, v, batched)
+            lin = self._linearize_jit(self._params, batch)
+            self._last_lin = (self._params, batch, lin)  # the build's check: its last linearisation becomes the cache
+            return _apply_linear(self._lin, lin, self._sums, v, batched)
         out = (self._freshk if batched else self._fresh1)(self._params, batch, v)
         return out if self._sums is None else self._sums.put(out)
 
     def _linearize(self, batch: Any) -> Callable[[Array, bool], Array]:
-        lin = self._linearize_jit(self._params, batch)
+        last, self._last_lin = self._last_lin, None
+        if last is not None and last[0] is self._params and last[1] is batch:  # the same (immutable) arrays
+            lin = last[2]
+        else:
+            lin = self._linearize_jit(self._params, batch)
         return partial(_apply_linear, self._lin, lin, self._sums)  # no reference to self
 
     def _all_finite(self, y: Array) -> bool:

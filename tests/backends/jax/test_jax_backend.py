@@ -302,7 +302,21 @@ def test_issue27_cached_build_compiles_each_function_once(mlp):
     # and vectors made by the backend are placed like the parameters, so a jnp vector, a numpy
     # vector and the check's vector share one compilation of the linear map
     p, batch, D = mlp
-    H = curvop.hessian((mlp_apply, p), mse, batch)
+    runs = []
+    real = jax.jit
+
+    def counting_jit(f, **kw):  # count the runs of the compiled linearisation
+        g = real(f, **kw)
+        if "compiler_options" not in kw:
+            return g
+        wrapper = lambda *a: runs.append(1) or g(*a)  # noqa: E731
+        wrapper._cache_size = g._cache_size
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax, "jit", counting_jit)
+        H = curvop.hessian((mlp_apply, p), mse, batch)
+    assert len(runs) == 2  # the check's two products; the cache is the second one's linear map, not a third
     B = H.backend
     v = np.random.default_rng(4).standard_normal(D.shape[0])
     np.testing.assert_allclose(np.asarray(H @ jnp.asarray(v)), D @ v, rtol=1e-12, atol=1e-13)
