@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 import _torchvision_cpu  # noqa: E402
+from _stats import median_ci  # noqa: E402
 
 _torchvision_cpu.install()  # the real torchvision/timm models even with torchvision's CUDA wheel (see there)
 
@@ -199,17 +200,6 @@ def measure(name: str, dtype_name: str, batch: int, repeats: int) -> dict:
             "setup": {k: round(v, 1) for k, v in setup_g.items()},
             "device": DEVICE, "matmat_loop_over_vmap": matmat and [round(x, 3) for x in matmat],
             "rounds_ms": {k: [round(1e3 * x, 3) for x in t] for k, t in times.items()}}
-
-
-def median_ci(ratios: list[float], level: float = 0.9) -> tuple[float, float, float]:
-    """(median, low, high): a distribution-free ``level`` interval for the median from order statistics."""
-    from scipy.stats import binom
-
-    x, n = sorted(ratios), len(ratios)
-    j = 0  # (x[j], x[n-1-j]) misses the median with probability 2 P(Bin(n, 1/2) <= j)
-    while j + 1 < n - 1 - (j + 1) and 2 * binom.cdf(j + 1, n, 0.5) <= 1 - level:
-        j += 1
-    return statistics.median(x), x[j], x[n - 1 - j]
 
 
 def jobs(row: dict) -> dict[str, float]:

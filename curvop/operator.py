@@ -109,9 +109,16 @@ class HessianOperator(LinearOperator):
 
     def dot(self, x: Any) -> Any:
         """``H @ x`` (also ``H * x`` and ``H(x)``); operators and scalars compose as in scipy."""
-        if isinstance(x, LinearOperator) or np.isscalar(x):
+        if not self.backend.is_native(x) and (isinstance(x, LinearOperator) or np.isscalar(x)):
             return super().dot(x)
         return self._entry(x, "_dot")
+
+    def __matmul__(self, x: Any) -> Any:
+        """``H @ x``. A native array goes straight to the product: scipy's ``__matmul__`` first asks
+        ``np.isscalar``, which costs microseconds on a framework's array, twice per product."""
+        if self.backend.is_native(x):
+            return self._entry(x, "_dot")
+        return super().__matmul__(x)
 
     def __rmatmul__(self, x: Any) -> Any:
         """``x @ H = (H @ xᵀ)ᵀ``."""

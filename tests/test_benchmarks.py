@@ -38,6 +38,7 @@ def _runs(out: Path) -> dict[str, tuple[list[str], dict, int]]:
         "warm_start_misses": (["warm_start.py", "--misses-at", "3", "--starts", "3", "--measure-size", "64",
                                "--tol-on", "eigenvalue", "residual", "--out", str(out / "misses.json")], CLEAN, 300),
         "accuracy": (["accuracy.py", "--quick"], CLEAN, 120),
+        "baselines": (["baselines.py", "--quick", "--rounds", "2", "--out", str(out / "baselines.json")], CLEAN, 600),
     }
     if HAVE_PEERS:
         runs = {"peers": (["peers.py", "--quick", "--out", str(out / "peers")], INHERIT, 880), **runs}
@@ -153,6 +154,28 @@ def test_warm_start_random_start_misses_runs_both_rules(bench):
     for rule in ("eigenvalue", "residual"):
         assert 0 <= res[rule]["missed"] <= 3 and res[rule]["mean_products"] >= 2
     assert "| residual |" in stdout
+
+
+@smoke("baselines")
+def test_baselines_quick_runs_every_contender_and_checks_its_products(bench):
+    # benchmarks/baselines.py --quick: a tiny MLP per framework, every hand-written contender and
+    # curvop's modes built, each product checked against curvop's default (the script raises if one
+    # differs by more than 1e-3), the paired table printed
+    pytest.importorskip("jax")
+    pytest.importorskip("tensorflow")
+    stdout, out = _ok(bench, "baselines")
+    rows = json.loads((out / "baselines.json").read_text())["rows"]
+    assert [(r["framework"], r["model"]) for r in rows] == [("jax", "mlp"), ("tensorflow", "mlp"), ("torch", "mlp")]
+    hand = {"jax": {"jit(jvp(grad))", "jit(linearize(grad))", "reverse-over-reverse", "jit(jvp(grad)), folded",
+                    "jit(linearize(grad)), folded", "reverse-over-reverse, folded"},
+            "tensorflow": {"tf.function forward-over-reverse", "tf.function nested tapes",
+                           "tf.function forward-over-reverse, folded", "tf.function nested tapes, folded"},
+            "torch": {"autograd.grad, retained graph", "torch.func jvp(grad)"}}
+    for r in rows:
+        assert hand[r["framework"]] | {"curvop default"} <= set(r["x_grad"]) and not r["failed"]
+        assert r["max_rel_error"] < 1e-3 and all(x > 0 for x in r["x_grad"].values())
+        assert all(len(t) == 2 for t in r["rounds_ms"].values())
+    assert "| tensorflow | mlp |" in stdout and "reverse mode (auto" in stdout
 
 
 def test_warm_start_oracle_products_counts_the_first_product_within_tol():

@@ -109,3 +109,28 @@ def test_issue26_a_deep_copy_follows_the_model_like_the_operator():
     with torch.no_grad():
         model.weight.mul_(2.0)  # an optimizer step, in place
     assert torch.equal(C @ v, H @ v)
+
+
+# --- issue 27: `H @ native` goes straight to the product ------------------------------------------
+def test_issue27_matmul_of_a_native_array_skips_scipys_scalar_checks(monkeypatch):
+    import scipy.sparse.linalg as sla
+    import torch
+
+    A = with_spectrum(tuple(np.linspace(1.0, 2.0, 5)), seed=1)
+    H = curvop.aslinearoperator(torch.as_tensor(A))
+    t = torch.arange(5.0, dtype=torch.float64)
+    calls = []
+    for name in ("__matmul__", "dot"):  # scipy's own entry points: they ask np.isscalar first
+        real = getattr(sla.LinearOperator, name)
+        monkeypatch.setattr(sla.LinearOperator, name, lambda s, x, _r=real, _n=name: calls.append(_n) or _r(s, x))
+    for out in (H @ t, H.dot(t), H(t), H * t):
+        assert isinstance(out, torch.Tensor)
+        np.testing.assert_allclose(out.numpy(), A @ t.numpy(), rtol=1e-14)
+    assert calls == []  # a native array never enters scipy's __matmul__ or dot (microseconds per product)
+    np.testing.assert_allclose((H @ np.ones(5)), A @ np.ones(5), rtol=1e-14)
+    assert calls == ["__matmul__"]  # numpy: scipy's path, as before
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="Scalar operands"):
+        H @ 2.0
+    assert isinstance(H @ H, sla.LinearOperator) and isinstance(H * 2.0, sla.LinearOperator)
+    np.testing.assert_allclose((H @ H) @ np.ones(5), A @ A @ np.ones(5), rtol=1e-13)

@@ -8,11 +8,54 @@ whose product is not finite. The error path is slow; the normal path pays one re
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
 
 from curvop._errors import NonFiniteProductError
 
-__all__ = ["NonFiniteProductError", "locate_nonfinite", "nonfinite_error"]
+__all__ = ["NonFiniteProductError", "SumNote", "locate_nonfinite", "nonfinite_error"]
+
+
+class SumNote:
+    """The sum of a product's entries, computed inside the product's compiled function, kept until
+    the product is checked for NaN and Inf.
+
+    The sum is finite exactly when every entry is, but for overflow: NaN and Inf propagate through
+    it, and a sum of finite entries is not finite only when it overflows, which the full check then
+    settles. Fused into the function that writes the product, the sum costs less than a separate
+    pass over it on the host (``np.isfinite(y).all()`` reads it back and writes a mask).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> note = SumNote()
+    >>> y = note.put((np.ones(3), np.float32(3.0)))  # what a compiled product returns: (y, y.sum())
+    >>> note.finite(y), note.finite(y)  # the note is used once
+    (True, False)
+    >>> note.finite(note.put((np.array([1.0, np.nan]), np.float64("nan"))))  # check the entries
+    False
+    """
+
+    __slots__ = ("_y", "_total")
+
+    def __init__(self) -> None:
+        self._y: Any = None
+        self._total: Any = None
+
+    def put(self, out: tuple[Any, Any]) -> Any:
+        """Note ``(y, total)`` from a compiled product; return ``y``."""
+        self._y, self._total = out
+        return self._y
+
+    def finite(self, y: Any) -> bool:
+        """True when ``y`` is the noted product and its sum is finite (so every entry is); False when
+        ``y`` has no note or its sum is not finite: then check the entries."""
+        if self._y is not y:
+            return False
+        total, self._y, self._total = self._total, None, None
+        return math.isfinite(np.asarray(total))  # np.asarray: a JAX or TF scalar read in place, quicker than float()
 
 
 def locate_nonfinite(products: Iterable[Any], all_finite: Callable[[Any], bool]) -> int | None:

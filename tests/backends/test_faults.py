@@ -91,3 +91,17 @@ def test_nan_in_one_batch_is_named(mode):
     assert info.value.batch == 3 and info.value.rank is None
     with pytest.raises(NonFiniteProductError, match=r"batch 3"):
         H.matmat(np.ones((H.shape[0], 2)))
+
+
+# --- issue 27: the sum computed with a product stands in for a pass over it ---------------------------
+def test_sum_note_is_used_once_and_only_for_its_product():
+    from curvop.backends.faults import SumNote
+
+    note = SumNote()
+    y = note.put((np.ones(3), np.float32(3.0)))
+    assert note.finite(np.ones(3)) is False  # an equal array that is not the product: check its entries
+    assert note.finite(y) is True  # the product's own note (asking for another array kept it)
+    assert note.finite(y) is False  # used once, then forgotten
+    for bad in (np.nan, np.inf, -np.inf):
+        z = note.put((np.array([1.0, bad]), np.float64(bad)))
+        assert note.finite(z) is False

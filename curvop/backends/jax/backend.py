@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from curvop.backends.jax import sharding
 from curvop.backends.jax.model import check_batch, model_apply, prepare_params
 from curvop.backends.dataset import Dataset, resolve_reduction
+from curvop.backends.faults import SumNote
 from curvop.backends.template import AutodiffBackend, LossInfo
 
 __all__ = ["JaxBackend", "hessian", "hessian_of", "prepare_params"]
@@ -110,6 +111,10 @@ class JaxBackend(AutodiffBackend):
         self.dtype = np.dtype(flat.dtype)
         self.device = next(iter(flat.devices()))
         self.sharding = flat.sharding  # one device, replicated over a mesh, or the sharded layout's
+        self._devices = set(self.sharding.device_set)
+        # parameters on the default device, not placed there by the user: vectors made here are
+        # placed the same way, since jit compiles again for an argument committed to a device
+        self._uncommitted = self._layout is None and not flat.committed
         self._host_readable = len(self.sharding.device_set) == 1 and self.device.platform == "cpu"
         self._complete(_loss_info(loss, params, first), check_loss_dtype)
 
@@ -127,16 +132,29 @@ class JaxBackend(AutodiffBackend):
         def reverse(p, batch, v):
             return ravel(jax.grad(lambda q: jnp.vdot(ravel(grad_fn(q, batch)), v))(p))
 
+        self._sums = SumNote() if self.check_finite else None
+        self._last_lin: tuple[Any, Any, Any] | None = None  # (params, batch, linear map) of the latest fresh product
+
+        def summed(f):  # with check_finite, a compiled product also returns the sum of its entries
+            if self._sums is None:
+                return f
+            return lambda *args: (lambda y: (y, jnp.sum(y)))(f(*args))
+
         one = forward if self.mode == "forward" else reverse
-        self._fresh1 = jax.jit(one)
-        self._freshk = jax.jit(jax.vmap(one, in_axes=(None, None, 1), out_axes=1))
+        self._fresh1 = jax.jit(summed(one))
+        self._freshk = jax.jit(summed(jax.vmap(one, in_axes=(None, None, 1), out_axes=1)))
         if self.cache:
             self.mode = "forward"  # a linearization
             apply = lambda lin, v: ravel(lin(unravel(v)))  # noqa: E731
-            self._lin = (jax.jit(apply), jax.jit(jax.vmap(apply, in_axes=(None, 1), out_axes=1)))
+            self._lin = (jax.jit(summed(apply)), jax.jit(summed(jax.vmap(apply, in_axes=(None, 1), out_axes=1))))
             # linearize inside jit: one compiled forward+backward per batch shape, returning the
-            # linear map (a jax.tree_util.Partial holding the residuals) to apply per product
-            self._linearize_jit = jax.jit(lambda p, b: jax.linearize(lambda q: grad_fn(q, b), p)[1])
+            # linear map (a jax.tree_util.Partial holding the residuals) to apply per product. It
+            # runs a few times per batch (the build's check and the cache), so on CPU it is compiled
+            # without LLVM's optimisations: half the compile time, which dominates the build
+            # (benchmarks/baselines.py), for tens of milliseconds more per run.
+            fast = {"xla_backend_optimization_level": 0} if self.device.platform == "cpu" else None
+            self._linearize_jit = jax.jit(lambda p, b: jax.linearize(lambda q: grad_fn(q, b), p)[1],
+                                          compiler_options=fast)
 
     def _rebind(self, params: Any) -> None:
         """:meth:`on` at new parameter values: the same pytree structure, shapes and dtype (the
@@ -154,12 +172,24 @@ class JaxBackend(AutodiffBackend):
         self._params = new
 
     def _product(self, v: Array, batch: Any, batched: bool) -> Array:
-        return (self._freshk if batched else self._fresh1)(self._params, batch, v)
+        if self.cache:  # linearized afresh and applied: the cache's two compiled functions, no third to compile
+            lin = self._linearize_jit(self._params, batch)
+            self._last_lin = (self._params, batch, lin)  # the build's check: its last linearisation becomes the cache
+            return _apply_linear(self._lin, lin, self._sums, v, batched)
+        out = (self._freshk if batched else self._fresh1)(self._params, batch, v)
+        return out if self._sums is None else self._sums.put(out)
 
     def _linearize(self, batch: Any) -> Callable[[Array, bool], Array]:
-        return partial(_apply_linear, self._lin, self._linearize_jit(self._params, batch))  # no reference to self
+        last, self._last_lin = self._last_lin, None
+        if last is not None and last[0] is self._params and last[1] is batch:  # the same (immutable) arrays
+            lin = last[2]
+        else:
+            lin = self._linearize_jit(self._params, batch)
+        return partial(_apply_linear, self._lin, lin, self._sums)  # no reference to self
 
     def _all_finite(self, y: Array) -> bool:
+        if self._sums is not None and self._sums.finite(y):  # the sum computed with the product
+            return True
         if self._host_readable:  # numpy reads a one-CPU-device buffer in place (~13 us for 26k entries)
             return bool(np.isfinite(np.asarray(y)).all())
         return bool(_all_finite(y))  # one compiled reduction: eager isfinite + all dispatch twice
@@ -190,7 +220,7 @@ class JaxBackend(AutodiffBackend):
                 f"x.astype(jnp.{self.jax_dtype})"
             )
         devices = x.devices()
-        if devices != set(self.sharding.device_set):
+        if devices != self._devices:
             raise ValueError(
                 f"vector is on {', '.join(map(str, devices))}, but the parameters are on "
                 f"{', '.join(map(str, sorted(self.sharding.device_set, key=str)))}; "
@@ -204,11 +234,19 @@ class JaxBackend(AutodiffBackend):
         return a if a.flags.writeable else a.copy()
 
     def from_numpy(self, a: np.ndarray) -> Array:
+        a = np.asarray(a, dtype=self.dtype)
+        if self._uncommitted:  # like the parameters (and jnp's arrays): one compilation serves both
+            x = jnp.asarray(a)  # on the default device
+            if x.devices() == {self.device}:
+                return x
         where = self.sharding if self._layout is None else self._layout.sharding_for(np.shape(a))
-        return jax.device_put(np.asarray(a, dtype=self.dtype), where)
+        return jax.device_put(a, where)
 
     def describe(self) -> str:
-        how = "linearized (cached)" if self._cached is not None else f"{self.mode} mode, uncached"
+        if self._cached is not None:
+            how = "linearized (cached; auto: one batch)" if self._options.get("cache") == "auto" else "linearized (cached)"
+        else:
+            how = f"{self.mode} mode{' (auto)' if self._options.get('hvp') == 'auto' else ''}, uncached"
         where = self.device if self._layout is None else self._layout.describe()
         return f"jax {how}, n={self.size}, {self.dtype} on {where}{self._note()}"
 
@@ -216,8 +254,9 @@ class JaxBackend(AutodiffBackend):
 _all_finite = jax.jit(lambda y: jnp.isfinite(y).all())
 
 
-def _apply_linear(lin_fns: tuple[Callable, Callable], lin: Any, v: Array, batched: bool) -> Array:
-    return lin_fns[1 if batched else 0](lin, v)
+def _apply_linear(lin_fns: tuple[Callable, Callable], lin: Any, note: SumNote | None, v: Array, batched: bool) -> Array:
+    out = lin_fns[1 if batched else 0](lin, v)
+    return out if note is None else note.put(out)
 
 
 def _loss_info(loss: Callable[[Any, Any], Array], params: Any, batch: Any) -> LossInfo:

@@ -7,10 +7,18 @@ Two ways to compute a product, chosen with ``hvp=``:
   ``tf.GradientTape`` (the JVP of the gradient);
 * ``"reverse"`` -- reverse-over-reverse: a nested ``GradientTape`` (the gradient of ``<g, v>``).
 
-Either runs inside a ``tf.function`` that is traced once per operator: the input signature is
-fixed from the first batch with a free leading (batch) dimension, so an unequal last batch does not
-retrace. ``hvp_batch`` (``H.matmat``) maps the product over the columns with ``tf.vectorized_map``
-(``batched=True``) or loops over them (``batched=False``).
+``"auto"`` is reverse-over-reverse: ``benchmarks/baselines.py`` measured it faster than
+forward-over-reverse on every Keras model it runs (an MLP, a CNN, a ``MultiHeadAttention`` block,
+an LSTM and a GRU), and quicker to trace; forward mode also fails inside the ``while`` loop of a
+Keras recurrent layer.
+
+Either runs inside a ``tf.function`` that is traced once per operator: a single batch's input
+signature is its exact shapes (grappler specialises the graph to them); a loader's is fixed from
+the first batch with a free leading (batch) dimension, so an unequal last batch does not retrace. Each product calls the traced function directly with the batch's tensors, checked against
+the signature when the batch is prepared (a single batch: once, at the build), which skips the
+argument binding a ``tf.function`` call repeats every time. ``hvp_batch`` (``H.matmat``) maps the
+product over the columns with ``tf.vectorized_map`` (``batched=True``) or loops over them
+(``batched=False``).
 
 Keras 3 variables are not ``tf.Variable``s; the backend differentiates with respect to the
 underlying ``tf.Variable`` (``keras_variable.value``) and calls the model with ``training=False``.
@@ -31,6 +39,7 @@ from curvop.backends.tensorflow.model import (batch_spec, check_data, check_loss
                                               precision_message, to_tensors, var_name)
 from curvop.backends.base import LossPrecisionError
 from curvop.backends.dataset import Dataset, batch_leaves, map_batch, resolve_reduction
+from curvop.backends.faults import SumNote
 from curvop.backends.template import AutodiffBackend, ParamInfo
 
 __all__ = ["TensorFlowBackend", "LossPrecisionError", "hessian", "hessian_of"]
@@ -50,8 +59,8 @@ class TensorFlowBackend(AutodiffBackend):
     names : list of str, optional
         Names of the variables (for messages and :meth:`describe`).
     hvp : {"auto", "forward", "reverse"}
-        ``"auto"`` picks forward-over-reverse (faster on CPU in ``benchmarks/hvp_tensorflow.py``);
-        it also keeps less of the second-order graph alive.
+        ``"auto"`` picks reverse-over-reverse (the faster mode on every model of
+        ``benchmarks/baselines.py``, and the quicker one to trace).
     cache : {"auto", False}
         TensorFlow keeps no linearisation between products; ``cache=True`` is refused.
     batched : {"auto", True, False}
@@ -113,22 +122,27 @@ class TensorFlowBackend(AutodiffBackend):
         self._sizes = [int(np.prod(s, dtype=np.int64)) for s in self._shapes]
         self.size = int(sum(self._sizes))
 
-        first = None if dataset.data is None else self._prepare_batch(dataset.first())
+        first = None if dataset.data is None else to_tensors(dataset.first())
         #: number of times the product functions were traced (one each, however many products)
         self.traces = 0
         self._first_batch = first
+        self._calls: dict[Any, Callable[[list], Any]] = {}  # (leaves key, batched) -> traced function, called flat
+        #: with check_finite, each traced product also returns the sum of its entries
+        self._sums = SumNote() if self.check_finite else None
+        self._ready: tuple[Any, Any] | None = None  # (the single batch, as prepared)
         self._complete(loss_info(loss(first)), check_loss_dtype)
 
     # --- the template's hooks ---------------------------------------------------------------------
     def _resolved(self) -> None:
-        self._functions: dict[Any, tuple[Any, Any]] = {}  # traced anew for a new mode
+        self._functions: dict[Any, tuple[Any, ...]] = {}  # traced anew for a new mode (with spec and structure)
+        self._calls = {}
         self._single, self._block = self._functions_for(self._first_batch)[1]
 
     def _mode_failure(self, err: BaseException) -> str | None:
         return mode_failure(err)
 
     def _auto_options(self) -> dict[str, Any]:
-        return {"hvp": "forward", "cache": False, "batched": device_key(self.device)[0] == "GPU"}
+        return {"hvp": "reverse", "cache": False, "batched": device_key(self.device)[0] == "GPU"}
 
     def _param_advice(self) -> dict[str, str]:
         return {
@@ -150,31 +164,97 @@ class TensorFlowBackend(AutodiffBackend):
     def _precision_message(self, loss_dtype: str) -> str:
         return precision_message(f"the loss value is {loss_dtype}", self.tf_dtype)
 
-    def _prepare_batch(self, batch: Any) -> Any:
-        return None if batch is None else to_tensors(batch)
+    def _prepare_batch(self, batch: Any) -> tuple[Any, list[tf.Tensor]]:
+        """The key of the batch's other leaves and its tensors in the order of the traced signature,
+        checked against it. A single batch is converted and checked once (at the build), then
+        reused by every product."""
+        ready = self._ready
+        if ready is not None and batch is ready[0]:
+            return ready[1]
+        tensors = None if batch is None else to_tensors(batch)
+        key, flat = self._split_batch(tensors)
+        self._functions_for(tensors)  # traced for batches with these other leaves (once)
+        self._check_batch(key, tensors, flat)
+        if self.dataset.single:
+            self._ready = (batch, (key, flat))
+        return key, flat
 
-    def _product(self, v: tf.Tensor, batch: Any, batched: bool) -> tf.Tensor:
-        tensors, fns = self._functions_for(batch)
-        return fns[1 if batched else 0](v) if batch is None else fns[1 if batched else 0](v, tensors)
+    def _product(self, v: tf.Tensor, batch: tuple[Any, list[tf.Tensor]], batched: bool) -> tf.Tensor:
+        key, tensors = batch
+        call = self._calls.get((key, batched)) or self._flat_call(key, batched)
+        out = call([v, *tensors])
+        return out if self._sums is None else self._sums.put(out)
 
     def _functions_for(self, batch: Any) -> tuple[list[tf.Tensor], tuple[Any, Any]]:
         """The batch's tensors, and the single and block product functions for batches whose other
         leaves (strings, ints) are this batch's: traced once for each such set of leaves."""
-        leaves = [] if batch is None else batch_leaves(batch)
-        tensors = [t for t in leaves if isinstance(t, tf.Tensor)]
-        key = tuple(t for t in leaves if not isinstance(t, tf.Tensor))
+        key, tensors = self._split_batch(batch)
         if key not in self._functions:
-            spec = None if batch is None else [batch_spec(t) for t in tensors]
+            spec = None if batch is None else [tf.TensorSpec(t.shape, t.dtype) if key[1] else batch_spec(t)
+                                               for t in tensors]
             self._functions[key] = (self._function(self._one, tf.TensorSpec([self.size], self.tf_dtype), batch, spec),
                                     self._function(self._many, tf.TensorSpec([self.size, None], self.tf_dtype),
-                                                   batch, spec))
-        return tensors, self._functions[key]
+                                                   batch, spec), spec, _skeleton(batch))
+        return tensors, self._functions[key][:2]
+
+    def _split_batch(self, batch: Any) -> tuple[Any, list[tf.Tensor]]:
+        """The key of a batch's functions, and its tensors in order. The key is the batch's other
+        leaves (strings, ints), and for a single batch its tensors' shapes: a single batch is traced
+        with its exact shapes, which lets grappler specialise the graph (a Keras LSTM's product took
+        1.59x as long with a free batch dimension); the batches of a loader share one trace with a
+        free batch dimension, so that an unequal last batch does not retrace."""
+        leaves = [] if batch is None else batch_leaves(batch)
+        tensors = [t for t in leaves if isinstance(t, tf.Tensor)]
+        shapes = tuple(tuple(t.shape) for t in tensors) if self.dataset.single else None
+        return (tuple(t for t in leaves if not isinstance(t, tf.Tensor)), shapes), tensors
+
+    def _check_batch(self, key: Any, batch: Any, tensors: list[tf.Tensor]) -> None:
+        """Check ``batch`` against the signature traced for batches with its other leaves: the
+        traced function is then called with its tensors directly, unchecked."""
+        _, _, spec, skeleton = self._functions[key]
+        if spec is None:
+            return
+        if len(spec) != len(tensors) or not _same(skeleton, _skeleton(batch)):
+            raise ValueError("a batch has another structure than the first batch; every batch must be the same "
+                             "(inputs, targets) structure")
+        for i, (s, t) in enumerate(zip(spec, tensors)):
+            if not s.is_compatible_with(t):
+                raise ValueError(
+                    f"a batch's tensor {i} is {t.dtype.name} of shape {tuple(t.shape)}, but the first batch's is "
+                    f"{s.dtype.name} of shape {tuple(s.shape)} (None: any batch size); every batch must "
+                    "have the first batch's dtypes and shapes but for the batch dimension")
+
+    def _flat_call(self, key: Any, batched: bool) -> Callable[[list], Any]:
+        """The product function traced once (its signature is fixed), called with flat tensors.
+
+        ``tf.function.__call__`` binds and checks its arguments on every call (about 0.2 ms on CPU,
+        a tenth of a small model's product), and so does a public ``ConcreteFunction`` call (0.1 ms).
+        The batch is checked in :meth:`_prepare_batch` (once, for a single batch), so the traced
+        function is run through ``ConcreteFunction._call_flat`` (0.05 ms), the call TensorFlow's own
+        paths end in; where a TensorFlow version lacks it, through the public call.
+        """
+        fn = self._functions[key][1 if batched else 0]
+        concrete = fn.get_concrete_function()
+        run = getattr(concrete, "_call_flat", None)
+        if run is not None:
+            captured = concrete.captured_inputs  # the variables' handles: fixed for the variables' lifetime
+
+            def call(args: list) -> Any:
+                return run(args, captured)
+        elif self._functions[key][2] is None:
+            call = lambda args: concrete(args[0])  # noqa: E731
+        else:
+            call = lambda args: concrete(args[0], args[1:])  # noqa: E731
+        self._calls[(key, batched)] = call
+        return call
 
     def _reduce(self, v: tf.Tensor, batched: bool, fresh: bool = False) -> tf.Tensor:
         with tf.device(self.device):
             return super()._reduce(v, batched, fresh)
 
     def _all_finite(self, y: tf.Tensor) -> bool:
+        if self._sums is not None and self._sums.finite(y):  # the sum computed with the product
+            return True
         if self._on_cpu:  # numpy reads the CPU buffer in place: ~13 us, where two eager TF ops take ~300 us
             return bool(np.isfinite(y.numpy()).all())
         return bool(tf.reduce_all(tf.math.is_finite(y)))
@@ -189,7 +269,7 @@ class TensorFlowBackend(AutodiffBackend):
                 f"vector has dtype {x.dtype.name}, but the variables are {self.tf_dtype.name}; "
                 f"convert it with tf.cast(x, tf.{self.tf_dtype.name})"
             )
-        if device_key(x.device) != device_key(self.device):
+        if x.device != self.device and device_key(x.device) != device_key(self.device):
             raise ValueError(
                 f"vector is on {x.device}, but the variables are on {self.device}; move it with "
                 f"`with tf.device('{self.device}'): x = tf.identity(x)`"
@@ -203,7 +283,8 @@ class TensorFlowBackend(AutodiffBackend):
         how = "vectorized" if self.batched else "looped"
         where = f"{device_key(self.device)[0]}:{tf.DeviceSpec.from_string(self.device).device_index or 0}"
         dtype = self.tf_dtype.name
-        return f"tensorflow {self.mode} mode, {how} blocks, n={self.size}, {dtype} on {where}{self._note()}"
+        auto = " (auto)" if self._options.get("hvp") == "auto" else ""  # the default: see _auto_options
+        return f"tensorflow {self.mode} mode{auto}, {how} blocks, n={self.size}, {dtype} on {where}{self._note()}"
 
     # --- products (traced) ------------------------------------------------------------------------
     def _function(self, body: Callable[[tf.Tensor, Any], tf.Tensor], vspec: tf.TensorSpec, template: Any,
@@ -214,9 +295,11 @@ class TensorFlowBackend(AutodiffBackend):
         def counted(v, tensors=None):
             self.traces += 1  # runs at trace time only
             if tensors is None:
-                return body(v, None)
-            it = iter(tensors)
-            return body(v, map_batch(lambda a: next(it) if isinstance(a, tf.Tensor) else a, template))
+                y = body(v, None)
+            else:
+                it = iter(tensors)
+                y = body(v, map_batch(lambda a: next(it) if isinstance(a, tf.Tensor) else a, template))
+            return y if self._sums is None else (y, tf.reduce_sum(y))  # the sum: SumNote
 
         if spec is None:
             return tf.function(lambda v: counted(v), input_signature=[vspec])
@@ -270,6 +353,21 @@ class TensorFlowBackend(AutodiffBackend):
 
     def _flat(self, parts: list[tf.Tensor]) -> tf.Tensor:
         return tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
+
+
+def _skeleton(batch: Any) -> Any:
+    """``batch`` with its tensors replaced by one marker: equal for batches of one structure."""
+    return map_batch(lambda a: _TENSOR if isinstance(a, tf.Tensor) else a, batch)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # leaves whose == is not a bool (arrays): their tensors' count was compared
+        return True
+
+
+_TENSOR = object()
 
 
 def hessian(

@@ -11,6 +11,7 @@ import scipy.sparse.linalg as sla  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import curvop  # noqa: E402
+from curvop.backends import faults  # noqa: E402
 
 MODES = [dict(hvp="forward", cache=False), dict(hvp="reverse", cache=False), dict(cache=True), {}]
 
@@ -293,3 +294,62 @@ def test_issue11_item5_linen_module_without_variables_is_a_clear_error():
     model = linen.Dense(3)
     with pytest.raises(TypeError, match=r"linen module \(Dense\).*\(module.apply, variables\)"):
         curvop.hessian(model, mse, (jnp.ones((4, 2)), jnp.zeros((4, 3))))
+
+
+# --- issue 27: the product path (no work that is not autodiff) -----------------------------------------
+def test_issue27_cached_build_compiles_each_function_once(mlp):
+    # the determinism check runs through the cache's two compiled functions (no third, fresh one),
+    # and vectors made by the backend are placed like the parameters, so a jnp vector, a numpy
+    # vector and the check's vector share one compilation of the linear map
+    p, batch, D = mlp
+    runs = []
+    real = jax.jit
+
+    def counting_jit(f, **kw):  # count the runs of the compiled linearisation
+        g = real(f, **kw)
+        if "compiler_options" not in kw:
+            return g
+        wrapper = lambda *a: runs.append(1) or g(*a)  # noqa: E731
+        wrapper._cache_size = g._cache_size
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax, "jit", counting_jit)
+        H = curvop.hessian((mlp_apply, p), mse, batch)
+    assert len(runs) == 2  # the check's two products; the cache is the second one's linear map, not a third
+    B = H.backend
+    v = np.random.default_rng(4).standard_normal(D.shape[0])
+    np.testing.assert_allclose(np.asarray(H @ jnp.asarray(v)), D @ v, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(H @ v, D @ v, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(H @ B.random(D.shape[0], "gaussian", np.random.default_rng(0))),
+                               D @ np.random.default_rng(0).standard_normal(D.shape[0]), rtol=1e-12, atol=1e-12)
+    assert B._cached is not None and "linearized" in B.describe()
+    assert B._fresh1._cache_size() == 0  # never compiled
+    assert B._lin[0]._cache_size() == 1 and B._linearize_jit._cache_size() == 1
+
+
+@pytest.mark.parametrize("mode", MODES[:3], ids=["forward", "reverse", "cached"])
+def test_issue27_nan_product_names_its_batch(mlp, mode):
+    p, (x, y), _ = mlp
+    bad = np.array(x)
+    bad[7, 1] = np.nan  # sample 3 of batch 1
+    batches = [(x[:4], y[:4]), (bad[4:8], y[4:8]), (x[8:], y[8:])]
+    H = curvop.hessian((mlp_apply, p), mse, batches, check_deterministic=False, **mode)
+    with pytest.raises(faults.NonFiniteProductError, match="batch 1") as err:
+        H @ np.ones(H.shape[0])
+    assert err.value.batch == 1
+
+
+@pytest.mark.parametrize("mode", MODES[:3], ids=["forward", "reverse", "cached"])
+def test_issue27_finite_product_whose_sum_overflows_is_returned(mode, monkeypatch):
+    # H = 3e38 I in float32: every entry of H @ ones is finite, their sum overflows. The sum computed
+    # with the product says "not finite", and the entries then settle it
+    seen = []
+    finite = faults.SumNote.finite
+    monkeypatch.setattr(faults.SumNote, "finite", lambda s, y: seen.append(finite(s, y)) or seen[-1])
+    w = jnp.zeros(4, jnp.float32)
+    H = curvop.hessian_of(lambda w, b: 1.5e38 * jnp.sum(w**2), w, (np.zeros((2, 1), "float32"), np.zeros(2, "float32")),
+                          check_deterministic=False, **mode)
+    out = H @ jnp.ones(4, jnp.float32)
+    np.testing.assert_allclose(np.asarray(out), np.full(4, 3e38, np.float32), rtol=1e-6)
+    assert seen == [False]  # the sum overflowed; the product was still returned

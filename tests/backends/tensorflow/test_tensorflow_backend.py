@@ -279,3 +279,86 @@ def test_bad_options_and_inputs(mlp):
         curvop.hessian_of(lambda t: tf.reduce_sum(t), tf.constant([1.0]), backend="tensorflow")
     with pytest.raises(TypeError, match="Keras model or a tf.Module"):
         tfb.hessian(object(), loss, (x, y))
+
+
+# --- issue 27: the default mode and the product path -------------------------------------------------
+def test_issue27_auto_is_reverse_over_reverse_and_describe_says_so(mlp):
+    model, loss, x, y, ref = mlp
+    H = curvop.hessian(model, loss, (x, y))
+    assert H.backend.mode == "reverse" and "reverse mode (auto" in H.backend.describe()
+    close(H @ np.ones(ref.shape[0]), ref @ np.ones(ref.shape[0]))
+    asked = _BUILT.get(("mlp", "forward", False)) or curvop.hessian(model, loss, (x, y), hvp="forward", batched=False)
+    assert "forward mode," in asked.backend.describe() and "auto" not in asked.backend.describe()
+
+
+def test_issue27_single_batch_is_converted_once(mlp, monkeypatch):
+    # the batch is prepared (converted, checked against the traced signature) at the build and
+    # reused: a product calls the traced function with its tensors and nothing else
+    from curvop.backends.tensorflow import backend as tf_backend
+
+    model, loss, x, y, ref = mlp
+    calls = []
+    real = tf_backend.to_tensors
+    monkeypatch.setattr(tf_backend, "to_tensors", lambda b: calls.append(1) or real(b))
+    H = curvop.hessian(model, loss, (x, y), hvp="reverse", batched=False)
+    built = len(calls)
+    v = np.random.default_rng(3).standard_normal(ref.shape[0])
+    for _ in range(3):
+        close(H @ v, ref @ v)
+    assert len(calls) == built
+
+
+def test_issue27_batch_unlike_the_first_is_refused_by_name(mlp):
+    model, loss, x, y, _ = mlp
+    with pytest.raises(ValueError, match=r"tensor 0 is float64 of shape \(11, 3\).*first batch's dtypes and shapes"):
+        curvop.hessian(model, loss, [(x[:8], y[:8]), (x[8:, :3], y[8:])], hvp="reverse", batched=False)
+    with pytest.raises(ValueError, match="another structure than the first batch"):
+        curvop.hessian(model, loss, [(x[:8], y[:8]), (x[8:], (y[8:], y[8:]))], hvp="reverse", batched=False)
+    w = tf.Variable(np.ones(x.shape[1]))  # as many tensors, other keys: the first batch's keys must not be used silently
+    with pytest.raises(ValueError, match="another structure than the first batch"):
+        curvop.hessian_of(lambda p, b: tf.reduce_sum(tf.tanh(next(iter(b.values())) @ p[:, None]) ** 2), w,
+                          [{"a": x[:8]}, {"b": x[8:]}], hvp="reverse", batched=False)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_issue27_nan_product_names_its_batch(mlp, mode):
+    model, loss, x, y, _ = mlp
+    bad = np.array(x)
+    bad[10, 2] = np.nan  # sample 2 of batch 1
+    H = curvop.hessian(model, loss, [(x[:8], y[:8]), (bad[8:16], y[8:16]), (x[16:], y[16:])], hvp=mode,
+                       batched=False, check_deterministic=False)
+    with pytest.raises(curvop.backends.faults.NonFiniteProductError, match="batch 1") as err:
+        H @ np.ones(H.shape[0])
+    assert err.value.batch == 1
+
+
+def test_issue27_finite_product_whose_sum_overflows_is_returned(monkeypatch):
+    # H = 3e38 I in float32: every entry of H @ ones is finite, their sum overflows; the entries settle it
+    from curvop.backends import faults
+
+    seen = []
+    finite = faults.SumNote.finite
+    monkeypatch.setattr(faults.SumNote, "finite", lambda s, y: seen.append(finite(s, y)) or seen[-1])
+    w = tf.Variable(tf.zeros(4, tf.float32))
+    H = curvop.hessian_of(lambda w: 1.5e38 * tf.reduce_sum(w ** 2), w, hvp="reverse", check_deterministic=False)
+    out = H @ tf.ones(4, tf.float32)
+    np.testing.assert_allclose(out.numpy(), np.full(4, 3e38, np.float32), rtol=1e-6)
+    assert seen == [False]  # the sum overflowed; the product was still returned
+
+
+def test_issue27_single_batch_is_traced_with_its_exact_shapes_a_loader_with_a_free_batch_dim(mlp):
+    # a single batch: exact shapes (grappler specialises; an LSTM's product was 1.59x slower with a
+    # free batch dimension); on(another single batch) traces for its shapes and is exact there; a
+    # loader keeps one trace for an unequal last batch
+    model, loss, x, y, ref = mlp
+    H = curvop.hessian(model, loss, (x, y), hvp="reverse", batched=False)
+    shapes = [list(s.shape) for s in H.backend._single.input_signature[1]]
+    assert shapes == [list(x.shape), list(y.shape)]
+    v = np.random.default_rng(5).standard_normal(ref.shape[0])
+    close(H @ v, ref @ v)
+    moved = H.on((x[:7], y[:7]))
+    close(moved @ v, model_hessian(model, loss, x[:7], y[:7]) @ v)
+    L = curvop.hessian(model, loss, [(x[:8], y[:8]), (x[8:], y[8:])], hvp="reverse", batched=False)
+    assert [s.shape.as_list() for s in L.backend._single.input_signature[1]] == [[None, 4], [None, 3]]
+    close(L @ v, ref @ v)
+    assert L.backend.traces == 1
