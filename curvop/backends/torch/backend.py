@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.func import grad, jvp, linearize, vmap
+from torch.func import grad, jvp, vmap
 
 from curvop._dtypes import dtype_name
 from curvop.backends.dataset import map_batch
 from curvop.backends.torch.checks import TorchAdvice, loss_info, param_infos
 from curvop.backends.torch.context import PrecisionWatch, build_time, mode_failure, no_second_derivative
+from curvop.backends.torch.linearize import UnsafeLinearization, linearize
 from curvop.backends.torch.model import factories
 from curvop.backends.torch.rewrites import Rewrites
 from curvop.backends.torch.state import LOCK, batch_seed, check_autograd_available, inference_mode_error
@@ -249,9 +249,13 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     def _linearize(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         """What stays fixed between products on ``batch``, as a function of the vector (no ref. to self)."""
         if self.mode == "forward":
-            with warnings.catch_warnings(), LOCK:  # torch.fx const-folding chatter, harmless
-                warnings.simplefilter("ignore", UserWarning)
-                _, lin = linearize(grad(lambda p: self._eval(p, batch)), self._params)
+            with LOCK:
+                try:
+                    lin = linearize(grad(lambda p: self._eval(p, batch)), self._params)
+                except UnsafeLinearization as err:
+                    raise ValueError(f"hvp='forward' with cache=True cannot be used on this model: {err}, so "
+                                     "its cached products would change from one use to the next; pass "
+                                     "cache=False or hvp='reverse'") from None
             return partial(_linearized_product, self._layout, lin, randomness=self._randomness)
         p = [t.detach().requires_grad_(True) for t in self._params.values()]
         return partial(_reverse_product, self._layout, self._graph(dict(zip(self._layout.names, p)), batch), p,
@@ -267,7 +271,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         """The loss, under the op rewrites (:mod:`curvop.backends.torch.rewrites`): always the ops torch
         cannot differentiate twice (attention, hardsigmoid, ...); with ``rewrite`` the fast ones."""
         with Rewrites(conv="auto" if self.device.type == "cpu" else False, fast=self.rewrite,
-                      gelu=getattr(self, "cache", False)):  # unset while the first loss is checked
+                      gelu=getattr(self, "cache", False),  # unset while the first loss is checked
+                      forward=getattr(self, "mode", None) == "forward"):
             return self._loss(p, batch)
 
 
