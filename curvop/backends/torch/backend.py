@@ -54,6 +54,15 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         Whether ``hvp_batch`` vmaps over the columns; ``"auto"``: on CUDA (a loop measured faster on CPU).
     check_deterministic : bool
         Compare two products with the same vector when the operator is built.
+    check_symmetric : bool or None
+        Compare ``u·(Hw)`` with ``w·(Hu)`` when the operator is built and raise
+        :class:`~curvop.AsymmetricHessianError`, naming the parameters, when an op's second
+        derivative is wrong (:mod:`curvop.backends.selfcheck`; no product more than
+        ``check_deterministic``). ``None`` (default): as ``check_deterministic``.
+    verify : bool
+        Also compare ``H v`` with central differences of the gradient (one product and four
+        gradients) and raise :class:`~curvop.VerificationError` when they disagree; ``H.verify()``
+        gives the comparison per parameter at any time.
     process_group : None, False or ProcessGroup
         Data-parallel products (:mod:`curvop.backends.torch.distributed`): each rank multiplies over its
         shard of the data and the results are all-reduced. ``None`` uses the world group when
@@ -91,7 +100,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
 
     def __init__(self, loss: Callable[[dict[str, Tensor], Any], Tensor], params: dict[str, Tensor],
                  dataset: Dataset, *, hvp: str = "auto", cache: bool | str = "auto", batched: bool | str = "auto",
-                 check_deterministic: bool = True, process_group: Any = None, timeout: float | None = None,
+                 check_deterministic: bool = True, check_symmetric: bool | None = None, verify: bool = False,
+                 process_group: Any = None, timeout: float | None = None,
                  check_finite: bool = True, rewrite: bool = True, check_loss_dtype: bool = True,
                  watch: list[Tensor] = (), on_change: Callable[[], None] | None = None,
                  check_state: Callable[[], None] | None = None, rng_seed: int | np.random.Generator | None = None,
@@ -100,7 +110,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         collective = torch_collective(process_group, timeout)  # first, so every rank's checks are agreed on
         try:
             self._begin(dataset, param_infos(params), hvp=hvp, cache=cache, batched=batched,
-                        check_deterministic=check_deterministic, check_finite=check_finite, rewrite=rewrite,
+                        check_deterministic=check_deterministic, check_symmetric=check_symmetric, verify=verify,
+                        check_finite=check_finite, rewrite=rewrite,
                         check_loss_dtype=check_loss_dtype)
             self._params = {k: p.detach() for k, p in params.items()}
             self._layout = _Layout(self._params)
@@ -132,7 +143,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     def _first_loss(self) -> Any:
         """The loss on the first batch, described for the template's checks."""
         p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
-        with self._context(), LOCK, self._watch_precision:
+        # the exact rewrites (embedding's max_norm writes no more into the model)
+        with self._context(), LOCK, self._watch_precision, Rewrites(conv=False, fast=False):
             return loss_info(self._loss(p, self._prepare_batch(self.dataset.first())))
 
     # --- the template's hooks --------------------------------------------------------------------
@@ -196,6 +208,18 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         if _is_packed(x) and x.data.device != self.device:
             return x.to(self.device)
         return x
+
+    def _blocks(self) -> list[tuple[str, int]]:
+        return list(zip(self._layout.names, self._layout.numels))
+
+    def _batch_gradient(self, batch: Any, v: Tensor, t: float) -> Tensor:
+        """The gradient at ``params + t v``, through torch's own first derivatives (only the exact
+        rewrites, which change no first derivative: an independent check of the products)."""
+        p = {k: (q + t * d).detach().requires_grad_(True) for (k, q), d in zip(self._params.items(),
+                                                                               self._layout.split(v).values())}
+        with torch.enable_grad(), Rewrites(conv=False, fast=False):
+            g = torch.autograd.grad(self._loss(p, batch), list(p.values()), allow_unused=True)
+        return self._layout.flat(dict(zip(self._layout.names, g)))
 
     # --- the contract ----------------------------------------------------------------------------
     def is_native(self, x: Any) -> bool:
