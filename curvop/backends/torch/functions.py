@@ -31,6 +31,11 @@ the ops of ``torch.nn`` layers and losses against central differences, ``docs/re
   ``dim=0`` or the last dim, where torch calls its fused ``_weight_norm_interface``) has a wrong
   double backward (the "Hessian" of a weight-normed MLP is 0.55 off and not symmetric) and no
   forward-mode derivative. :func:`weight_norm` is torch's own unfused formula ``v * (g / ||v||)``.
+* ``F.embedding`` with an option whose "gradient" is no derivative (:func:`embedding`):
+  ``padding_idx`` (forward mode differentiates through the padding row, which gets no gradient:
+  0.48 off, not symmetric), ``scale_grad_by_freq`` (the rows' gradients divided by their frequency:
+  not symmetric), and ``max_norm`` (which writes the renormalised rows into the weight, the
+  user's, at every forward).
 
 :data:`FORWARD` holds what only forward mode (``hvp="forward"``) needs, each the same function of
 the same tensors:
@@ -39,10 +44,6 @@ the same tensors:
   gradient raises "ZeroTensors are immutable" (``reduction="mean"``) and tracing it for a cached
   product kills the process with SIGSEGV (``"sum"``). :func:`mse_loss` is ``(input - target)**2``
   reduced.
-* ``F.embedding`` with ``padding_idx``: the padding row gets no gradient, so the gradient is that
-  of the loss with the padding row held fixed; forward mode still differentiates through the
-  row, and its products are 0.48 off and not symmetric. :func:`embedding` holds the padding
-  positions' outputs fixed (``detach``), which is what the gradient says.
 """
 
 from __future__ import annotations
@@ -172,14 +173,27 @@ def _squared_error(input: torch.Tensor, target: torch.Tensor, reduction: str) ->
 
 def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None, max_norm: float | None = None,
               norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> torch.Tensor:
-    """``F.embedding`` whose padding positions are held fixed (``detach``) in every mode, as the
-    padding row's zero gradient says, instead of through ``padding_idx`` (not seen by forward mode)."""
-    if padding_idx is None or max_norm is not None or sparse:
+    """``F.embedding`` as a function of ``weight`` whose derivatives are derivatives, in every mode:
+
+    * ``padding_idx``: the padding positions are held fixed (``detach``), as the padding row's zero
+      gradient says (forward mode differentiated through the row: 0.48 off, not symmetric);
+    * ``scale_grad_by_freq``: dropped, torch's scaling of the gradient's rows by their frequency in
+      the batch is no derivative (its "Hessian" is not symmetric: 0.09 on a small model);
+    * ``max_norm``: the looked-up rows are renormalised as torch does, ``max_norm / (norm + 1e-7)``
+      above ``max_norm``, as part of the function; torch writes the renormalised rows into
+      ``weight`` under ``no_grad`` at every forward, which would change the user's model.
+    """
+    if sparse or (padding_idx is None and max_norm is None and not scale_grad_by_freq):
         return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    if padding_idx < 0:
-        padding_idx += weight.shape[0]
-    out = F.embedding(input, weight, None, None, norm_type, scale_grad_by_freq, sparse)
-    return torch.where((input == padding_idx).unsqueeze(-1), out.detach(), out)
+    out = F.embedding(input, weight)
+    if max_norm is not None:
+        norm = torch.linalg.vector_norm(out, ord=norm_type, dim=-1, keepdim=True)
+        out = out * torch.where(norm > max_norm, max_norm / (norm + 1e-7), torch.ones_like(norm))
+    if padding_idx is not None:
+        if padding_idx < 0:
+            padding_idx += weight.shape[0]
+        out = torch.where((input == padding_idx).unsqueeze(-1), out.detach(), out)
+    return out
 
 
 def _embedding_op(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):  # torch.embedding
@@ -196,12 +210,12 @@ EXACT: dict[Callable, Callable] = {
     torch.rrelu: _rrelu_op,
     torch.rrelu_: _rrelu_op_,  # also F.rrelu_
     torch._weight_norm: weight_norm,  # nn.utils.parametrizations.weight_norm, nn.utils.weight_norm
+    F.embedding: embedding,  # padding_idx, scale_grad_by_freq, max_norm
+    torch.embedding: _embedding_op,
 }
 
 #: What forward mode needs besides :data:`EXACT` (see the module docstring).
 FORWARD: dict[Callable, Callable] = {
     F.mse_loss: mse_loss,
     torch._C._nn.mse_loss: _mse_loss_op,
-    F.embedding: embedding,
-    torch.embedding: _embedding_op,
 }
