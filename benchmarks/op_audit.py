@@ -124,12 +124,12 @@ def _own_samples() -> dict[str, list[Sample]]:
                                          [r(4, 3), r(4, 1) if dim == 0 else r(1, 3) if dim == 1 else r(()), r(5, 3)],
                                          f"dim={dim}"))
     idx = torch.tensor([[0, 2, 1], [3, 0, 0]])
-    for pad in (0, 2):  # the padding row gets no gradient: the reference holds it fixed
-        fixed = (torch.arange(4) == pad).unsqueeze(1)
+    for pad in (0, 2):  # the padding row gets no gradient: the reference is the loss with it a constant
+        fixed, w0 = (torch.arange(4) == pad).unsqueeze(1), r(4, 3)
         out["embedding(padding_idx)"].append(Sample(
             "embedding(padding_idx)", lambda w, pad=pad: torch.tanh(F.embedding(idx, w, padding_idx=pad).sum(1)),
-            [r(4, 3)], f"padding_idx={pad}",
-            reference=lambda w, fixed=fixed: torch.tanh(F.embedding(idx, torch.where(fixed, w.detach(), w)).sum(1))))
+            [w0], f"padding_idx={pad}",
+            reference=lambda w, fixed=fixed, w0=w0: torch.tanh(F.embedding(idx, torch.where(fixed, w0, w)).sum(1))))
     for cls in ("LSTM", "GRU", "RNN"):
         layer = getattr(torch.nn, cls)(3, 4, batch_first=True).double()
         names = [k for k, _ in layer.named_parameters()]
