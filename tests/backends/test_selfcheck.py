@@ -14,11 +14,12 @@ from curvop.backends.dataset import Dataset
 from curvop.backends.selfcheck import (AsymmetricHessianError, Verification, VerificationError, locate_asymmetry,
                                        relative_asymmetry, symmetry_tolerance)
 from curvop.backends.template import AutodiffBackend, ParamInfo
+from _matrices import NumpyArrays
 
 BLOCKS = [("layer1.weight", 3), ("layer1.bias", 2), ("layer2.weight", 4)]
 
 
-class Quadratic(AutodiffBackend):
+class Quadratic(NumpyArrays, AutodiffBackend):
     """loss(w) = w·A w / 2 + b·w on every batch, with a product that multiplies by ``M`` (``M = A`` is
     right; anything else is an op with a wrong second derivative). ``_linearize`` caches ``M``; its map
     drifts by ``drift`` per use (like torch.func.linearize's in-place writes)."""
@@ -50,15 +51,6 @@ class Quadratic(AutodiffBackend):
     def _batch_gradient(self, batch, v, t):
         A = self.M if self.A is None else self.A
         return A @ (t * v) + 1.0  # the gradient at w = 0 + t v of w·A w / 2 + sum(w)
-
-    def _all_finite(self, y):
-        return bool(np.isfinite(y).all())
-
-    def is_native(self, x):
-        return isinstance(x, np.ndarray)
-
-    def from_numpy(self, a):
-        return np.asarray(a, dtype=self.dtype)
 
 
 class Uncached(Quadratic):
