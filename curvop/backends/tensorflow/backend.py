@@ -143,6 +143,7 @@ class TensorFlowBackend(AutodiffBackend):
     # --- the template's hooks ---------------------------------------------------------------------
     def _resolved(self) -> None:
         self._functions: dict[Any, tuple[Any, ...]] = {}  # traced anew for a new mode (with spec and structure)
+        self._templates: dict[Any, Any] = {}  # the first batch of each key
         self._calls = {}
         self._single, self._block = self._functions_for(self._first_batch)[1]
 
@@ -203,6 +204,7 @@ class TensorFlowBackend(AutodiffBackend):
             self._functions[key] = (self._function(self._one, tf.TensorSpec([self.size], self.tf_dtype), batch, spec),
                                     self._function(self._many, tf.TensorSpec([self.size, None], self.tf_dtype),
                                                    batch, spec), spec, _skeleton(batch))
+            self._templates[key] = batch  # for verify's gradients (the loss takes the whole batch)
         return tensors, self._functions[key][:2]
 
     def _split_batch(self, batch: Any) -> tuple[Any, list[tf.Tensor]]:
@@ -263,9 +265,12 @@ class TensorFlowBackend(AutodiffBackend):
     def _blocks(self) -> list[tuple[str, int]]:
         return list(zip(self._names, self._sizes))
 
-    def _batch_gradient(self, batch: Any, v: tf.Tensor, t: float) -> tf.Tensor:
+    def _batch_gradient(self, batch: tuple[Any, list[tf.Tensor]], v: tf.Tensor, t: float) -> tf.Tensor:
         """The gradient at ``variables + t v``: the loss reads the variables, so they are moved there
-        for the gradient and given back their values exactly."""
+        for the gradient and given back their values exactly. ``batch``: as ``_prepare_batch`` gives it."""
+        key, tensors = batch
+        it = iter(tensors)
+        batch = map_batch(lambda a: next(it) if isinstance(a, tf.Tensor) else a, self._templates.get(key))
         saved = [tf.identity(x) for x in self._vars]
         try:
             for x, d in zip(self._vars, self._split(v)):
