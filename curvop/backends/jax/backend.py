@@ -186,7 +186,8 @@ class JaxBackend(AutodiffBackend):
     def _product(self, v: Array, batch: Any, batched: bool) -> Array:
         if self.cache:  # linearized afresh and applied: the cache's two compiled functions, no third to compile
             lin = self._linearize_jit(self._params, batch)
-            self._last_lin = (self._params, batch, lin)  # the build's check: its last linearisation becomes the cache
+            if self._cached is None:  # the build's check before the cache: its last linearisation becomes it
+                self._last_lin = (self._params, batch, lin)
             return _apply_linear(self._lin, lin, self._sums, v, batched)
         out = (self._freshk if batched else self._fresh1)(self._params, batch, v)
         return out if self._sums is None else self._sums.put(out)
