@@ -16,7 +16,8 @@ import numpy as np
 from curvop import arrays
 from curvop._dtypes import numpy_dtype
 
-__all__ = ["Backend", "LossPrecisionError", "NondeterministicProductError", "check_deterministic"]
+__all__ = ["Backend", "LossPrecisionError", "NondeterministicProductError", "check_deterministic",
+           "nondeterminism_message"]
 
 Array = Any
 
@@ -131,11 +132,13 @@ def check_deterministic(hvp: Any, v: Array, dtype: np.dtype) -> None:
         )
     rtol = 1000 * np.finfo(dtype).eps
     if diff > rtol * scale:
-        raise NondeterministicProductError(
-            f"two Hessian-vector products with the same vector differ (relative difference "
-            f"{diff / max(scale, np.finfo(dtype).tiny):.2e} > {rtol:.1e}), so the loss is not a fixed "
-            "function of the parameters. Likely causes: dropout or BatchNorm in training mode "
-            "(call model.eval()), random data augmentation, a loader that shuffles with "
-            "drop_last=True, or non-deterministic GPU kernels. Fix the cause, or pass "
-            "check_deterministic=False if you accept it."
-        )
+        raise NondeterministicProductError(nondeterminism_message(diff / max(scale, np.finfo(dtype).tiny), rtol))
+
+
+def nondeterminism_message(rel: float, rtol: float) -> str:
+    """What :class:`NondeterministicProductError` says when two products of one vector differ by ``rel``."""
+    return (f"two Hessian-vector products with the same vector differ (relative difference {rel:.2e} > "
+            f"{rtol:.1e}), so the loss is not a fixed function of the parameters. Likely causes: dropout or "
+            "BatchNorm in training mode (call model.eval()), random data augmentation, a loader that shuffles "
+            "with drop_last=True, or non-deterministic GPU kernels. Fix the cause, or pass "
+            "check_deterministic=False if you accept it.")

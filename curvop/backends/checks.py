@@ -20,7 +20,7 @@ from curvop.backends.base import LossPrecisionError
 
 __all__ = ["LossInfo", "ParamInfo", "check_loss", "check_options", "check_params"]
 
-_FLAGS = ("check_deterministic", "check_finite", "rewrite", "check_loss_dtype")
+_FLAGS = ("check_deterministic", "check_symmetric", "verify", "check_finite", "rewrite", "check_loss_dtype")
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ The checks themselves (``ParamInfo``, ``LossInfo``, ``check_options``, ...) are 
 
 Construction is two calls: ``_begin(...)`` (options and parameters checked, nothing computed),
 then, once the subclass has set ``size``, ``dtype``, ``device`` and its layout, ``_complete(...)``
-(loss checked on the first batch, ``"auto"`` resolved, ``_resolved()`` called, determinism
-checked on fresh products, cache built). Per product the template calls ``_follow()``, then per
+(loss checked on the first batch, ``"auto"`` resolved, ``_resolved()`` called, cache built, the
+products checked for determinism and symmetry on the path they will take:
+:mod:`curvop.backends.selfcheck`, whose messages name the blocks of ``_blocks()``; ``verify``
+compares with central differences of ``_batch_gradient``). Per product the template calls ``_follow()``, then per
 batch ``_product`` or a cached map inside ``_batch_context(i, cached)``, sums with ``_add`` and
 the dataset's weights, reduces through the optional collective, and checks finiteness once. A
 block is one pass over the data, batched or not (unbatched: every column on each batch, ``_columns``).
@@ -41,11 +43,12 @@ from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol, 
 import numpy as np
 
 from curvop import arrays
-from curvop.backends.base import Backend, check_deterministic
+from curvop.backends.base import Backend
 from curvop.backends.checks import LossInfo, ParamInfo, check_loss, check_options, check_params
 from curvop.backends.dataset import Dataset
 from curvop.backends.faults import locate_nonfinite, nonfinite_error
 from curvop.backends.modes import settle
+from curvop.backends.selfcheck import Verification, VerificationError, check_products, verify
 
 __all__ = ["AutodiffBackend", "Collective", "LossInfo", "ParamInfo", "check_options", "check_params",
            "check_loss"]
@@ -115,10 +118,14 @@ class AutodiffBackend(Backend):
     # --- construction ---------------------------------------------------------------------------
     def _begin(self, dataset: Dataset, params: Sequence[ParamInfo], *, hvp: str = "auto",
                cache: bool | str = "auto", batched: bool | str = "auto", check_deterministic: bool = True,
-               check_finite: bool = True, collective: Collective | None = None, **flags: bool) -> None:
-        """Check the options and the parameters; remember the options (``flags``: the framework's own)."""
+               check_symmetric: bool | None = None, verify: bool = False, check_finite: bool = True,
+               collective: Collective | None = None, **flags: bool) -> None:
+        """Check the options and the parameters; remember the options (``flags``: the framework's own).
+        ``check_symmetric=None``: as ``check_deterministic`` (both are the build's self-check)."""
+        if check_symmetric is None:
+            check_symmetric = check_deterministic
         check_options(hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
-                      check_finite=check_finite, **flags)
+                      check_symmetric=check_symmetric, verify=verify, check_finite=check_finite, **flags)
         if cache is True and not self.can_cache():
             raise ValueError(f"the {self.name} backend keeps no linearisation between products: "
                              "cache must be False or 'auto'")
@@ -127,7 +134,7 @@ class AutodiffBackend(Backend):
         self.check_finite = bool(check_finite)
         self._collective = collective
         self._options = {"hvp": hvp, "cache": cache, "batched": batched}
-        self._check_det = bool(check_deterministic)
+        self._check_det, self._check_sym, self._verify = bool(check_deterministic), bool(check_symmetric), bool(verify)
 
     def _complete(self, loss: LossInfo | Callable[[], LossInfo] | None = None, check_loss_dtype: bool = True) -> None:
         """Check the loss (``loss``: its value on the first batch, or a function computing it),
@@ -152,18 +159,22 @@ class AutodiffBackend(Backend):
             self._resolved()
         with self._context():
             settle(self, self._build)
+            if self._verify:
+                result = self.verify()
+                if not result.ok:
+                    raise VerificationError(f"H v differs from central differences of the gradient: {result!r}; "
+                                            "the products cannot be trusted (try another hvp= mode)", result)
 
     def _build(self) -> None:
-        """The determinism check on fresh products, then the cache (both in the current mode)."""
+        """The cache, then the determinism and symmetry checks on the products' own path (both in the
+        current mode: :func:`curvop.backends.selfcheck.check_products`)."""
         self._cached = None
-        if self._check_det:
-            v = self.random(self.size, "gaussian", np.random.default_rng(0))
-            check_deterministic(lambda u: self._finite(self._reduce(u, False, fresh=True), u, False, fresh=True),
-                                v, self.dtype)
         if self.cache:
             with self._agreed("building the cache of linearisations"):
                 self._cached = self._build_cache()
-        self._settled = self._check_det or self.cache
+        if self._check_det or self._check_sym:
+            check_products(self, deterministic=self._check_det, symmetric=self._check_sym)
+        self._settled = self._check_det or self._check_sym or self.cache
 
     @contextlib.contextmanager
     def _agreed(self, where: str) -> Iterator[None]:
@@ -229,6 +240,16 @@ class AutodiffBackend(Backend):
     def _prepare_batch(self, batch: Any) -> Any:
         """A batch as the product takes it (tensors on the device). Default: unchanged."""
         return batch
+
+    def _blocks(self) -> Sequence[tuple[str, int]]:
+        """The parameter blocks as ``(name, size)`` in the order of the flat vector, for the messages
+        of the self-checks (torch: parameter names; JAX: pytree paths; TF: variable names)."""
+        return [("parameters", self.size)]
+
+    def _batch_gradient(self, batch: Any, v: Array, t: float) -> Array:
+        """The flat gradient of one prepared batch's loss at ``params + t v`` (for :meth:`verify`)."""
+        raise NotImplementedError(f"the {self.name} backend has no gradient at shifted parameters, so verify "
+                                  "cannot compare with central differences")
 
     def _auto_options(self) -> dict[str, Any]:
         """The values of ``"auto"`` for ``hvp``, ``cache`` and ``batched`` (may look at ``self.device``)."""
@@ -349,6 +370,23 @@ class AutodiffBackend(Backend):
                 out.append(self._product(u, batch, False))
         return arrays.stack(out, axis=1)
 
+    def verify(self, v: Array | None = None, *, step: float | None = None, seed: int = 0) -> Verification:
+        """``H v`` against central differences of the gradient, per parameter block
+        (:func:`curvop.backends.selfcheck.verify`: one product and four gradients over the data)."""
+        with self._context():
+            self._follow()
+            return verify(self, v, step=step, seed=seed)
+
+    def _gradient(self, v: Array, t: float) -> Array:
+        """The gradient of the whole-data loss at ``params + t v``, batches weighted as the products."""
+        def terms() -> Iterator[tuple[Array, Any]]:
+            for i, batch, w in self.dataset.weighted_batches():
+                with self._batch_context(i, False):
+                    g = self._batch_gradient(self._prepare_batch(batch), v, t)
+                yield g, w
+
+        return self._combine(terms(), v)
+
     def agree_seed(self, seed: Any) -> Any:
         return seed if self._collective is None else self._collective.agree_seed(seed, self.device)
 
@@ -394,7 +432,11 @@ class AutodiffBackend(Backend):
 
     def _reduce(self, v: Array, batched: bool, fresh: bool = False) -> Array:
         """The product over the whole dataset (weighting rule of :mod:`curvop.backends.dataset`)."""
-        terms = self._products(v, batched, fresh)
+        return self._combine(self._products(v, batched, fresh), v, batched)
+
+    def _combine(self, terms: Iterator[tuple[Array, Any]], v: Array, batched: Any = False) -> Array:
+        """Per-batch ``(term, weight)`` combined over the dataset and the ranks (``v * 0`` stands in
+        on a rank whose own terms failed)."""
         if self._collective is None:
             if self.dataset.single:
                 return next(terms)[0]  # one batch: its product, unweighted (exact)

@@ -10,6 +10,7 @@ import pytest
 from curvop._errors import ModeError
 from curvop.backends.dataset import Dataset
 from curvop.backends.template import AutodiffBackend, ParamInfo
+from _matrices import NumpyArrays
 
 X = np.arange(6.0).reshape(3, 2)
 EXACT = X.T @ X / 3
@@ -19,7 +20,7 @@ class CannotDifferentiate(RuntimeError):
     pass
 
 
-class Toy(AutodiffBackend):
+class Toy(NumpyArrays, AutodiffBackend):
     """``H = X^T X / n`` computed in modes of which ``broken`` fail with a recognised error."""
 
     name = "toy"
@@ -50,15 +51,6 @@ class Toy(AutodiffBackend):
 
     def _mode_failure(self, err):
         return "no forward AD for op" if isinstance(err, CannotDifferentiate) else None
-
-    def _all_finite(self, y):
-        return bool(np.isfinite(y).all())
-
-    def is_native(self, x):
-        return isinstance(x, np.ndarray)
-
-    def from_numpy(self, a):
-        return np.asarray(a, dtype=np.float64)
 
 
 def test_issue26_item5_auto_falls_back_and_says_why():

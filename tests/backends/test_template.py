@@ -12,10 +12,11 @@ from curvop.backends.base import Backend, NondeterministicProductError
 from curvop.backends.dataset import Dataset
 from curvop.backends.faults import NonFiniteProductError
 from curvop.backends.template import AutodiffBackend, ParamInfo
+from _matrices import NumpyArrays
 
 
 # --- a numpy backend on the template: loss(w, (X, y)) = mean((X w - y)**2) / 2, H_b = X^T X / n_b ---------
-class LeastSquares(AutodiffBackend):
+class LeastSquares(NumpyArrays, AutodiffBackend):
     name = "lstsq"
     batch_errors = (NotImplementedError,)
 
@@ -31,15 +32,6 @@ class LeastSquares(AutodiffBackend):
         self.products += 1
         X = batch[0]
         return X.T @ (X @ v) / (len(X) if self.dataset.reduction == "mean" else 1)
-
-    def _all_finite(self, y):
-        return bool(np.isfinite(y).all())
-
-    def is_native(self, x):
-        return isinstance(x, np.ndarray)
-
-    def from_numpy(self, a):
-        return np.asarray(a, dtype=self.dtype)
 
 
 def _batches(sizes=(5, 3, 4), n=3, seed=0):

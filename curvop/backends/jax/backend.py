@@ -65,6 +65,10 @@ class JaxBackend(AutodiffBackend):
         batches the kernels).
     check_deterministic : bool
         Compare two products with the same vector when the operator is built (default on).
+    check_symmetric, verify : bool
+        Compare ``u·(Hw)`` with ``w·(Hu)`` at build (default: as ``check_deterministic``; no product
+        more) / ``H v`` with
+        central differences of the gradient (default off): :mod:`curvop.backends.selfcheck`.
     check_finite : bool
         Check each product for NaN/Inf (one reduction and host sync per product); when it is not
         finite, recompute batch by batch and raise ``NonFiniteProductError`` naming the batch.
@@ -93,12 +97,16 @@ class JaxBackend(AutodiffBackend):
         cache: bool | str = "auto",
         batched: bool | str = "auto",
         check_deterministic: bool = True,
+        check_symmetric: bool | None = None,
+        verify: bool = False,
         check_finite: bool = True,
         check_loss_dtype: bool = True,
     ):
         params, infos = prepare_params(params)
         self._begin(dataset, infos, hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
-                    check_finite=check_finite, check_loss_dtype=check_loss_dtype)
+                    check_symmetric=check_symmetric, verify=verify, check_finite=check_finite,
+                    check_loss_dtype=check_loss_dtype)
+        self._block_list = [(i.name, int(np.size(leaf))) for i, leaf in zip(infos, jax.tree_util.tree_leaves(params))]
         self._loss, self._params = loss, params
         first = dataset.first()
         check_batch(first)
@@ -140,6 +148,10 @@ class JaxBackend(AutodiffBackend):
                 return f
             return lambda *args: (lambda y: (y, jnp.sum(y)))(f(*args))
 
+        def gradient_at(p, batch, v, t):
+            return ravel(grad_fn(jax.tree_util.tree_map(lambda a, d: a + t * d, p, unravel(v)), batch))
+
+        self._grad_at = jax.jit(gradient_at)
         one = forward if self.mode == "forward" else reverse
         self._fresh1 = jax.jit(summed(one))
         self._freshk = jax.jit(summed(jax.vmap(one, in_axes=(None, None, 1), out_axes=1)))
@@ -174,7 +186,8 @@ class JaxBackend(AutodiffBackend):
     def _product(self, v: Array, batch: Any, batched: bool) -> Array:
         if self.cache:  # linearized afresh and applied: the cache's two compiled functions, no third to compile
             lin = self._linearize_jit(self._params, batch)
-            self._last_lin = (self._params, batch, lin)  # the build's check: its last linearisation becomes the cache
+            if self._cached is None:  # the build's check before the cache: its last linearisation becomes it
+                self._last_lin = (self._params, batch, lin)
             return _apply_linear(self._lin, lin, self._sums, v, batched)
         out = (self._freshk if batched else self._fresh1)(self._params, batch, v)
         return out if self._sums is None else self._sums.put(out)
@@ -186,6 +199,12 @@ class JaxBackend(AutodiffBackend):
         else:
             lin = self._linearize_jit(self._params, batch)
         return partial(_apply_linear, self._lin, lin, self._sums)  # no reference to self
+
+    def _blocks(self) -> list[tuple[str, int]]:
+        return self._block_list  # pytree paths, in ravel_pytree's order
+
+    def _batch_gradient(self, batch: Any, v: Array, t: float) -> Array:
+        return self._grad_at(self._params, batch, v, jnp.asarray(t, dtype=self.jax_dtype))
 
     def _all_finite(self, y: Array) -> bool:
         if self._sums is not None and self._sums.finite(y):  # the sum computed with the product
@@ -304,8 +323,8 @@ def hessian(
     reduction : {"mean", "sum"}, optional
         How ``loss_fn`` reduces over samples (read from ``loss_fn.reduction``, default mean).
     **options
-        ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``check_finite``,
-        ``check_loss_dtype``: see :class:`JaxBackend`.
+        ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``check_symmetric``, ``verify``,
+        ``check_finite``, ``check_loss_dtype``: see :class:`JaxBackend`.
 
     Examples
     --------

@@ -70,6 +70,11 @@ class TensorFlowBackend(AutodiffBackend):
         (``benchmarks/hvp_tensorflow.py``).
     check_deterministic : bool
         Compare two products with the same vector when the operator is built (default True).
+    check_symmetric, verify : bool
+        Compare ``u·(Hw)`` with ``w·(Hu)`` at build (default: as ``check_deterministic``; no product
+        more) / ``H v`` with
+        central differences of the gradient (default off; the variables are moved to ``θ ± h v``
+        for each gradient and restored exactly): :mod:`curvop.backends.selfcheck`.
     check_finite : bool
         Check each product for NaN/Inf (one reduction and host sync per product); when it is not
         finite, recompute batch by batch and raise ``NonFiniteProductError`` naming the batch.
@@ -101,6 +106,8 @@ class TensorFlowBackend(AutodiffBackend):
         cache: bool | str = "auto",
         batched: bool | str = "auto",
         check_deterministic: bool = True,
+        check_symmetric: bool | None = None,
+        verify: bool = False,
         check_finite: bool = True,
         check_loss_dtype: bool = True,
     ):
@@ -111,7 +118,8 @@ class TensorFlowBackend(AutodiffBackend):
         infos = [ParamInfo(n, v.dtype.name, "%s:%d" % device_key(v.device), v.dtype.is_floating)
                  for n, v in zip(names, variables)]
         self._begin(dataset, infos, hvp=hvp, cache=cache, batched=batched, check_deterministic=check_deterministic,
-                    check_finite=check_finite, check_loss_dtype=check_loss_dtype)
+                    check_symmetric=check_symmetric, verify=verify, check_finite=check_finite,
+                    check_loss_dtype=check_loss_dtype)
         check_data(dataset.data)
         self._loss, self._vars, self._names = loss, list(variables), names
         self.tf_dtype = variables[0].dtype
@@ -135,6 +143,7 @@ class TensorFlowBackend(AutodiffBackend):
     # --- the template's hooks ---------------------------------------------------------------------
     def _resolved(self) -> None:
         self._functions: dict[Any, tuple[Any, ...]] = {}  # traced anew for a new mode (with spec and structure)
+        self._templates: dict[Any, Any] = {}  # the first batch of each key
         self._calls = {}
         self._single, self._block = self._functions_for(self._first_batch)[1]
 
@@ -195,6 +204,7 @@ class TensorFlowBackend(AutodiffBackend):
             self._functions[key] = (self._function(self._one, tf.TensorSpec([self.size], self.tf_dtype), batch, spec),
                                     self._function(self._many, tf.TensorSpec([self.size, None], self.tf_dtype),
                                                    batch, spec), spec, _skeleton(batch))
+            self._templates[key] = batch  # for verify's gradients (the loss takes the whole batch)
         return tensors, self._functions[key][:2]
 
     def _split_batch(self, batch: Any) -> tuple[Any, list[tf.Tensor]]:
@@ -251,6 +261,27 @@ class TensorFlowBackend(AutodiffBackend):
     def _reduce(self, v: tf.Tensor, batched: bool, fresh: bool = False) -> tf.Tensor:
         with tf.device(self.device):
             return super()._reduce(v, batched, fresh)
+
+    def _blocks(self) -> list[tuple[str, int]]:
+        return list(zip(self._names, self._sizes))
+
+    def _batch_gradient(self, batch: tuple[Any, list[tf.Tensor]], v: tf.Tensor, t: float) -> tf.Tensor:
+        """The gradient at ``variables + t v``: the loss reads the variables, so they are moved there
+        for the gradient and given back their values exactly. ``batch``: as ``_prepare_batch`` gives it."""
+        key, tensors = batch
+        it = iter(tensors)
+        batch = map_batch(lambda a: next(it) if isinstance(a, tf.Tensor) else a, self._templates.get(key))
+        saved = [tf.identity(x) for x in self._vars]
+        try:
+            for x, d in zip(self._vars, self._split(v)):
+                x.assign_add(tf.cast(t, self.tf_dtype) * d)
+            with tf.device(self.device), tf.GradientTape() as tape:
+                loss = self._loss(batch)
+            grads = tape.gradient(loss, self._vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return self._flat(grads)
+        finally:
+            for x, value in zip(self._vars, saved):
+                x.assign(value)
 
     def _all_finite(self, y: tf.Tensor) -> bool:
         if self._sums is not None and self._sums.finite(y):  # the sum computed with the product
@@ -397,7 +428,7 @@ def hessian(
     reduction : {"mean", "sum"}, optional
         Read from ``loss_fn.reduction`` when not given (Keras' default ``sum_over_batch_size`` is a mean).
     **options
-        ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``check_finite``,
+        ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``check_symmetric``, ``verify``, ``check_finite``,
         ``check_loss_dtype``: see :class:`TensorFlowBackend`.
     """
     if not callable(loss_fn):

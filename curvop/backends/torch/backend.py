@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.func import grad, jvp, linearize, vmap
+from torch.func import grad, jvp, vmap
 
 from curvop._dtypes import dtype_name
 from curvop.backends.dataset import map_batch
 from curvop.backends.torch.checks import TorchAdvice, loss_info, param_infos
 from curvop.backends.torch.context import PrecisionWatch, build_time, mode_failure, no_second_derivative
+from curvop.backends.torch.linearize import UnsafeLinearization, linearize
 from curvop.backends.torch.model import factories
 from curvop.backends.torch.rewrites import Rewrites
 from curvop.backends.torch.state import LOCK, batch_seed, check_autograd_available, inference_mode_error
@@ -54,6 +54,15 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         Whether ``hvp_batch`` vmaps over the columns; ``"auto"``: on CUDA (a loop measured faster on CPU).
     check_deterministic : bool
         Compare two products with the same vector when the operator is built.
+    check_symmetric : bool or None
+        Compare ``u·(Hw)`` with ``w·(Hu)`` when the operator is built and raise
+        :class:`~curvop.AsymmetricHessianError`, naming the parameters, when an op's second
+        derivative is wrong (:mod:`curvop.backends.selfcheck`; no product more than
+        ``check_deterministic``). ``None`` (default): as ``check_deterministic``.
+    verify : bool
+        Also compare ``H v`` with central differences of the gradient (one product and four
+        gradients) and raise :class:`~curvop.VerificationError` when they disagree; ``H.verify()``
+        gives the comparison per parameter at any time.
     process_group : None, False or ProcessGroup
         Data-parallel products (:mod:`curvop.backends.torch.distributed`): each rank multiplies over its
         shard of the data and the results are all-reduced. ``None`` uses the world group when
@@ -91,7 +100,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
 
     def __init__(self, loss: Callable[[dict[str, Tensor], Any], Tensor], params: dict[str, Tensor],
                  dataset: Dataset, *, hvp: str = "auto", cache: bool | str = "auto", batched: bool | str = "auto",
-                 check_deterministic: bool = True, process_group: Any = None, timeout: float | None = None,
+                 check_deterministic: bool = True, check_symmetric: bool | None = None, verify: bool = False,
+                 process_group: Any = None, timeout: float | None = None,
                  check_finite: bool = True, rewrite: bool = True, check_loss_dtype: bool = True,
                  watch: list[Tensor] = (), on_change: Callable[[], None] | None = None,
                  check_state: Callable[[], None] | None = None, rng_seed: int | np.random.Generator | None = None,
@@ -100,7 +110,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         collective = torch_collective(process_group, timeout)  # first, so every rank's checks are agreed on
         try:
             self._begin(dataset, param_infos(params), hvp=hvp, cache=cache, batched=batched,
-                        check_deterministic=check_deterministic, check_finite=check_finite, rewrite=rewrite,
+                        check_deterministic=check_deterministic, check_symmetric=check_symmetric, verify=verify,
+                        check_finite=check_finite, rewrite=rewrite,
                         check_loss_dtype=check_loss_dtype)
             self._params = {k: p.detach() for k, p in params.items()}
             self._layout = _Layout(self._params)
@@ -132,7 +143,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     def _first_loss(self) -> Any:
         """The loss on the first batch, described for the template's checks."""
         p = {k: t.detach().requires_grad_(True) for k, t in self._params.items()}
-        with self._context(), LOCK, self._watch_precision:
+        # the exact rewrites (embedding's max_norm writes no more into the model)
+        with self._context(), LOCK, self._watch_precision, Rewrites(conv=False, fast=False):
             return loss_info(self._loss(p, self._prepare_batch(self.dataset.first())))
 
     # --- the template's hooks --------------------------------------------------------------------
@@ -197,6 +209,18 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
             return x.to(self.device)
         return x
 
+    def _blocks(self) -> list[tuple[str, int]]:
+        return list(zip(self._layout.names, self._layout.numels))
+
+    def _batch_gradient(self, batch: Any, v: Tensor, t: float) -> Tensor:
+        """The gradient at ``params + t v``, through torch's own first derivatives (only the exact
+        rewrites, which change no first derivative: an independent check of the products)."""
+        p = {k: (q + t * d).detach().requires_grad_(True) for (k, q), d in zip(self._params.items(),
+                                                                               self._layout.split(v).values())}
+        with torch.enable_grad(), Rewrites(conv=False, fast=False):
+            g = torch.autograd.grad(self._loss(p, batch), list(p.values()), allow_unused=True)
+        return self._layout.flat(dict(zip(self._layout.names, g)))
+
     # --- the contract ----------------------------------------------------------------------------
     def is_native(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor)
@@ -249,9 +273,13 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     def _linearize(self, batch: Any) -> Callable[[Tensor, bool], Tensor]:
         """What stays fixed between products on ``batch``, as a function of the vector (no ref. to self)."""
         if self.mode == "forward":
-            with warnings.catch_warnings(), LOCK:  # torch.fx const-folding chatter, harmless
-                warnings.simplefilter("ignore", UserWarning)
-                _, lin = linearize(grad(lambda p: self._eval(p, batch)), self._params)
+            with LOCK:
+                try:
+                    lin = linearize(grad(lambda p: self._eval(p, batch)), self._params)
+                except UnsafeLinearization as err:
+                    raise ValueError(f"hvp='forward' with cache=True cannot be used on this model: {err}, so "
+                                     "its cached products would change from one use to the next; pass "
+                                     "cache=False or hvp='reverse'") from None
             return partial(_linearized_product, self._layout, lin, randomness=self._randomness)
         p = [t.detach().requires_grad_(True) for t in self._params.values()]
         return partial(_reverse_product, self._layout, self._graph(dict(zip(self._layout.names, p)), batch), p,
@@ -267,7 +295,8 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         """The loss, under the op rewrites (:mod:`curvop.backends.torch.rewrites`): always the ops torch
         cannot differentiate twice (attention, hardsigmoid, ...); with ``rewrite`` the fast ones."""
         with Rewrites(conv="auto" if self.device.type == "cpu" else False, fast=self.rewrite,
-                      gelu=getattr(self, "cache", False)):  # unset while the first loss is checked
+                      gelu=getattr(self, "cache", False),  # unset while the first loss is checked
+                      forward=getattr(self, "mode", None) == "forward"):
             return self._loss(p, batch)
 
 

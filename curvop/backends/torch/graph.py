@@ -57,10 +57,13 @@ class GraphBackend(TorchBackend):
         ``closure()`` -> scalar loss computed with ``params`` (it must not call ``backward``).
     grads : sequence of torch.Tensor or None, optional
         The gradient of a loss w.r.t. ``params``, computed with ``create_graph=True``.
-    hvp, cache, batched, check_deterministic, check_finite, rewrite, check_loss_dtype
+    hvp, cache, batched, check_deterministic, check_symmetric, check_finite, rewrite, check_loss_dtype
         As for :class:`curvop.backends.torch.TorchBackend`; products are reverse mode on the cached
-        graph. ``check_deterministic`` evaluates a closure twice more (default ``True``); for
-        gradients there is nothing to re-evaluate and it must be ``False``.
+        graph. ``check_deterministic`` evaluates a closure once more (default ``True``); for
+        gradients there is nothing to re-evaluate and it must be ``False``. ``check_symmetric``
+        (default: as ``check_deterministic``) multiplies the cached graph three times
+        (:mod:`curvop.backends.selfcheck`); ``verify`` is not available (no gradient at other
+        parameter values).
 
     Examples
     --------
@@ -75,7 +78,8 @@ class GraphBackend(TorchBackend):
 
     def __init__(self, params: dict[str, Tensor], *, closure: Callable[[], Tensor] | None = None,
                  grads: Sequence[Tensor | None] | None = None, hvp: str = "auto", cache: bool | str = "auto",
-                 batched: bool | str = "auto", check_deterministic: bool = True, check_finite: bool = True,
+                 batched: bool | str = "auto", check_deterministic: bool = True,
+                 check_symmetric: bool | None = None, check_finite: bool = True,
                  rewrite: bool = True, check_loss_dtype: bool = True):
         check_autograd_available()
         if (closure is None) == (grads is None):
@@ -89,7 +93,8 @@ class GraphBackend(TorchBackend):
             raise ValueError("given gradients are one fixed graph, there is nothing to evaluate twice: "
                              "pass check_deterministic=False")
         self._begin(Dataset(None), param_infos(params), hvp="reverse", cache=True, batched=batched,
-                    check_deterministic=check_deterministic, check_finite=check_finite, rewrite=rewrite,
+                    check_deterministic=check_deterministic, check_symmetric=check_symmetric,
+                    check_finite=check_finite, rewrite=rewrite,
                     check_loss_dtype=check_loss_dtype)
         for k, p in params.items():
             if not (p.is_leaf and p.requires_grad):
@@ -186,6 +191,8 @@ class GraphBackend(TorchBackend):
     def _columns(self, columns: list[Tensor], batch: Any, index: int) -> Tensor:
         """Fresh columns: one fresh product each (``_linearize`` here is the cached graph)."""
         return AutodiffBackend._columns(self, columns, batch, index)
+
+    _batch_gradient = AutodiffBackend._batch_gradient  # the closure computes with the live tensors only
 
     def _product(self, v: Tensor, batch: Any, batched: bool) -> Tensor:
         """A fresh product (the determinism check): the closure evaluated again, its graph used once."""

@@ -92,7 +92,8 @@ def factories(backend: type[Backend]) -> tuple[Callable[..., Backend], Callable[
             global generator without advancing it (reproducible under ``torch.manual_seed``). The
             seed used is ``H.backend.train_seed``.
         **options
-            ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``process_group``, ``timeout``,
+            ``hvp``, ``cache``, ``batched``, ``check_deterministic``, ``check_symmetric``, ``verify``,
+            ``process_group``, ``timeout``,
             ``check_finite``, ``rewrite``, ``check_loss_dtype``: see :class:`TorchBackend`.
 
         Examples

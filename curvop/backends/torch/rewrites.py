@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 
-from curvop.backends.torch.functions import EXACT
+from curvop.backends.torch.functions import EXACT, FORWARD
 
 _aten = torch.ops.aten
 _BN = inspect.signature(F.batch_norm)
@@ -225,17 +225,19 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 class Rewrites(TorchFunctionMode):
-    """Within ``with Rewrites(conv=..., fast=...)``: the ops torch cannot differentiate twice
-    (attention, ``hardsigmoid``, ...; :data:`curvop.backends.torch.functions.EXACT`) always as
-    ops it can; with ``fast=True`` also GELU on CPU as :func:`gelu` (unless ``gelu=False``: for
+    """Within ``with Rewrites(conv=..., fast=...)``: the ops torch cannot differentiate twice, or
+    differentiates wrongly (attention, ``hardsigmoid``, ``_weight_norm``, ...;
+    :data:`curvop.backends.torch.functions.EXACT`) always as ops it can, with ``forward=True``
+    also those of :data:`~curvop.backends.torch.functions.FORWARD`; with ``fast=True`` also GELU on CPU as :func:`gelu` (unless ``gelu=False``: for
     a graph built on every product its extra derivatives cost more than they save), eval BatchNorm as an affine map
     and ``conv2d`` as above, for every convolution (``conv=True``) or where :func:`conv_wins`
     (``conv="auto"``). A BatchNorm
     right after a rewritten convolution is folded into its weights; with ``conv="auto"`` another
     is rewritten only when its input has at least :data:`AFFINE_MIN` elements."""
 
-    def __init__(self, conv: bool | str = True, fast: bool = True, gelu: bool = True):
+    def __init__(self, conv: bool | str = True, fast: bool = True, gelu: bool = True, forward: bool = False):
         super().__init__()
+        self.exact = {**EXACT, **FORWARD} if forward else EXACT  # forward mode: FORWARD too
         self.conv = conv if fast else False
         self.fast = fast
         self.gelu = gelu  # pays off only where the graph is built once (uncached: 1.1x slower, tiny ViT)
@@ -244,7 +246,7 @@ class Rewrites(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         try:
-            exact = EXACT.get(func)
+            exact = self.exact.get(func)
         except TypeError:  # an unhashable callable: none of ours
             exact = None
         if exact is not None:

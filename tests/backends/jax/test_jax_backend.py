@@ -353,3 +353,40 @@ def test_issue27_finite_product_whose_sum_overflows_is_returned(mode, monkeypatc
     out = H @ jnp.ones(4, jnp.float32)
     np.testing.assert_allclose(np.asarray(out), np.full(4, 3e38, np.float32), rtol=1e-6)
     assert seen == [False]  # the sum overflowed; the product was still returned
+
+
+# --- issue 26: the products check themselves ---------------------------------------------------------
+@jax.custom_jvp
+def _product_with_wrong_rule(a, b):
+    return a * b
+
+
+@_product_with_wrong_rule.defjvp
+def _wrong_rule(primals, tangents):  # d(ab) = b da + a db; here 1.5 a db: the cross derivatives disagree
+    a, b = primals
+    ta, tb = tangents
+    return a * b, b * ta + 1.5 * a * tb
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_issue26_asymmetric_custom_jvp_is_refused_naming_the_pytree_paths(mode):
+    params = {"a": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array([1.0, 0.3, -0.7])}
+
+    def f(p):
+        return jnp.sum(jnp.tanh(_product_with_wrong_rule(p["a"], p["b"]))) + jnp.sum(p["a"] ** 2)
+
+    with pytest.raises(curvop.AsymmetricHessianError, match=r"not symmetric.*\"\['a'\]\" with \"\['b'\]\"") as info:
+        curvop.hessian_of(f, params, **mode)
+    assert info.value.asymmetry > 0.01
+    curvop.hessian_of(f, params, check_symmetric=False, **mode)
+
+
+def test_issue26_jax_verify_per_leaf():
+    params = mlp_params(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 4))
+    y = jax.random.normal(jax.random.PRNGKey(2), (8, 3))
+    H = curvop.hessian((mlp_apply, params), lambda out, t: jnp.mean((out - t) ** 2), (x, y), verify=True)
+    res = H.verify()
+    assert res.ok and res.error < 1e-6
+    assert [b for b, _ in res.blocks] == [jax.tree_util.keystr(p) for p, _ in
+                                          jax.tree_util.tree_flatten_with_path(params)[0]]

@@ -362,3 +362,35 @@ def test_issue27_single_batch_is_traced_with_its_exact_shapes_a_loader_with_a_fr
     assert [s.shape.as_list() for s in L.backend._single.input_signature[1]] == [[None, 4], [None, 3]]
     close(L @ v, ref @ v)
     assert L.backend.traces == 1
+
+
+# --- issue 26: the products check themselves ---------------------------------------------------------
+@tf.custom_gradient
+def _product_with_wrong_gradient(x, y):
+    def grad(up):  # d(xy) = y dx + x dy; here 1.5 x: the cross derivatives disagree
+        return up * y, 1.5 * up * x
+
+    return x * y, grad
+
+
+@pytest.mark.parametrize("hvp", ["forward", "reverse"])
+def test_issue26_asymmetric_custom_gradient_is_refused_naming_the_variables(hvp):
+    a = tf.Variable([0.5, -1.0, 2.0], dtype=tf.float64, name="a")
+    b = tf.Variable([1.0, 0.3, -0.7], dtype=tf.float64, name="b")
+
+    def f(ps):
+        return tf.reduce_sum(tf.tanh(_product_with_wrong_gradient(ps[0], ps[1]))) + tf.reduce_sum(ps[0] ** 2)
+
+    with pytest.raises(curvop.AsymmetricHessianError, match=r"not symmetric.*'0' with '1'") as info:
+        curvop.hessian_of(f, [a, b], hvp=hvp)
+    assert info.value.asymmetry > 0.01
+    curvop.hessian_of(f, [a, b], hvp=hvp, check_symmetric=False)
+
+
+def test_issue26_tensorflow_verify_restores_the_variables(mlp):
+    model, loss, x, y, _ = mlp
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    H = curvop.hessian(model, loss, (x, y), verify=True)
+    res = H.verify()
+    assert res.ok and len(res.blocks) == len(model.trainable_variables)
+    assert all(np.array_equal(v.numpy(), b) for v, b in zip(model.trainable_variables, before))

@@ -403,3 +403,69 @@ def test_issue13_torch_batched_fallback_warns_once_and_loops(cache):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: the next block loops without trying again
         np.testing.assert_allclose(H @ V, Y, rtol=0, atol=0)
+
+
+# --- issue 26: the products check themselves ---------------------------------------------------------
+class _TanhGrad(torch.autograd.Function):
+    """``g * tanh'(x)``, whose derivative in ``g`` is 1.5 times too large: a wrong double backward, as
+    torch's ``_weight_norm`` had."""
+
+    @staticmethod
+    def forward(g, x):
+        return g * (1 - torch.tanh(x) ** 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, gg):
+        g, x = ctx.saved_tensors
+        t = torch.tanh(x)
+        return 1.5 * gg * (1 - t ** 2), gg * g * (-2 * t * (1 - t ** 2))
+
+
+class _Tanh(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        return _TanhGrad.apply(g, ctx.saved_tensors[0])
+
+
+class _WrongSecondDerivative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(_Tanh.apply(self.a(x)))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_issue26_wrong_double_backward_is_refused_naming_the_parameters(cache):
+    torch.manual_seed(0)
+    model = _WrongSecondDerivative().double()
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with pytest.raises(curvop.AsymmetricHessianError, match=r"not symmetric.*'a.weight' with 'b.weight'") as info:
+        curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), cache=cache)
+    assert info.value.asymmetry > 0.01 and {info.value.blocks[0][0], info.value.blocks[0][1]} == {"a.weight", "b.weight"}
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), cache=cache, check_symmetric=False)
+    res = H.verify()  # the gradient is right, its derivative is not: central differences see it
+    assert not res.ok and res.error > 0.01
+    with pytest.raises(curvop.VerificationError, match="central differences"):
+        curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), cache=cache, check_symmetric=False, verify=True)
+
+
+def test_issue26_verify_on_a_right_model_per_parameter():
+    model, x, y = make("mlp_tanh")
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), verify=True)
+    res = H.verify(np.ones(H.shape[0]))
+    assert res.ok and [b for b, _ in res.blocks] == [k for k, _ in model.named_parameters()]
+    assert res.error < 1e-6

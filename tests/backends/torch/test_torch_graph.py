@@ -142,3 +142,31 @@ def test_non_leaf_params_are_refused():
 def test_function_of_params_is_unchanged():
     w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
     np.testing.assert_allclose(curvop.hessian_of(lambda t: (t ** 3).sum(), w).to_dense(), np.diag([6.0, 12.0]))
+
+
+class _WrongProduct(torch.autograd.Function):
+    """``a * b`` whose backward says ``1.5 a`` for ``d/db``: the cross derivatives disagree."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return g * b, 1.5 * g * a
+
+
+def test_issue26_closure_with_a_wrong_double_backward_is_refused():
+    """The symmetry self-check on the cached graph of a closure (curvop.backends.selfcheck)."""
+    a = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([2.0, -1.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(curvop.AsymmetricHessianError, match="not symmetric"):
+        curvop.hessian_of(lambda: (_WrongProduct.apply(a, b) ** 2).sum(), [a, b])
+    H = curvop.hessian_of(lambda: (_WrongProduct.apply(a, b) ** 2).sum(), [a, b], check_symmetric=False)
+    assert H.shape == (4, 4)
+    with pytest.raises(NotImplementedError, match="central differences"):
+        H.verify()
+    right = curvop.hessian_of(lambda: ((a * b) ** 2).sum(), [a, b])  # the plain op passes
+    assert np.allclose(right.to_dense(), right.to_dense().T)
