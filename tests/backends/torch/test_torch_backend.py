@@ -469,3 +469,14 @@ def test_issue26_verify_on_a_right_model_per_parameter():
     res = H.verify(np.ones(H.shape[0]))
     assert res.ok and [b for b, _ in res.blocks] == [k for k, _ in model.named_parameters()]
     assert res.error < 1e-6
+
+
+def test_finiteness_check_is_one_sum_and_exact_when_the_sum_overflows():
+    """The per-product check sums the product (one reduction, not isfinite + all); entries that are
+    finite but overflow the sum are confirmed one by one, not reported as NaN (issue 27)."""
+    model = torch.nn.Linear(3, 1).float()
+    H = curvop.hessian(model, torch.nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 1)))
+    big = torch.full((8,), 3e38, dtype=torch.float32)
+    assert not torch.isfinite(big.sum()) and H.backend._all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not H.backend._all_finite(torch.cat([big, torch.tensor([bad])]))
