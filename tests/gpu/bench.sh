@@ -26,10 +26,13 @@ if [ $rehearse = 1 ]; then
     step models 300 python benchmarks/models.py --models gpt2 --dtypes float32 --batches 4 --repeats 2 \
         --out "$OUT/models.json"
     step family 300 python benchmarks/gpu_family.py --device cpu --quick --out "$OUT/family.json"
+    step baselines 300 python benchmarks/baselines.py --frameworks jax --quick --out "$OUT/baselines.json"
     exit 0
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; bash tests/gpu/run.sh; } >"$OUT/tests.txt" 2>&1
 echo "== tests: rc=$?"; tail -n 15 "$OUT/tests.txt"
-step models 200 python benchmarks/models.py --device cuda --models resnet18 convnext_atto tiny_vit gpt2 \
+step models 170 python benchmarks/models.py --device cuda --models resnet18 tiny_vit gpt2 \
     --dtypes float32 --batches 32 --repeats 9 --out "$OUT/models.json"
-step family 120 python benchmarks/gpu_family.py --out "$OUT/family.json"
+step family 110 python benchmarks/gpu_family.py --out "$OUT/family.json"
+# JAX on the GPU against its hand-written products (the image has no TensorFlow; torch runs on the CPU there)
+step baselines 150 python benchmarks/baselines.py --frameworks jax --rounds 9 --out "$OUT/baselines.json"
