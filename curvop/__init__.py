@@ -12,6 +12,8 @@ from curvop._errors import ModeError, NoSecondDerivativeError, PrecisionWarning
 from curvop.backends.selfcheck import AsymmetricHessianError, Verification, VerificationError
 from curvop.factory import hessian, hessian_of
 from curvop.operator import MAX_DENSE_SIZE, HessianOperator, aslinearoperator
+from curvop.rectangular import JacobianOperator
+from curvop.family import fisher, ggn, jacobian
 from curvop.eigen import ConvergenceWarning, EigenResult, eigenvalues
 from curvop.trace_estimation import IndefiniteOperatorError, TraceResult, trace
 from curvop.diagonal_estimation import DiagonalResult, diagonal
@@ -32,6 +34,10 @@ __all__ = [
     "sketch",
     "hessian",
     "hessian_of",
+    "ggn",
+    "fisher",
+    "jacobian",
+    "JacobianOperator",
     "ConvergenceWarning",
     "ModeError",
     "NoSecondDerivativeError",
