@@ -18,6 +18,7 @@ from curvop.eigen import ConvergenceWarning, EigenResult, eigenvalues
 from curvop.trace_estimation import IndefiniteOperatorError, TraceResult, trace
 from curvop.diagonal_estimation import DiagonalResult, diagonal
 from curvop.density import SpectralDensity, spectral_density
+from curvop.inversion import InverseOperator, NegativeCurvatureError, SolveResult, inverse, solve
 from curvop.tracking import Measurement, SharpnessTracker
 
 __version__ = "0.1.0"
@@ -50,6 +51,11 @@ __all__ = [
     "DiagonalResult",
     "diagonal",
     "SpectralDensity",
+    "InverseOperator",
+    "NegativeCurvatureError",
+    "SolveResult",
+    "inverse",
+    "solve",
     "spectral_density",
     "Measurement",
     "SharpnessTracker",

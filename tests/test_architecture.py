@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "curvop"
 
 #: the algorithm layer: written once, framework-free, on HessianOperator and the array layer
 ALGORITHMS = ("curvop.eigen", "curvop.density", "curvop.krylov", "curvop.sketch", "curvop.trace_estimation",
-              "curvop.diagonal_estimation", "curvop._checks")
+              "curvop.diagonal_estimation", "curvop.inversion", "curvop._checks")
 #: what the backend layer must never import (the layers above it)
 ABOVE_BACKENDS = ALGORITHMS + ("curvop.operator", "curvop.cli", "curvop.studies", "curvop.plot",
                                "curvop.tracking", "curvop.tracking_keras", "curvop.factory")
