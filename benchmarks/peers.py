@@ -593,7 +593,7 @@ def markdown(res) -> str:
          "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
          "- float32 throughout (PyHessian draws float32 vectors).", ""]
     if "hvp" not in res:  # a --family-only run with no earlier full run
-        L += peers_family.markdown(res["family"], res.get("family_memory"))
+        L += peers_family.markdown(res["family"], res.get("family_memory"), res.get("family_run"))
         L += ["", "## Targets", "", "| target | value | |", "| --- | --- | --- |"]
         L += [f"| {t['target']} | {t['value']} | {'PASS' if t['passed'] else 'MISS'} |" for t in res["targets"]]
         return "\n".join(L) + "\n"
@@ -648,7 +648,7 @@ def markdown(res) -> str:
                 note = f"failed after {r.get('hvps_before_error')} products: {note}"
             L.append(f"| {name} | {r['seconds']:.2f} | {note} |")
     if res.get("family"):
-        L += peers_family.markdown(res["family"], res.get("family_memory"))
+        L += peers_family.markdown(res["family"], res.get("family_memory"), res.get("family_run"))
     L += ["", "## Targets", "", "| target | value | |", "| --- | --- | --- |"]
     for t in res["targets"]:
         L.append(f"| {t['target']} | {t['value']} | {'PASS' if t['passed'] else 'MISS'} |")
@@ -689,7 +689,7 @@ def main(argv=None):
     if a.family_only:
         earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
         if earlier.get("quick", a.quick) == a.quick:
-            res = {**earlier, "family_run": dict(date=res["date"], machine=res["machine"], config=cfg)}
+            res = {**res, **earlier, "family_run": dict(date=res["date"], machine=res["machine"], config=cfg)}
     if a.family_only:
         return _family(res, cfg, log, json_path, md_path, t0)
     log("1. one HVP")

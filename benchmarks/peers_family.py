@@ -40,7 +40,7 @@ GGN_MODES = {
 }
 CONTENDERS = (*GGN_MODES, "GGN: curvlinops", "Hessian: curvop (default)",
               "EF: curvop", "EF: curvlinops", "MC Fisher: curvop", "MC Fisher: curvlinops")
-DAMPING = 1e-3
+DAMPING = 1e-2
 
 
 def _curvlinops_op(name: str, model, crit, batch, **kw):
@@ -148,16 +148,17 @@ def bench_solve(model, crit, batch, cfg, log) -> dict:
     from curvlinops import CGInverseLinearOperator
 
     n = sum(p.numel() for p in model.parameters())
-    b = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    b = torch.randn(n, generator=torch.Generator().manual_seed(7)).to(next(model.parameters()).device)
     G = operator("GGN: curvop (default)", model, crit, batch)
     Gc = _Counted(_curvlinops_op("GGN", model, crit, batch), DAMPING)
-    inv = CGInverseLinearOperator(Gc.op, tolerance=cfg.get("solve_tol", 1e-3), max_iter=cfg.get("solve_iters", 300))
+    tol, iters = cfg.get("solve_tol", 1e-3), cfg.get("solve_iters", 100)
+    inv = CGInverseLinearOperator(Gc.op, tolerance=tol, max_iter=iters)
 
     def true_residual(x):
         return float((b - (G @ x + DAMPING * x)).norm() / b.norm())
 
     runs = {"curvlinops": [], "curvop": []}
-    for r in range(cfg.get("solve_repeats", 3)):
+    for r in range(cfg.get("solve_repeats", 2)):
         for lib in (("curvlinops", "curvop") if r % 2 == 0 else ("curvop", "curvlinops")):
             if lib == "curvlinops":
                 Gc.count = 0
@@ -166,9 +167,9 @@ def bench_solve(model, crit, batch, cfg, log) -> dict:
                 secs = time.perf_counter() - t
                 runs[lib].append(dict(seconds=secs, products=Gc.count, residual=true_residual(x)))
             else:
-                target = runs["curvlinops"][-1]["residual"] if runs["curvlinops"] else cfg.get("solve_tol", 1e-3)
+                target = runs["curvlinops"][-1]["residual"] if runs["curvlinops"] else tol
                 t = time.perf_counter()
-                res = curvop.solve(G, b, damping=DAMPING, tol=max(target, 1e-7), max_matvecs=10 * cfg.get("solve_iters", 300))
+                res = curvop.solve(G, b, damping=DAMPING, tol=max(target, 1e-7), max_matvecs=10 * iters)
                 secs = time.perf_counter() - t
                 runs[lib].append(dict(seconds=secs, products=res.num_matvecs, residual=true_residual(res.x),
                                       converged=res.converged))
@@ -183,7 +184,7 @@ def bench_family(cfg: dict, log, problem: Callable, interleaved: Callable, med: 
     """The family rows: per-product times (interleaved), agreement, and the solve comparison."""
     model, crit, batch = problem("cnn", cfg)
     n = sum(p.numel() for p in model.parameters())
-    v = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(next(model.parameters()).device)
     fns, setup, errors = {}, {}, {}
     for name in ("gradient", *CONTENDERS):
         try:
@@ -207,12 +208,21 @@ def bench_family(cfg: dict, log, problem: Callable, interleaved: Callable, med: 
                 solve=bench_solve(model, crit, batch, cfg, log), threads=torch.get_num_threads())
 
 
-def markdown(fam: dict, memory: dict | None) -> list[str]:
-    """The family section of ``docs/benchmarks.md``."""
+RSS_NOTE = ("Memory: peak RSS of setup + two products in a fresh subprocess, minus the RSS once the problem is "
+            "built (`—`: not measured).")
+
+
+def markdown(fam: dict, memory: dict | None, run: dict | None = None, memory_note: str = RSS_NOTE) -> list[str]:
+    """The family section of ``docs/benchmarks.md`` (``run``: the date and machine of a ``--family-only`` run)."""
     rows = fam["rows"]
-    L = ["", f"## The curvature family: GGN, Fisher and solves against curvlinops ({fam['n']} parameters)", "",
-         "One product per contender, interleaved, median of the repeats; `x grad` as above. Memory: peak RSS of "
-         "setup + two products in a fresh subprocess, minus the RSS once the problem is built (`—`: not measured).", "",
+    L = ["", f"## The curvature family: GGN, Fisher and solves against curvlinops ({fam['n']} parameters)", ""]
+    if run is not None:
+        m = run["machine"]
+        L += [f"Measured by `benchmarks/peers.py --family-only` on {run['date']} ({m['cpu']}, torch threads "
+              f"{m['torch_threads']}, load average at start {tuple(round(x, 2) for x in m['load_average_at_start'])}).", ""]
+    L += [
+         f"One product per contender, interleaved, median of the repeats; `x grad`: the time of one plain gradient "
+         f"on the same batch. {memory_note}", "",
          "| contender | ms / product | x grad | setup s | memory MB |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
         mem = (memory or {}).get(name, {}).get("delta_mb")
