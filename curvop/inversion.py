@@ -85,6 +85,13 @@ def _scale(X: Array, c: np.ndarray) -> Array:
     return X * asarray_like(np.asarray(c, dtype=np.float64)[None, :], X)
 
 
+def _pick(old: Array, new: Array, take: np.ndarray) -> Array:
+    """Columns of ``new`` where ``take``, of ``old`` elsewhere (native, no host copy of the vectors)."""
+    if take.all():
+        return new
+    return _scale(new, take.astype(np.float64)) + _scale(old, (~take).astype(np.float64))
+
+
 def _norms(X: Array) -> np.ndarray:
     return np.sqrt(np.maximum(column_dots(X, X), 0.0))
 
@@ -142,6 +149,14 @@ def _minres(Ad: _Damped, B: Array, X: Array, R: Array, target: np.ndarray, max_i
     w = w2 = R * 0
     it = 0
     tiny = np.finfo(np.float64).tiny
+    # condition estimate max γ / min γ: at 0.1/eps the system is singular to working precision and a
+    # column stops (Paige & Saunders' test): further steps would only blow up x along null directions
+    eps = np.finfo(np.dtype(Ad.A.dtype)).eps
+    gmax, gmin, limit = np.zeros(k), np.full(k, np.inf), 0.1 / eps
+    tnorm2 = np.zeros(k)  # ‖T_k‖_F², the estimate of ‖A‖ of Paige & Saunders
+    # the least-squares test's threshold: below the relative tolerance and below √eps, so that a
+    # consistent but ill-conditioned system (‖Ar‖/‖A‖‖r‖ >= 1/cond) is not mistaken for an inconsistent one
+    tol = np.minimum(np.divide(target, beta1, out=np.zeros(k), where=beta1 > 0), np.sqrt(eps))
     while active.any() and it < max_iter:
         it += 1
         s = np.where(active & (beta > tiny), 1.0 / np.where(beta > tiny, beta, 1.0), 0.0)
@@ -154,12 +169,18 @@ def _minres(Ad: _Damped, B: Array, X: Array, R: Array, target: np.ndarray, max_i
         y = y - _scale(r2, np.where(beta > tiny, alfa / np.where(beta > tiny, beta, 1.0), 0.0))
         r1, r2 = r2, y
         oldb, beta = beta, _norms(r2)
+        tnorm2 = tnorm2 + alfa ** 2 + oldb ** 2 + beta ** 2
         oldeps = epsln
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
         epsln = sn * beta
         dbar = -cs * beta
+        # ‖A r‖ / (‖A‖ ‖r‖) of the current iterate: small means x already solves the least-squares
+        # problem (b is not in A's range: a singular, inconsistent system); more steps only grow x
+        least_squares = np.hypot(gbar, dbar) <= tol * np.sqrt(tnorm2)
         gamma = np.maximum(np.hypot(gbar, beta), tiny)
+        gmax, gmin = np.where(active, np.maximum(gmax, gamma), gmax), np.where(active, np.minimum(gmin, gamma), gmin)
+        active = active & (gmax < limit * gmin) & ~least_squares  # checked before the update
         cs, sn = gbar / gamma, beta / gamma
         phi = np.where(active, cs * phibar, 0.0)
         phibar = np.where(active, sn * phibar, phibar)
@@ -251,6 +272,7 @@ def solve(A: Any, b: Any, *, damping: float = 0.0, method: str = "cg", tol: floa
             R = B - Ad(X)
         run = _cg if method == "cg" else _minres
         iterations = 0
+        best = (X, R, _norms(R))  # per column, the iterate with the smallest true residual so far
         for _ in range(_RESTARTS + 1):
             left = (budget - (A.num_matvecs - start)) // k
             if left <= 0:
@@ -261,8 +283,13 @@ def solve(A: Any, b: Any, *, damping: float = 0.0, method: str = "cg", tol: floa
                 break
             R = B - Ad(X)  # the true residual, never the recursive estimate alone
             res = _norms(R)
+            better = res < best[2]
+            if better.any():
+                best = (_pick(best[0], X, better), _pick(best[1], R, better), np.where(better, res, best[2]))
             if np.all(res <= target):
                 break
+            X, R = best[0], best[1]  # restart from the best iterate (drift, or a singular direction)
+        X, R = best[0], best[1]
     finally:
         bar.close()
     res = _norms(R) / np.where(bnorm > 0, bnorm, 1.0)

@@ -168,3 +168,19 @@ def test_float32_drift_is_caught_by_the_true_residual(method):
     true = _true_residual(A, 0.0, r.x.double().numpy(), b)
     assert not r.converged and true > 1e-4
     assert r.residual == pytest.approx(true, rel=0.05)
+
+
+def test_minres_on_a_singular_inconsistent_system_reports_it_and_returns_its_best_iterate():
+    """``b`` has a component in the null space: no ``x`` has a small residual. MINRES stops at the
+    least-squares solution (its iterates would otherwise grow without bound once the range is
+    exhausted: the true residual of the iterate after 400 products was back above ‖b‖)."""
+    U = orthogonal(N, 4)
+    lam = np.linspace(-1.0, 2.0, N)
+    lam[:3] = 0.0  # a three-dimensional null space
+    A = (U * lam) @ U.T
+    b = np.random.default_rng(6).standard_normal(N)
+    floor = np.linalg.norm(U[:, :3].T @ b) / np.linalg.norm(b)  # the least-squares residual
+    with pytest.warns(curvop.ConvergenceWarning):
+        r = curvop.solve(A, b, method="minres", tol=1e-8, max_matvecs=400)
+    assert not r.converged and floor - 1e-9 <= r.residual <= 1.01 * floor
+    assert r.residual == pytest.approx(_true_residual(A, 0.0, r.x, b), rel=1e-6)

@@ -272,3 +272,18 @@ def test_train_mode_ggn_is_deterministic():
     G = curvop.ggn(model, nn.CrossEntropyLoss(), batches, train_mode=True, seed=0)
     D = G.to_dense()
     assert np.allclose(D, D.T, rtol=0, atol=1e-14) and np.linalg.eigvalsh(D).min() > -1e-12
+
+
+def test_mc_draws_fall_back_to_a_loop_with_a_warning():
+    """A loss that reads a value on the host (``.item()``) cannot be vmapped over the draws: the
+    gradients are then computed one draw at a time, with a warning, and the matrix is the same."""
+    model, batches = _mlp(), _batches(_targets("classes"))
+
+    def host_loss(f, t):
+        return nn.functional.cross_entropy(f, t) * (1.0 if float(t.sum().item()) >= 0 else 0.0)
+
+    with pytest.warns(UserWarning, match="one at a time"):
+        F = curvop.fisher(model, host_loss, batches, mc_samples=3, seed=2, likelihood="categorical",
+                          reduction="mean", batch_weight=lambda b: len(b[1]))
+    ref = curvop.fisher(model, nn.CrossEntropyLoss(), batches, mc_samples=3, seed=2)
+    _close(F.to_dense(), ref.to_dense())
