@@ -633,7 +633,8 @@ def markdown(res) -> str:
               "| k | method | setting | HVPs | s | max rel err | reached 1e-3 |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
         for key, rows in sp["eigenvalues"].items():
             for name, r in rows.items():
-                L.append(f"| {key[3:]} | {name} | {r.get('setting')} | {r.get('hvps', '—')} | {fmt(r.get('seconds'))} | "
+                setting = tuple(r["setting"]) if isinstance(r.get("setting"), list) else r.get("setting")  # JSON: lists
+                L.append(f"| {key[3:]} | {name} | {setting} | {r.get('hvps', '—')} | {fmt(r.get('seconds'))} | "
                          f"{fmt(r.get('max_rel_err'), '.1e')} | {'yes' if r.get('reached') else 'no'} |")
         tr = sp["trace"]
         L += ["", f"Trace at {tr['budget']} HVPs (median relative error over {tr['seeds']} seeds):", "",
