@@ -236,12 +236,7 @@ def solve(A: Any, b: Any, *, damping: float = 0.0, method: str = "cg", tol: floa
     >>> curvop.solve(np.diag([1.0, -1.0]), np.ones(2), method="minres").x
     array([ 1., -1.])
     """
-    A = aslinearoperator(A)
-    if method not in _METHODS:
-        raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
-    damping = float(damping)
-    if not np.isfinite(damping) or damping < 0:
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    A, damping = _checked(A, damping, method)
     if not (isinstance(tol, (int, float, np.floating)) and 0 < tol < 1):
         raise ValueError(f"tol must be a relative residual in (0, 1), got {tol!r}")
     n = A.shape[0]
@@ -355,10 +350,15 @@ def inverse(A: Any, damping: float = 0.0, *, method: str = "cg", tol: float = 1e
     array([[0.5 , 0.  ],
            [0.  , 0.25]])
     """
-    A = aslinearoperator(A)
+    A, damping = _checked(A, damping, method)
+    return InverseOperator(A, damping, method, tol, max_matvecs)
+
+
+def _checked(A: Any, damping: Any, method: str) -> tuple[HessianOperator, float]:
+    """``A`` as an operator and ``damping`` as a float, both checked, and ``method`` known."""
     if method not in _METHODS:
         raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
     damping = float(damping)
     if not np.isfinite(damping) or damping < 0:
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-    return InverseOperator(A, damping, method, tol, max_matvecs)
+    return aslinearoperator(A), damping

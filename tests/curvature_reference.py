@@ -7,23 +7,9 @@ applied to all samples at once: the definition curvop's weighting of unequal bat
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian, jacrev
 
-
-def _flat(model, names=None):
-    params = dict(model.named_parameters())
-    names = list(params) if names is None else names
-    fixed = {k: v.detach() for k, v in params.items() if k not in names}
-    fixed.update(model.named_buffers())
-    shapes = [params[k].shape for k in names]
-    sizes = [params[k].numel() for k in names]
-    flat0 = torch.cat([params[k].detach().reshape(-1) for k in names])
-
-    def out(flat, x):
-        parts = dict(zip(names, (t.view(s) for t, s in zip(torch.split(flat, sizes), shapes))))
-        return functional_call(model, (parts, fixed), (x,))
-
-    return flat0, out
+from torch_reference import flat_model as _flat
 
 
 def concat(batches):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -119,8 +120,9 @@ class CurvatureBackend(AutodiffBackend):
     * ``_output_hvp(outputs, batch) -> f(u, batched)``: ``∂²L/∂f² u`` (the loss on that batch);
     * ``_output_grad(outputs, batch, targets=None)``: ``∂L/∂f`` with the batch's targets, or with
       ``targets`` instead;
-    * ``_sample_targets(outputs, batch, seed, variance)``: ``mc_samples`` target arrays drawn from
-      ``self.likelihood`` (``variance``: the gaussian's, per output entry).
+    * ``sample_targets``: its sampler (``outputs, likelihood, *, seed, samples, like, variance`` ->
+      a list of target arrays), as a ``staticmethod``; ``_output_grads`` may vectorise over the draws
+      and fall back to ``_looped_grads`` (a warning, then a loop).
 
     Examples
     --------
@@ -140,7 +142,6 @@ class CurvatureBackend(AutodiffBackend):
     ...         return Linearization(X @ self.w, lambda v, b: X @ v, lambda u, b: X.T @ u)
     ...     def _output_hvp(self, f, batch): return lambda u, b: u / len(f)
     ...     def _output_grad(self, f, batch, targets=None): return (f - batch[1]) / len(f)
-    ...     def _sample_targets(self, f, batch, seed, variance): raise NotImplementedError
     ...     def is_native(self, x): return isinstance(x, np.ndarray)
     ...     def from_numpy(self, a): return np.asarray(a, dtype=self.dtype)
     >>> X = np.arange(6.0).reshape(3, 2)
@@ -208,9 +209,20 @@ class CurvatureBackend(AutodiffBackend):
         grads = [self._output_grad(outputs, batch, t) for t in draws]
         return namespace(grads[0]).stack(grads, axis=0)
 
-    @abc.abstractmethod
+    #: The framework's ``sample_targets(outputs, likelihood, *, seed, samples, like, variance)``.
+    sample_targets: Callable[..., list[Any]]
+
     def _sample_targets(self, outputs: Array, batch: Any, seed: int, variance: Array | None) -> list[Any]:
-        """``mc_samples`` target arrays drawn from ``self.likelihood`` at ``outputs``."""
+        """``mc_samples`` target arrays drawn from ``self.likelihood`` at ``outputs`` (the framework's sampler)."""
+        return self.sample_targets(outputs, self.likelihood, seed=seed, samples=self.mc_samples, like=batch[1],
+                                   variance=variance)
+
+    def _looped_grads(self, err: BaseException, vectoriser: str, outputs: Array, batch: Any,
+                      draws: list[Any]) -> Array:
+        """The fallback of a framework's vectorised ``_output_grads``: a warning, then one draw at a time."""
+        warnings.warn(f"{vectoriser} could not batch the loss over the sampled targets ({type(err).__name__}: "
+                      f"{str(err)[:200]}); computing their gradients one at a time", stacklevel=3)
+        return CurvatureBackend._output_grads(self, outputs, batch, draws)
 
     # --- the template's products -----------------------------------------------------------------
     def _product(self, v: Array, batch: Any, batched: bool) -> Array:
@@ -288,7 +300,7 @@ class CurvatureBackend(AutodiffBackend):
         """``J v`` over the data: the batches' ``J_b v`` flattened and concatenated (``(m,)`` or ``(m, k)``)."""
         self._follow()
         xp, parts = namespace(v), []
-        for lin, (m, shape) in zip(self._linearizations(), self._checked_rows()):
+        for lin, (m, _) in self._with_rows():
             y = lin.jvp(v, batched)
             parts.append(xp.reshape(y, (m,)) if not batched else xp.matrix_transpose(xp.reshape(y, (-1, m))))
         return self._finite_rows(xp.concat(parts, axis=0), v)
@@ -297,7 +309,7 @@ class CurvatureBackend(AutodiffBackend):
         """``Jᵀ u`` over the data: ``Σ_b J_bᵀ u_b`` with ``u`` split into the batches' rows."""
         self._follow()
         xp, acc, start = namespace(u), None, 0
-        for lin, (m, shape) in zip(self._linearizations(), self._checked_rows()):
+        for lin, (m, shape) in self._with_rows():
             part = u[start:start + m]
             start += m
             part = xp.reshape(part, shape) if not batched else xp.reshape(xp.matrix_transpose(part), (-1, *shape))
@@ -305,11 +317,24 @@ class CurvatureBackend(AutodiffBackend):
             acc = y if acc is None else self._add(acc, y)
         return self._finite_rows(acc, u)
 
-    def _checked_rows(self) -> Iterator[tuple[int, tuple[int, ...]]]:
-        rows = self.rows()
-        yield from rows
-        # a loader that yields more batches than when the operator was built is caught by zip's end:
-        # the fewer-batches case leaves rows unused, which the caller's shapes then reveal
+    def _with_rows(self) -> Iterator[tuple[Linearization, tuple[int, tuple[int, ...]]]]:
+        """Each batch's Jacobian with its rows as counted when the operator was built (a clear error if
+        the data now yields other batches: the operator's shape would be wrong)."""
+        rows, count = self.rows(), 0
+        for lin in self._linearizations():
+            if count >= len(rows):
+                raise ValueError(f"the data yielded more than the {len(rows)} batches the Jacobian was built over; a "
+                                 "Jacobian over a loader needs the same batches in the same order")
+            if tuple(lin.outputs.shape) != rows[count][1]:
+                raise ValueError(
+                    f"the data yielded other batches than when the Jacobian was built (batch {count}: outputs "
+                    f"{tuple(lin.outputs.shape)}, built with {rows[count][1]}); a Jacobian over a loader needs the "
+                    "same batches in the same order (no shuffling, no drop_last)")
+            yield lin, rows[count]
+            count += 1
+        if count != len(rows):
+            raise ValueError(f"the data yielded {count} batches, but the Jacobian was built over {len(rows)}; a "
+                             "Jacobian over a loader needs the same batches in the same order")
 
     def _finite_rows(self, y: Array, x: Array) -> Array:
         if self.check_finite and not self._all_finite(y):

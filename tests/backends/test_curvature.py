@@ -108,3 +108,19 @@ def test_options_are_checked(problem):
         Linear(W, batches, "mc", likelihood="gaussian", mc_samples=1.5)
     with pytest.raises(TypeError, match="seed must be a non-negative int"):
         Linear(W, batches, "mc", likelihood="gaussian", seed=-1)
+
+
+def test_the_jacobian_refuses_data_that_changed_since_it_was_built(problem):
+    W, X, Y, batches, J = problem
+    data = list(batches)
+    B = Linear(W, data, "jacobian", "sum")
+    B.rows()
+    data.append(batches[0])  # one batch more: the operator's row count would be wrong
+    with pytest.raises(ValueError, match="yielded more than the 3 batches the Jacobian was built over"):
+        B.jvp(np.ones(6))
+    data[:] = [batches[1], batches[0], batches[2]]  # another order: batch 0 now has 5 samples, not 6
+    with pytest.raises(ValueError, match="other batches than when the Jacobian was built"):
+        B.vjp(np.ones(26))
+    data[:] = batches[:2]  # one batch fewer
+    with pytest.raises(ValueError, match="yielded 2 batches, but the Jacobian was built over 3"):
+        B.jvp(np.ones(6))

@@ -10,7 +10,6 @@ seeds) on :class:`curvop.backends.jax.JaxBackend` (parameter pytrees, sharded la
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 from typing import Any, Callable
 
@@ -35,6 +34,8 @@ class JaxCurvature(CurvatureBackend, JaxBackend):
     ``criterion(outputs, targets)`` is the loss (``None`` for the Jacobian); the other options are
     :class:`~curvop.backends.jax.JaxBackend`'s and the family's (:func:`fisher`).
     """
+
+    sample_targets = staticmethod(sample_targets)
 
     def __init__(self, apply_fn: Callable[[Any, Any], Array], params: Any, dataset: Dataset, *,
                  criterion: Callable[[Array, Any], Array] | None, curvature: str, likelihood: str | None = None,
@@ -104,13 +105,8 @@ class JaxCurvature(CurvatureBackend, JaxBackend):
         try:
             return self._fns["grads"](outputs, jnp.stack(draws))
         except (NotImplementedError, TypeError) as err:  # a loss jax.vmap cannot batch
-            warnings.warn(f"jax.vmap could not batch the loss over the sampled targets ({type(err).__name__}: "
-                          f"{str(err)[:200]}); computing their gradients one at a time", stacklevel=2)
-            return super()._output_grads(outputs, batch, draws)
+            return self._looped_grads(err, "jax.vmap", outputs, batch, draws)
 
-    def _sample_targets(self, outputs: Array, batch: Any, seed: int, variance: Any) -> list[Array]:
-        return sample_targets(outputs, self.likelihood, seed=seed, samples=self.mc_samples, like=batch[1],
-                              variance=variance)
 
 
 def _both(fn: Callable[..., Array], in_axes: tuple, out_axes: int) -> tuple[Callable, Callable]:

@@ -12,7 +12,6 @@ seeds) on :class:`curvop.backends.tensorflow.TensorFlowBackend` (variables, batc
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import tensorflow as tf
@@ -34,6 +33,8 @@ class TensorFlowCurvature(CurvatureBackend, TensorFlowBackend):
     ``criterion(targets, outputs)`` is the loss (``None`` for the Jacobian); the options are
     :class:`~curvop.backends.tensorflow.TensorFlowBackend`'s and the family's (:func:`fisher`).
     """
+
+    sample_targets = staticmethod(sample_targets)
 
     def __init__(self, call: Callable[[Any], tf.Tensor], criterion: Callable[..., tf.Tensor] | None,
                  variables: list[tf.Variable], dataset: Dataset, *, curvature: str, likelihood: str | None = None,
@@ -114,13 +115,8 @@ class TensorFlowCurvature(CurvatureBackend, TensorFlowBackend):
         try:
             return self._f_grads(outputs, tf.stack(draws))
         except (ValueError, TypeError, NotImplementedError, tf.errors.OpError) as err:
-            warnings.warn(f"tf.vectorized_map could not batch the loss over the sampled targets ({type(err).__name__}: "
-                          f"{str(err)[:200]}); computing their gradients one at a time", stacklevel=2)
-            return super()._output_grads(outputs, batch, draws)
+            return self._looped_grads(err, "tf.vectorized_map", outputs, batch, draws)
 
-    def _sample_targets(self, outputs: tf.Tensor, batch: Any, seed: int, variance: Any) -> list[tf.Tensor]:
-        return sample_targets(outputs, self.likelihood, seed=seed, samples=self.mc_samples, like=batch[1],
-                              variance=variance)
 
 
 class _Bound:

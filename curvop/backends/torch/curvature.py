@@ -52,6 +52,8 @@ class TorchCurvature(CurvatureBackend, TorchBackend):
         :class:`~curvop.backends.torch.TorchBackend`'s (``hvp``, ``cache``, ``batched``, ...).
     """
 
+    sample_targets = staticmethod(sample_targets)
+
     def __init__(self, loss: Callable[..., Tensor], params: dict[str, Tensor], dataset: Dataset, *,
                  forward: Callable[..., Tensor], criterion: Callable[..., Tensor] | None, curvature: str,
                  likelihood: str | None = None, mc_samples: int = 1, seed: int | None = None, **options: Any):
@@ -115,13 +117,8 @@ class TorchCurvature(CurvatureBackend, TorchBackend):
             with LOCK:
                 return vmap(grad(self._criterion), in_dims=(None, 0))(outputs.detach(), targets)
         except (RuntimeError, NotImplementedError) as err:
-            warnings.warn(f"torch.func.vmap could not batch the loss over the sampled targets ({type(err).__name__}: "
-                          f"{str(err)[:200]}); computing their gradients one at a time", stacklevel=2)
-            return super()._output_grads(outputs, batch, draws)
+            return self._looped_grads(err, "torch.func.vmap", outputs, batch, draws)
 
-    def _sample_targets(self, outputs: Tensor, batch: Any, seed: int, variance: Any) -> list[Tensor]:
-        return sample_targets(outputs, self.likelihood, seed=seed, samples=self.mc_samples, like=batch[1],
-                              variance=variance)
 
 
 def _call(fwd: Callable[..., Tensor], inputs: Any, p: dict[str, Tensor]) -> Tensor:

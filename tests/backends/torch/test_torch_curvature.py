@@ -59,24 +59,23 @@ def _close(A: np.ndarray, B: np.ndarray, rtol: float = 1e-12) -> None:
 
 
 # --- definitions against dense references ---------------------------------------------------------
-@pytest.mark.parametrize("mode", ALL_MODES)
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse_mean", "mse_sum"])
-def test_ggn_is_jt_hf_j_over_unequal_batches(loss, mode):
-    model = _mlp()
-    loss_fn, kind = LOSSES[loss]
-    batches = _batches(_targets(kind))
-    G = curvop.ggn(model, loss_fn, batches, **ALL_MODES[mode])
-    _close(G.to_dense(), dense_ggn(model, loss_fn, batches))
+MEMBERS = {  # what curvop builds, and its dense reference
+    "ggn": (curvop.ggn, lambda model, loss_fn, batches: dense_ggn(model, loss_fn, batches)),
+    "empirical": (lambda *a, **k: curvop.fisher(*a, kind="empirical", **k),
+                  lambda model, loss_fn, batches: dense_empirical_fisher(model, loss_fn, batches, reduction=loss_fn.reduction)),
+}
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse_mean", "mse_sum"])
-def test_empirical_fisher_is_mean_of_gradient_outer_products(loss, mode):
+@pytest.mark.parametrize("member", MEMBERS)
+def test_ggn_and_empirical_fisher_match_dense_references_over_unequal_batches(member, loss, mode):
+    """GGN: ``Jᵀ (∂²L/∂f²) J``; empirical Fisher: ``c Σₙ ∇ℓₙ∇ℓₙᵀ`` (per-sample gradients by torch.func)."""
+    build, reference = MEMBERS[member]
     model = _mlp()
     loss_fn, kind = LOSSES[loss]
     batches = _batches(_targets(kind))
-    E = curvop.fisher(model, loss_fn, batches, kind="empirical", **ALL_MODES[mode])
-    _close(E.to_dense(), dense_empirical_fisher(model, loss_fn, batches, reduction=loss_fn.reduction))
+    _close(build(model, loss_fn, batches, **ALL_MODES[mode]).to_dense(), reference(model, loss_fn, batches))
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse_mean"])
