@@ -211,11 +211,13 @@ class CurvatureBackend(AutodiffBackend):
 
     #: The framework's ``sample_targets(outputs, likelihood, *, seed, samples, like, variance)``.
     sample_targets: Callable[..., list[Any]]
+    #: More keyword arguments for it, read from the loss (torch: ``ignore_index``).
+    _sample_options: dict[str, Any] = {}
 
     def _sample_targets(self, outputs: Array, batch: Any, seed: int, variance: Array | None) -> list[Any]:
         """``mc_samples`` target arrays drawn from ``self.likelihood`` at ``outputs`` (the framework's sampler)."""
         return self.sample_targets(outputs, self.likelihood, seed=seed, samples=self.mc_samples, like=batch[1],
-                                   variance=variance)
+                                   variance=variance, **self._sample_options)
 
     def _looped_grads(self, err: BaseException, vectoriser: str, outputs: Array, batch: Any,
                       draws: list[Any]) -> Array:

@@ -108,7 +108,6 @@ class JaxCurvature(CurvatureBackend, JaxBackend):
             return self._looped_grads(err, "jax.vmap", outputs, batch, draws)
 
 
-
 def _both(fn: Callable[..., Array], in_axes: tuple, out_axes: int) -> tuple[Callable, Callable]:
     """``fn`` jitted, and jitted over a block of vectors (``vmap`` on the last argument)."""
     return jax.jit(fn), jax.jit(jax.vmap(fn, in_axes=in_axes, out_axes=out_axes))

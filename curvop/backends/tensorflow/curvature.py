@@ -118,7 +118,6 @@ class TensorFlowCurvature(CurvatureBackend, TensorFlowBackend):
             return self._looped_grads(err, "tf.vectorized_map", outputs, batch, draws)
 
 
-
 class _Bound:
     """``f(v, batched)`` from a single and a block function of ``(v, x)`` with ``x`` bound (no reference
     to the backend)."""

@@ -60,6 +60,10 @@ def likelihood_of(loss_fn: Any) -> str | None:
         if not config.get("from_logits", False):
             raise ValueError(f"the Monte-Carlo Fisher samples from the logits: build the loss with "
                              f"{kind}(from_logits=True) and a model that returns logits")
+        if config.get("ignore_class") is not None:
+            raise ValueError("the Monte-Carlo Fisher cannot sample targets for a loss with ignore_class (the draws of "
+                             "that class would be dropped and the ignored positions counted): use curvop.ggn, its "
+                             "expectation, or kind='empirical'")
         if config.get("label_smoothing", 0.0):
             raise ValueError("the Monte-Carlo Fisher needs the loss to be the negative log-likelihood of the sampled "
                              "targets; a label-smoothed one is not: use kind='empirical' or curvop.ggn")

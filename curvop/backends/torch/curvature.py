@@ -59,6 +59,8 @@ class TorchCurvature(CurvatureBackend, TorchBackend):
                  likelihood: str | None = None, mc_samples: int = 1, seed: int | None = None, **options: Any):
         self._forward, self._criterion = forward, criterion
         self._curvature_options(curvature, likelihood, mc_samples, seed)
+        if self.likelihood == "categorical":  # ignored targets stay ignored in the draws (torch's default: -100)
+            self._sample_options = {"ignore_index": int(getattr(criterion, "ignore_index", -100))}
         TorchBackend.__init__(self, loss, params, dataset, **options)
 
     def _resolved(self) -> None:
@@ -118,7 +120,6 @@ class TorchCurvature(CurvatureBackend, TorchBackend):
                 return vmap(grad(self._criterion), in_dims=(None, 0))(outputs.detach(), targets)
         except (RuntimeError, NotImplementedError) as err:
             return self._looped_grads(err, "torch.func.vmap", outputs, batch, draws)
-
 
 
 def _call(fwd: Callable[..., Tensor], inputs: Any, p: dict[str, Tensor]) -> Tensor:

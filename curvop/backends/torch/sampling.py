@@ -18,7 +18,8 @@ Tensor = torch.Tensor
 
 
 def sample_targets(outputs: Tensor, likelihood: str, *, seed: int, samples: int = 1, like: Tensor | None = None,
-                   variance: Tensor | float | None = None, class_dim: int = 1) -> list[Tensor]:
+                   variance: Tensor | float | None = None, class_dim: int = 1,
+                   ignore_index: int | None = None) -> list[Tensor]:
     """``samples`` draws of targets from the predictive distribution at ``outputs`` (no gradient).
 
     Parameters
@@ -36,6 +37,9 @@ def sample_targets(outputs: Tensor, likelihood: str, *, seed: int, samples: int 
         one-hot ``"categorical"`` targets (class probabilities), else class indices (int64).
     variance : Tensor or float, optional
         ``"gaussian"`` only: the variance of each output entry (default 1).
+    ignore_index : int, optional
+        ``"categorical"`` with class-index ``like`` only: where ``like`` holds it, the draws hold it
+        too (those positions stay out of the loss, as they are out of the loss on the true targets).
 
     Returns
     -------
@@ -59,6 +63,13 @@ def sample_targets(outputs: Tensor, likelihood: str, *, seed: int, samples: int 
         if like is not None and like.is_floating_point() and like.shape == f.shape:
             onehot = torch.nn.functional.one_hot(idx, moved.shape[-1]).to(f.dtype)
             return [t.movedim(-1, class_dim) for t in onehot]
+        if ignore_index is not None and like is not None and not like.is_floating_point():
+            if 0 <= ignore_index < moved.shape[-1]:
+                raise ValueError(
+                    f"ignore_index={ignore_index} is one of the {moved.shape[-1]} classes, so the loss would drop the "
+                    "draws of that class and the Monte-Carlo Fisher would be biased: use an ignore_index outside "
+                    "the classes (torch's default -100), or curvop.ggn")
+            idx = torch.where(like == ignore_index, like.to(idx.dtype), idx)
         return list(idx)
     if likelihood == "bernoulli":
         p = torch.sigmoid(f).expand(samples, *f.shape)

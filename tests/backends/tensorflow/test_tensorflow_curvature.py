@@ -99,6 +99,9 @@ def test_losses_that_are_not_a_likelihood_of_the_logits_are_refused():
     model, (x, y, batches) = _model(), _data("classes")
     with pytest.raises(ValueError, match="from_logits=True"):
         curvop.fisher(model, keras.losses.SparseCategoricalCrossentropy(dtype="float64"), batches)
+    with pytest.raises(ValueError, match="ignore_class"):  # the MC draws of that class would be dropped
+        curvop.fisher(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1,
+                                                                        dtype="float64"), batches)
     with pytest.raises(ValueError, match="likelihood= one of them"):
         curvop.fisher(model, keras.losses.MeanAbsoluteError(dtype="float64"), _data("values")[2])
     with pytest.raises(ValueError, match="needs the loss"):

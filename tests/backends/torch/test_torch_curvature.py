@@ -41,6 +41,10 @@ def _targets(kind: str) -> torch.Tensor:
     n = sum(SIZES)
     if kind == "classes":
         return torch.randint(0, 3, (n,), generator=g)
+    if kind == "classes_ignored":  # every fourth target ignored
+        t = torch.randint(0, 3, (n,), generator=g)
+        t[::4] = -7
+        return t
     if kind == "binary":
         return (torch.rand(n, 3, generator=g) < 0.5).double()
     return torch.randn(n, 3, dtype=torch.float64, generator=g)
@@ -51,6 +55,7 @@ LOSSES = {
     "mse_mean": (nn.MSELoss(), "values"),
     "mse_sum": (nn.MSELoss(reduction="sum"), "values"),
     "bce_logits": (nn.BCEWithLogitsLoss(), "binary"),
+    "cross_entropy_ignored": (nn.CrossEntropyLoss(ignore_index=-7), "classes_ignored"),
 }
 
 
@@ -147,7 +152,7 @@ def _quadratic_forms(op, V):
     return np.einsum("ij,ij->j", V, op.matmat(V))
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse_mean", "mse_sum", "bce_logits"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse_mean", "mse_sum", "bce_logits", "cross_entropy_ignored"])
 def test_mc_fisher_expectation_is_the_ggn(loss):
     """Quadratic forms ``vᵀFv`` of 60 independently seeded MC Fishers (8 draws each) average to
     ``vᵀGv`` within 4 standard errors (the standard error measured from the 60 replicates)."""
@@ -204,6 +209,8 @@ def test_mc_fisher_refuses_losses_that_are_not_a_likelihood():
         curvop.fisher(model, nn.L1Loss(), batches)
     with pytest.raises(ValueError, match="class-weighted or label-smoothed"):
         curvop.fisher(model, nn.CrossEntropyLoss(label_smoothing=0.1), _batches(_targets("classes")))
+    with pytest.raises(ValueError, match="ignore_index=2 is one of the 3 classes"):  # draws of class 2 dropped
+        curvop.fisher(model, nn.CrossEntropyLoss(ignore_index=2), _batches(_targets("classes"))) @ np.ones(43)
     with pytest.raises(ValueError, match="kind must be 'mc'"):
         curvop.fisher(model, nn.MSELoss(), batches, kind="true")
     with pytest.raises(ValueError, match="mc_samples must be a positive int"):
