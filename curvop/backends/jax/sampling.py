@@ -25,7 +25,8 @@ def sample_targets(outputs: jax.Array, likelihood: str, *, seed: int, samples: i
         Logits (classes along ``class_axis``, the last one as in optax) for ``"categorical"`` and
         ``"bernoulli"``; the mean for ``"gaussian"``. Samples along axis 0.
     likelihood : {"categorical", "bernoulli", "gaussian"}
-    seed : int
+    seed : int or jax.Array
+        An int, or a PRNG key (inside ``jax.jit``, where a traced key cannot become an int).
     samples : int
     like : array, optional
         The true targets: floating ones of the outputs' shape ask for one-hot ``"categorical"``
@@ -40,7 +41,7 @@ def sample_targets(outputs: jax.Array, likelihood: str, *, seed: int, samples: i
     [[0, 1]]
     """
     f = jax.lax.stop_gradient(outputs)
-    key = jax.random.key(int(seed))
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
     if likelihood == "categorical":
         idx = jax.random.categorical(key, f, axis=class_axis, shape=(samples, *_without(f.shape, class_axis)))
         if like is not None and jnp.issubdtype(jnp.asarray(like).dtype, jnp.floating) and jnp.shape(like) == f.shape:
