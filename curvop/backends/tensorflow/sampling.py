@@ -44,7 +44,7 @@ def sample_targets(outputs: tf.Tensor, likelihood: str, *, seed: int, samples: i
         return list(tf.cast(u < tf.sigmoid(f), f.dtype))
     if likelihood == "gaussian":
         z = tf.random.stateless_normal([samples, *f.shape], seed=s, dtype=f.dtype)
-        return list(f + (1.0 if variance is None else tf.sqrt(variance)) * z)
+        return list(f + (1.0 if variance is None else tf.sqrt(tf.cast(variance, f.dtype))) * z)
     raise ValueError(f"unknown likelihood {likelihood!r}; use 'categorical', 'bernoulli' or 'gaussian'")
 
 
