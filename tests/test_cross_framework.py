@@ -118,14 +118,6 @@ def test_algorithms_on_native_tensors_agree_for_the_same_seed(problem):
 
 
 # --- issue 22: the curvature family ---------------------------------------------------------------
-def _torch_model(weights):
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), weights):
-            p.copy_(torch.from_numpy(w))
-    return model
-
-
 def _keras_model(weights):
     model = keras.Sequential([
         keras.Input((4,), dtype="float64"),
@@ -156,7 +148,7 @@ def test_issue22_the_same_weights_give_the_same_ggn_and_fisher_on_torch_tf_and_j
     weights, x, y = problem
     batches = [(x[:25], y[:25]), (x[25:], y[25:])]  # unequal batches
     build = {"ggn": curvop.ggn, "empirical": lambda *a, **k: curvop.fisher(*a, kind="empirical", **k)}[member]
-    Gt = build(_torch_model(weights), torch.nn.CrossEntropyLoss(),
+    Gt = build(torch_model(weights), torch.nn.CrossEntropyLoss(),
                [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in batches]).to_dense()
     Gk = build(_keras_model(weights), keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"),
                batches).to_dense()
@@ -170,7 +162,7 @@ def test_issue22_the_same_weights_give_the_same_ggn_and_fisher_on_torch_tf_and_j
 
 def test_issue22_the_same_weights_give_the_same_jacobian_on_torch_tf_and_jax(problem):
     weights, x, _ = problem
-    Jt = curvop.jacobian(_torch_model(weights), torch.from_numpy(x))
+    Jt = curvop.jacobian(torch_model(weights), torch.from_numpy(x))
     Jk = curvop.jacobian(_keras_model(weights), x)
     Jj = curvop.jacobian((_jax_apply, [jnp.asarray(w) for w in weights]), jnp.asarray(x))
     assert Jt.shape == Jk.shape == Jj.shape == (120, 51)
