@@ -52,6 +52,7 @@ class JaxCurvature(CurvatureBackend, JaxBackend):
         ravel = (lambda tree: ravel_pytree(tree)[0]) if self._layout is None else self._layout.ravel  # noqa: E731
         unravel, apply, crit = self._unravel, self._apply, self._criterion
         reverse = self.mode == "reverse"
+        self._sums, self._last_lin = None, None  # JaxBackend's product-side state, unused by the family
 
         def jvp_from(vjp_fn, out):  # J v as the transpose of u -> Jᵀ u (reverse mode)
             return lambda t: jax.linear_transpose(lambda u: vjp_fn(u)[0], out)(t)[0]

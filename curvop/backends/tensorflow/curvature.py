@@ -19,7 +19,7 @@ import tensorflow as tf
 from curvop.backends.curvature import CurvatureBackend, Linearization
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.tensorflow.backend import TensorFlowBackend
-from curvop.backends.tensorflow.model import check_loss_object, model_variables
+from curvop.backends.tensorflow.model import check_loss_object, model_variables, to_tensors
 from curvop.backends.tensorflow.sampling import likelihood_of, sample_targets
 
 __all__ = ["TensorFlowCurvature", "fisher", "ggn", "jacobian"]
@@ -99,6 +99,11 @@ class TensorFlowCurvature(CurvatureBackend, TensorFlowBackend):
         return outer.gradient(g, f, output_gradients=u, unconnected_gradients=_ZERO)
 
     # --- the template's members -------------------------------------------------------------------
+    def _prepare_batch(self, batch: Any) -> Any:
+        """The batch as tensors (the family's products take the batch itself, not the Hessian's
+        flattened, signature-keyed form)."""
+        return None if batch is None else to_tensors(batch)
+
     def _jacobian(self, batch: Any, cached: bool) -> Linearization:
         x = _inputs(batch, self.curvature == "jacobian")
         with tf.device(self.device):
