@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import curvop  # noqa: E402
+from benchmarks import peers_family  # noqa: E402
 from benchmarks._torch_models import cnn_problem, mlp  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -118,6 +119,8 @@ def build(name: str, model, crit, batch, v: torch.Tensor) -> Callable[[], Any]:
     vlist = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
     if name == "gradient":
         return lambda: torch.autograd.grad(crit(model(x), y), params)
+    if name in peers_family.CONTENDERS:  # the curvature family (issue 22)
+        return peers_family.build(name, model, crit, batch, v)
     if name in CURVOP_MODES:
         H = curvop.hessian(model, crit, batch, **CURVOP_MODES[name])
         return lambda: H @ v
@@ -464,9 +467,9 @@ def memory_child(name: str, cfg: dict) -> dict:
     return dict(baseline_mb=base / 2**20, peak_mb=peak / 2**20, delta_mb=max(0, peak - base) / 2**20)
 
 
-def bench_memory(cfg, log) -> dict:
+def bench_memory(cfg, log, names=HVP_CONTENDERS) -> dict:
     out = {}
-    for name in HVP_CONTENDERS:
+    for name in names:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--config-json", json.dumps(cfg)]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -510,8 +513,27 @@ def machine() -> dict:
                 load_average_at_start=load)
 
 
+def family_targets(fam: dict) -> list[dict]:
+    """Issue 22: every curvop row of the family at most curvlinops' time."""
+    t, rows = [], fam["rows"]
+    for ours, theirs in (("GGN: curvop (default)", "GGN: curvlinops"), ("EF: curvop", "EF: curvlinops"),
+                         ("MC Fisher: curvop", "MC Fisher: curvlinops")):
+        if ours in rows and theirs in rows:
+            r = rows[ours]["seconds"] / rows[theirs]["seconds"]
+            t.append(dict(target=f"{ours} <= curvlinops' time per product (CNN)", value=f"{r:.2f}x", passed=r <= 1.0))
+    s = fam["solve"]["rows"]
+    r = s["curvop"]["seconds"] / s["curvlinops"]["seconds"]
+    ok = s["curvop"]["residual"] <= 1.05 * s["curvlinops"]["residual"]
+    t.append(dict(target="solve <= curvlinops' CG time at equal residual (CNN)",
+                  value=f"{r:.2f}x, residual {s['curvop']['residual']:.1e} vs {s['curvlinops']['residual']:.1e}",
+                  passed=r <= 1.0 and ok))
+    return t
+
+
 def targets(res) -> list[dict]:
     t = []
+    if "hvp" not in res:  # a --family-only run without an earlier full run
+        return family_targets(res["family"])
     hv = res["hvp"]["rows"]
     cur = hv[CURVOP_DEFAULT]["seconds"]
     peers = {k: hv[k]["seconds"] for k in PEERS if k in hv}
@@ -544,6 +566,8 @@ def targets(res) -> list[dict]:
     best = max((mm[k]["speedup"], k) for k in ("reverse cached", "forward cached"))
     t.append(dict(target="matmat k=8 >= 1.5x products/s of 8 matvecs (CNN)", value=f"x{best[0]:.2f} ({best[1]}, vmap)",
                   passed=best[0] >= 1.5))
+    if res.get("family"):
+        t += family_targets(res["family"])
     for kind, sp in res["spectral"].items():
         m = sp["trace"]["methods"]
         cur_e = m["curvop auto (default)"]["median_rel_err"]
@@ -568,6 +592,11 @@ def markdown(res) -> str:
             else "") + "; contenders were interleaved and medians taken.",
          "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
          "- float32 throughout (PyHessian draws float32 vectors).", ""]
+    if "hvp" not in res:  # a --family-only run with no earlier full run
+        L += peers_family.markdown(res["family"], res.get("family_memory"), res.get("family_run"))
+        L += ["", "## Targets", "", "| target | value | |", "| --- | --- | --- |"]
+        L += [f"| {t['target']} | {t['value']} | {'PASS' if t['passed'] else 'MISS'} |" for t in res["targets"]]
+        return "\n".join(L) + "\n"
     h = res["hvp"]
     L += [f"## One Hessian-vector product ({h['problem']})", "",
           f"Median of {res['config']['hvp_repeats']} interleaved repeats. `x grad` is the time of one plain gradient "
@@ -604,7 +633,8 @@ def markdown(res) -> str:
               "| k | method | setting | HVPs | s | max rel err | reached 1e-3 |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
         for key, rows in sp["eigenvalues"].items():
             for name, r in rows.items():
-                L.append(f"| {key[3:]} | {name} | {r.get('setting')} | {r.get('hvps', '—')} | {fmt(r.get('seconds'))} | "
+                setting = tuple(r["setting"]) if isinstance(r.get("setting"), list) else r.get("setting")  # JSON: lists
+                L.append(f"| {key[3:]} | {name} | {setting} | {r.get('hvps', '—')} | {fmt(r.get('seconds'))} | "
                          f"{fmt(r.get('max_rel_err'), '.1e')} | {'yes' if r.get('reached') else 'no'} |")
         tr = sp["trace"]
         L += ["", f"Trace at {tr['budget']} HVPs (median relative error over {tr['seeds']} seeds):", "",
@@ -618,6 +648,8 @@ def markdown(res) -> str:
             if note:
                 note = f"failed after {r.get('hvps_before_error')} products: {note}"
             L.append(f"| {name} | {r['seconds']:.2f} | {note} |")
+    if res.get("family"):
+        L += peers_family.markdown(res["family"], res.get("family_memory"), res.get("family_run"))
     L += ["", "## Targets", "", "| target | value | |", "| --- | --- | --- |"]
     for t in res["targets"]:
         L.append(f"| {t['target']} | {t['value']} | {'PASS' if t['passed'] else 'MISS'} |")
@@ -630,6 +662,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None,
                     help="write peers.json and benchmarks.md here (default: benchmarks/results/ and docs/)")
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
+    ap.add_argument("--family-only", action="store_true",
+                    help="run only the curvature-family rows (issue 22) and merge them into the existing results")
     for key in ("cnn_width", "batch", "hvp_repeats", "spectral_cnn_width", "spectral_batch", "trace_seeds"):
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=None)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -651,6 +685,14 @@ def main(argv=None):
     res: dict[str, Any] = dict(quick=a.quick, date=datetime.datetime.now().isoformat(timespec="seconds"),
                                machine=machine(), versions=versions(), config=cfg)
     log(f"machine: {res['machine']}\nversions: {res['versions']}\nconfig: {cfg}")
+    json_path = (a.out / "peers.json") if a.out else ROOT / "benchmarks" / "results" / "peers.json"
+    md_path = (a.out / "benchmarks.md") if a.out else ROOT / "docs" / "benchmarks.md"
+    if a.family_only:
+        earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
+        if earlier.get("quick", a.quick) == a.quick:
+            res = {**res, **earlier, "family_run": dict(date=res["date"], machine=res["machine"], config=cfg)}
+    if a.family_only:
+        return _family(res, cfg, log, json_path, md_path, t0)
     log("1. one HVP")
     res["hvp"] = bench_hvp(cfg, log)
     res["spectral"] = {}
@@ -660,12 +702,22 @@ def main(argv=None):
     if cfg["memory"]:
         log("5. memory")
         res["memory"] = bench_memory(cfg, log)
+    return _family(res, cfg, log, json_path, md_path, t0)
+
+
+def _family(res: dict, cfg: dict, log, json_path: Path, md_path: Path, t0: float) -> int:
+    log("6. the curvature family against curvlinops")
+    res["family"] = peers_family.bench_family(cfg, log, problem, interleaved, med)
+    if cfg["memory"]:
+        res["family_memory"] = bench_memory(cfg, log, ("gradient", *peers_family.CONTENDERS))
+    return _write(res, json_path, md_path, t0, log)
+
+
+def _write(res: dict, json_path: Path, md_path: Path, t0: float, log) -> int:
     res["targets"] = targets(res)
     res["total_seconds"] = time.perf_counter() - t0
     for t in res["targets"]:
         log(f"{'PASS' if t['passed'] else 'MISS'}  {t['target']}: {t['value']}")
-    json_path = (a.out / "peers.json") if a.out else ROOT / "benchmarks" / "results" / "peers.json"
-    md_path = (a.out / "benchmarks.md") if a.out else ROOT / "docs" / "benchmarks.md"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(res, indent=1, default=str))

@@ -12,10 +12,13 @@ from curvop._errors import ModeError, NoSecondDerivativeError, PrecisionWarning
 from curvop.backends.selfcheck import AsymmetricHessianError, Verification, VerificationError
 from curvop.factory import hessian, hessian_of
 from curvop.operator import MAX_DENSE_SIZE, HessianOperator, aslinearoperator
+from curvop.rectangular import JacobianOperator
+from curvop.family import fisher, ggn, jacobian
 from curvop.eigen import ConvergenceWarning, EigenResult, eigenvalues
 from curvop.trace_estimation import IndefiniteOperatorError, TraceResult, trace
 from curvop.diagonal_estimation import DiagonalResult, diagonal
 from curvop.density import SpectralDensity, spectral_density
+from curvop.inversion import InverseOperator, NegativeCurvatureError, SolveResult, inverse, solve
 from curvop.tracking import Measurement, SharpnessTracker
 
 __version__ = "0.1.0"
@@ -32,6 +35,10 @@ __all__ = [
     "sketch",
     "hessian",
     "hessian_of",
+    "ggn",
+    "fisher",
+    "jacobian",
+    "JacobianOperator",
     "ConvergenceWarning",
     "ModeError",
     "NoSecondDerivativeError",
@@ -44,6 +51,11 @@ __all__ = [
     "DiagonalResult",
     "diagonal",
     "SpectralDensity",
+    "InverseOperator",
+    "NegativeCurvatureError",
+    "SolveResult",
+    "inverse",
+    "solve",
     "spectral_density",
     "Measurement",
     "SharpnessTracker",

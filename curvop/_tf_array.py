@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["asarray", "zeros", "sum", "sqrt", "astype", "stack", "concat", "matmul", "matrix_transpose",
+__all__ = ["asarray", "zeros", "sum", "sqrt", "astype", "stack", "concat", "reshape", "matmul", "matrix_transpose",
            "linalg", "float32", "float64"]
 
 float32 = tf.float32
@@ -83,6 +83,10 @@ def stack(arrays: Sequence[tf.Tensor], axis: int = 0) -> tf.Tensor:
 
 def concat(arrays: Sequence[tf.Tensor], axis: int = 0) -> tf.Tensor:
     return tf.concat(list(arrays), axis=axis)
+
+
+def reshape(x: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
+    return tf.reshape(x, shape)
 
 
 def matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:

@@ -182,6 +182,12 @@ class HessianOperator(LinearOperator):
         """
         return HessianOperator(self.backend.on(data, params))
 
+    @property
+    def is_psd(self) -> bool:
+        """Whether the operator is positive semi-definite by construction (the GGN, the Fisher, ``JᵀJ``):
+        ``curvop.trace(method="auto")`` then runs XNysTrace. A Hessian is not known to be."""
+        return bool(getattr(self.backend, "is_psd", False))
+
     # --- constructors for codes without autodiff -----------------------------------------------
     @classmethod
     def from_hvp(cls, hvp_fn: Any, x0: Any, *, matmat_fn: Any = None) -> "HessianOperator":

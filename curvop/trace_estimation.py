@@ -240,7 +240,8 @@ def trace(
     H : operator-like
         Anything :func:`curvop.aslinearoperator` accepts.
     method : {"auto", "hutchinson", "hutch++", "xtrace", "xnystrace"}
-        ``"auto"`` (default): half the budget sketches ``Y = HΩ``; if deflating by that sketch
+        ``"auto"`` (default): XNysTrace on an operator that is PSD by construction
+        (``H.is_psd``: the GGN, the Fisher); otherwise half the budget sketches ``Y = HΩ``; if deflating by that sketch
         shrinks the per-probe variance below 0.3 of Hutchinson's
         (:func:`curvop.sketch.deflation_gain`, computed from ``Y`` without further products)
         it finishes as XTrace, else it spends the rest on
@@ -317,6 +318,8 @@ def trace(
     try:
         if exact:
             r = _exact(H, bar)
+        elif method == "auto" and H.is_psd:  # PSD by construction (GGN, Fisher): Nyström pays
+            r = _xnystrace(H, num_matvecs, probes, rng, bar)
         elif method == "auto":
             r = _auto(H, num_matvecs, probes, rng, bar)
         elif method == "hutchinson":

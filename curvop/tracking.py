@@ -28,6 +28,7 @@ from curvop._dtypes import numpy_dtype
 from curvop.eigen import eigenvalues
 from curvop.krylov import TOL_ON
 from curvop.factory import hessian
+from curvop.family import ggn
 from curvop.trace_estimation import trace
 
 __all__ = ["Measurement", "SharpnessTracker"]
@@ -41,7 +42,8 @@ class Measurement:
     ----------
     step : int
     value : float
-        λ_max, the largest eigenvalue of the loss Hessian on the measurement data.
+        λ_max, the largest eigenvalue of the loss Hessian (or GGN, ``curvature="ggn"``) on the
+        measurement data.
     products : int
         Hessian-vector products used (eigenvalues and trace).
     seconds : float
@@ -102,6 +104,10 @@ class SharpnessTracker:
         Seeds the random start/probe vectors (mixed with the step), so a run repeats.
     hessian_options : dict
         Passed to :func:`curvop.hessian` (e.g. ``{"backend": "jax"}``, ``{"hvp": "forward"}``).
+    curvature : {"hessian", "ggn"}
+        The matrix whose top eigenvalue is tracked: the loss Hessian (default), or the
+        Gauss-Newton matrix :func:`curvop.ggn` (the "Gauss-Newton sharpness"; ``hessian_options``
+        then go to :func:`curvop.ggn`).
 
     Examples
     --------
@@ -126,6 +132,7 @@ class SharpnessTracker:
     seed: int = 0
     hessian_options: dict = field(default_factory=dict)
     tol_on: str = "eigenvalue"
+    curvature: str = "hessian"
     history: list[Measurement] = field(default_factory=list, init=False)
     _previous: Any = field(default=None, init=False, repr=False)
     _built: bool = field(default=False, init=False, repr=False)
@@ -141,6 +148,8 @@ class SharpnessTracker:
         check_choice("tol_on", self.tol_on, TOL_ON)
         if not isinstance(self.hessian_options, dict):
             raise TypeError(f"hessian_options must be a dict of curvop.hessian options, got {self.hessian_options!r}")
+        if self.curvature not in ("hessian", "ggn"):
+            raise ValueError(f"curvature must be 'hessian' or 'ggn' (the Gauss-Newton sharpness), got {self.curvature!r}")
 
     def __call__(self, step: int | None = None, *, params: Any = None) -> Measurement:
         """Measure now, at the model's current parameters (or ``params`` for JAX); returns it.
@@ -190,7 +199,7 @@ class SharpnessTracker:
         opts = dict(self.hessian_options)
         if self._built:  # the determinism check costs two products; once per tracker is enough
             opts.setdefault("check_deterministic", False)
-        H = hessian(model, self.loss_fn, self.data, **opts)
+        H = (ggn if self.curvature == "ggn" else hessian)(model, self.loss_fn, self.data, **opts)
         self._built = True
         return H
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "curvop"
 
 #: the algorithm layer: written once, framework-free, on HessianOperator and the array layer
 ALGORITHMS = ("curvop.eigen", "curvop.density", "curvop.krylov", "curvop.sketch", "curvop.trace_estimation",
-              "curvop.diagonal_estimation", "curvop._checks")
+              "curvop.diagonal_estimation", "curvop.inversion", "curvop._checks")
 #: what the backend layer must never import (the layers above it)
 ABOVE_BACKENDS = ALGORITHMS + ("curvop.operator", "curvop.cli", "curvop.studies", "curvop.plot",
                                "curvop.tracking", "curvop.tracking_keras", "curvop.factory")
@@ -160,7 +160,8 @@ def test_allow_list_has_no_stale_entries():
 #: the template layer: the top level of backends/, framework-free (the registry finds the frameworks)
 TEMPLATE = ("curvop.backends", "curvop.backends.base", "curvop.backends.template", "curvop.backends.checks",
             "curvop.backends.dataset", "curvop.backends.faults", "curvop.backends.modes", "curvop.backends.selection",
-            "curvop.backends.selfcheck", "curvop.backends.array", "curvop.backends.callables")
+            "curvop.backends.selfcheck", "curvop.backends.array", "curvop.backends.callables",
+            "curvop.backends.curvature")
 #: one package per multi-file framework, and the single-file ones
 FRAMEWORK_PACKAGES = ("curvop.backends.torch", "curvop.backends.jax", "curvop.backends.tensorflow",
                       "curvop.backends.cupy")

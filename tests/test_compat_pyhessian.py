@@ -450,3 +450,17 @@ def test_issue26_native_calls_on_hc_operator_of_a_train_mode_model_keep_the_eval
     np.testing.assert_allclose((hc.operator @ v).double().numpy(), dense @ v.double().numpy(), rtol=1e-3, atol=1e-4)
     assert all(mod.training for mod in m.modules())  # the model's own mode was never changed
     assert all(torch.equal(b, stats[k]) for k, b in m.named_buffers())
+
+
+def test_issue22_ggn_option_analyses_the_gauss_newton_matrix(setup):
+    from curvature_reference import dense_ggn
+
+    model, x, y, _ = setup
+    model = copy.deepcopy(model).double()
+    hc = hessian(model, torch.nn.CrossEntropyLoss(), data=(x.double(), y), cuda=False, curvature="ggn")
+    top, _ = hc.eigenvalues(top_n=1, tol=1e-8)
+    dense = dense_ggn(model, torch.nn.CrossEntropyLoss(), [(x.double(), y)])
+    assert top[0] == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-6)
+    assert hc.operator.is_psd
+    with pytest.raises(ValueError, match="curvature must be 'hessian' or 'ggn'"):
+        hessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False, curvature="fisher")

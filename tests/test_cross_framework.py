@@ -115,3 +115,61 @@ def test_algorithms_on_native_tensors_agree_for_the_same_seed(problem):
     Hk = keras_operator(weights, x, y)
     np.testing.assert_allclose(curvop.eigenvalues(Hk, k=2, seed=0).eigenvalues,
                                curvop.eigenvalues(Ht, k=2, seed=0).eigenvalues, rtol=1e-8)
+
+
+# --- issue 22: the curvature family ---------------------------------------------------------------
+def _keras_model(weights):
+    model = keras.Sequential([
+        keras.Input((4,), dtype="float64"),
+        keras.layers.Dense(6, activation="tanh", dtype="float64"),
+        keras.layers.Dense(3, dtype="float64"),
+    ])
+    model.set_weights([w.T if w.ndim == 2 else w for w in weights])
+    return model
+
+
+def _jax_apply(p, inputs):
+    return jnp.tanh(inputs @ p[0].T + p[1]) @ p[2].T + p[3]
+
+
+def _jax_ce(logits, targets):
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - picked)
+
+
+def _permuted(D: np.ndarray) -> np.ndarray:
+    """A matrix in torch's parameter layout, rows and columns permuted to Keras' layout."""
+    P = np.stack([keras_order(c) for c in np.eye(D.shape[0])], 1)  # P @ v = keras_order(v)
+    return P @ D @ P.T
+
+
+@pytest.mark.parametrize("member", ["ggn", "empirical"])
+def test_issue22_the_same_weights_give_the_same_ggn_and_fisher_on_torch_tf_and_jax(problem, member):
+    weights, x, y = problem
+    batches = [(x[:25], y[:25]), (x[25:], y[25:])]  # unequal batches
+    build = {"ggn": curvop.ggn, "empirical": lambda *a, **k: curvop.fisher(*a, kind="empirical", **k)}[member]
+    Gt = build(torch_model(weights), torch.nn.CrossEntropyLoss(),
+               [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in batches]).to_dense()
+    Gk = build(_keras_model(weights), keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"),
+               batches).to_dense()
+    Gj = build((_jax_apply, [jnp.asarray(w) for w in weights]), _jax_ce,
+               [(jnp.asarray(a), jnp.asarray(b)) for a, b in batches]).to_dense()
+    scale = np.abs(Gt).max()
+    assert np.abs(Gj - Gt).max() <= 1e-10 * scale
+    assert np.abs(Gk - _permuted(Gt)).max() <= 1e-10 * scale
+    assert np.abs(Gt - Gt.T).max() <= 1e-14 * scale and np.linalg.eigvalsh(Gt).min() > -1e-12 * scale
+
+
+def test_issue22_the_same_weights_give_the_same_jacobian_on_torch_tf_and_jax(problem):
+    weights, x, _ = problem
+    Jt = curvop.jacobian(torch_model(weights), torch.from_numpy(x))
+    Jk = curvop.jacobian(_keras_model(weights), x)
+    Jj = curvop.jacobian((_jax_apply, [jnp.asarray(w) for w in weights]), jnp.asarray(x))
+    assert Jt.shape == Jk.shape == Jj.shape == (120, 51)
+    V = np.random.default_rng(2).standard_normal((51, 2))
+    ref = Jt.matmat(V)
+    np.testing.assert_allclose(Jj.matmat(V), ref, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(Jk.matmat(np.stack([keras_order(c) for c in V.T], 1)), ref, rtol=1e-10, atol=1e-13)
+    U = np.random.default_rng(3).standard_normal(120)
+    np.testing.assert_allclose(np.asarray(Jj.T @ jnp.asarray(U)), Jt.T @ U, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose((Jk.T @ tf.constant(U)).numpy(), keras_order(Jt.T @ U), rtol=1e-10, atol=1e-13)

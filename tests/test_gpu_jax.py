@@ -37,3 +37,19 @@ def test_jax_gpu_products_native_and_numpy():
     np.testing.assert_allclose(H @ np.ones(18), D @ np.ones(18), rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="device"):
         H @ jax.device_put(jnp.ones(18, dtype=w.dtype), jax.devices("cpu")[0])
+
+
+def test_issue22_jax_ggn_and_solve_on_the_gpu():
+    gpu = _gpus()[0]
+    key = jax.random.PRNGKey(1)
+    params = {"w": jax.device_put(jax.random.normal(key, (6, 3)), gpu), "b": jax.device_put(jnp.zeros(3), gpu)}
+    x = jax.device_put(jax.random.normal(key, (10, 6)), gpu)
+    y = jax.device_put(jnp.arange(10) % 3, gpu)
+    apply = lambda p, inputs: jnp.tanh(inputs @ p["w"] + p["b"])  # noqa: E731
+    ce = lambda f, t: jnp.mean(jax.nn.logsumexp(f, axis=-1) - jnp.take_along_axis(f, t[:, None], axis=-1)[:, 0])  # noqa: E731
+    G = curvop.ggn((apply, params), ce, (x, y))
+    b = jax.device_put(jnp.ones(21, dtype=params["w"].dtype), gpu)
+    r = curvop.solve(G, b, damping=0.1, tol=1e-5)
+    assert isinstance(r.x, jax.Array) and r.x.devices() == {gpu} and r.converged
+    dense = G.to_dense().astype(np.float64)
+    np.testing.assert_allclose(np.asarray(r.x), np.linalg.solve(dense + 0.1 * np.eye(21), np.ones(21)), rtol=1e-3)

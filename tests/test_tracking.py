@@ -336,3 +336,20 @@ def test_issue26_section4_tracker_restarts_cold_when_the_parameters_change(chang
         model.float()
     m2 = tracker(2)  # warm-started again from the cold measurement
     np.testing.assert_allclose(m2.value, m.value, rtol=rtol)
+
+
+def test_issue22_gauss_newton_sharpness_tracker_matches_the_dense_ggn():
+    """``curvature="ggn"`` tracks λ_max of the GGN (checked against a dense float64 GGN)."""
+    torch = pytest.importorskip("torch")
+    from curvature_reference import dense_ggn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    tracker = curvop.SharpnessTracker(model, torch.nn.CrossEntropyLoss(), (x, y), curvature="ggn", tol=1e-8)
+    lam = np.linalg.eigvalsh(dense_ggn(model, torch.nn.CrossEntropyLoss(), [(x, y)]))[-1]
+    assert tracker(0).value == pytest.approx(lam, rel=1e-7)
+    hess = curvop.SharpnessTracker(model, torch.nn.CrossEntropyLoss(), (x, y), tol=1e-8)(0).value
+    assert abs(hess - lam) > 1e-6 * lam  # the Hessian's λ_max differs: the option is not ignored
+    with pytest.raises(ValueError, match="curvature must be 'hessian' or 'ggn'"):
+        curvop.SharpnessTracker(model, torch.nn.CrossEntropyLoss(), (x, y), curvature="fisher")

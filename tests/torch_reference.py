@@ -29,6 +29,20 @@ def params_hessian(model, f, names=None):
     """Hessian of ``f(parameters)`` in the flat order of ``model.named_parameters()`` (``names``: those
     only), by ``torch.func.hessian``; ``f`` gets the ``(parameters, other tensors)`` pair that
     ``functional_call`` takes, with the buffers and the parameters left out as constants."""
+    flat0, unflatten = flat_params(model, names)
+    return torch.func.hessian(lambda flat: f(unflatten(flat)))(flat0).detach().numpy()
+
+
+def flat_model(model, names=None):
+    """``(θ₀, out)``: the selected parameters (``names``, default all) flattened, and ``out(θ, x)``,
+    the model's outputs at the flat ``θ`` (the other parameters and the buffers held fixed)."""
+    flat0, unflatten = flat_params(model, names)
+    return flat0, lambda flat, x: functional_call(model, unflatten(flat), (x,))
+
+
+def flat_params(model, names=None):
+    """``(θ₀, unflatten)``: the selected parameters flattened, and ``unflatten(θ)``, the ``(parameters,
+    other tensors)`` pair ``functional_call`` takes (the other parameters and the buffers fixed)."""
     params = dict(model.named_parameters())
     names = list(params) if names is None else names
     fixed = {k: v.detach() for k, v in params.items() if k not in names}
@@ -37,10 +51,10 @@ def params_hessian(model, f, names=None):
     sizes = [params[k].numel() for k in names]
     flat0 = torch.cat([params[k].detach().reshape(-1) for k in names])
 
-    def loss(flat):
-        return f((dict(zip(names, (t.view(s) for t, s in zip(torch.split(flat, sizes), shapes)))), fixed))
+    def unflatten(flat):
+        return dict(zip(names, (t.view(s) for t, s in zip(torch.split(flat, sizes), shapes)))), fixed
 
-    return torch.func.hessian(loss)(flat0).detach().numpy()
+    return flat0, unflatten
 
 
 def tanh_mlp(d_in: int, hidden: int, d_out: int, n: int, seed: int = 0):

@@ -29,7 +29,7 @@ from keras import ops
 
 import curvop
 from curvop.optim.rules import check_adahessian, check_sophia, curvature_step, probe_rng
-from curvop.optim.sample_keras import check_loss, sample_targets
+from curvop.backends.tensorflow.sampling import likelihood_of, sample_targets
 
 __all__ = ["AdaHessian", "SophiaH", "SophiaG", "CurvatureCallback"]
 
@@ -177,7 +177,7 @@ class SophiaH(_Sophia):
 
 class SophiaG(_Sophia):
     """Sophia-G for ``model.fit`` (with :class:`CurvatureCallback`): ĥ = B·ĝ², ĝ the gradient on sampled
-    targets (:mod:`curvop.optim.sample_keras`), every ``every`` steps. No Hessian products."""
+    targets (the curvature family's draws, :func:`curvop.backends.tensorflow.sample_targets`), every ``every`` steps. No Hessian products."""
 
     def __init__(self, learning_rate: Any = 1e-4, beta_1: float = 0.965, beta_2: float = 0.99, rho: float = 0.04,
                  weight_decay: float = 0.1, epsilon: float = 1e-15, every: int = 10, *, seed: int = 0,
@@ -185,13 +185,13 @@ class SophiaG(_Sophia):
         super().__init__(learning_rate, beta_1, beta_2, rho, weight_decay, epsilon, every, seed, 1, name, **kwargs)
 
     def estimate(self, model: Any, loss_fn: Any, batch: Any, step: int) -> list[Any]:
-        check_loss(loss_fn)
+        likelihood = sophia_likelihood(loss_fn)
         x, _ = batch
         variables = list(model.trainable_variables)
-        seed = tuple(int(s) for s in probe_rng(self.seed, step).integers(2**31, size=2))
+        seed = int(probe_rng(self.seed, step).integers(2**31))
         with tf.GradientTape() as tape:
             out = model(x, training=False)
-            sampled, scale = sample_targets(loss_fn, out, seed)
+            sampled, scale = gnb_targets(loss_fn, likelihood, out, seed)
             loss = loss_fn(sampled, out)
         return [None if g is None else scale * g * g for g in tape.gradient(loss, variables)]
 
@@ -254,3 +254,44 @@ class CurvatureCallback(keras.callbacks.Callback):
             self._stream = self._batches()
         values = opt.estimate(self.model, loss_fn, next(self._stream), step)
         opt.set_curvature(self.model.trainable_variables, values, step)
+
+
+_SUPPORTED = (keras.losses.SparseCategoricalCrossentropy, keras.losses.CategoricalCrossentropy,
+              keras.losses.MeanSquaredError)
+
+
+def _probabilities(loss_fn: Any) -> bool:
+    """A cross-entropy of probabilities (``from_logits=False``): the logits are their logarithm."""
+    return not isinstance(loss_fn, keras.losses.MeanSquaredError) and not loss_fn.get_config().get("from_logits")
+
+
+def sophia_likelihood(loss_fn: Any) -> str:
+    """The predictive distribution of a loss Sophia-G supports (the family's reading), or a clear error."""
+    if not isinstance(loss_fn, _SUPPORTED):
+        raise TypeError("Sophia-G samples targets from the model for keras.losses.SparseCategoricalCrossentropy, "
+                        f"CategoricalCrossentropy or MeanSquaredError objects, got {type(loss_fn).__name__}; use "
+                        "SophiaH for other losses")
+    if getattr(loss_fn, "reduction", "sum_over_batch_size") not in ("sum_over_batch_size", "sum"):
+        raise ValueError(f"the loss must be reduced ('sum_over_batch_size' or 'sum'), got {loss_fn.reduction!r}")
+    if _probabilities(loss_fn):  # read as its logits' twin: log-probabilities are logits
+        loss_fn = type(loss_fn).from_config({**loss_fn.get_config(), "from_logits": True})
+    return likelihood_of(loss_fn)  # refuses label smoothing and ignore_class
+
+
+def gnb_targets(loss_fn: Any, likelihood: str, outputs: tf.Tensor, seed: int) -> tuple[tf.Tensor, float]:
+    """Targets drawn from the model at ``outputs`` (:func:`curvop.backends.tensorflow.sample_targets`)
+    and B, the number of terms the loss averages over (1 for ``"sum"``): ``B·ĝ²`` is the
+    Gauss-Newton-Bartlett estimate. MSE's terms ``(f − y)²`` are the NLL of ``y ~ N(f, 1/2)``.
+
+    >>> import keras, tensorflow as tf
+    >>> y, B = gnb_targets(keras.losses.MeanSquaredError(), "gaussian", tf.zeros((4, 3)), seed=0)
+    >>> tuple(y.shape), B
+    ((4, 3), 12.0)
+    """
+    f = tf.stop_gradient(outputs)
+    logits = tf.math.log(f) if _probabilities(loss_fn) else f
+    one_hot = isinstance(loss_fn, keras.losses.CategoricalCrossentropy)
+    sampled = sample_targets(logits, likelihood, seed=seed, like=tf.zeros_like(f) if one_hot else None,
+                             variance=0.5 if likelihood == "gaussian" else None)[0]
+    terms = int(tf.size(f)) // (1 if likelihood == "gaussian" else int(f.shape[-1]))
+    return sampled, float(terms if loss_fn.reduction == "sum_over_batch_size" else 1)

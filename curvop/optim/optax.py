@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 import curvop
 from curvop.optim.rules import check_adahessian, check_sophia, curvature_step, probe_rng
-from curvop.optim.sample_jax import check_kind, loss_value, sample_targets
+from curvop.backends.jax.sampling import sample_targets
 
 __all__ = ["AdaHessianState", "SophiaState", "adahessian", "sophia_h", "sophia_g"]
 
@@ -208,8 +208,9 @@ def sophia_g(apply_fn: Callable[[Any, Any], Any], loss: str = "cross_entropy", l
              every: int = 10, *, seed: int = 0) -> optax.GradientTransformationExtraArgs:
     """Sophia-G: ĥ = B·ĝ², ĝ the gradient of ``loss`` on targets sampled from ``apply_fn(params, inputs)``.
 
-    ``loss`` is ``"cross_entropy"`` (integer labels, classes last) or ``"mse"``
-    (:mod:`curvop.optim.sample_jax`); the batch is ``(inputs, targets)``, passed as
+    ``loss`` is ``"cross_entropy"`` (integer labels, classes last, the mean over every position) or
+    ``"mse"`` (``mean((f − y)²)``, the NLL of ``y ~ N(f, 1/2)``); the targets are the curvature
+    family's draws (:func:`curvop.backends.jax.sample_targets`, as the Monte-Carlo Fisher's); the batch is ``(inputs, targets)``, passed as
     ``update(grads, state, params, batch=(inputs, targets))``; B is the number of terms the mean
     loss averages over. The estimate is one compiled gradient (no Hessian products).
     """
@@ -218,7 +219,7 @@ def sophia_g(apply_fn: Callable[[Any, Any], Any], loss: str = "cross_entropy", l
 
     @jax.jit
     def gnb(params: Any, inputs: Any, key: jax.Array) -> Any:
-        sampled, scale = sample_targets(kind, apply_fn(params, inputs), key)
+        sampled, scale = gnb_targets(kind, apply_fn(params, inputs), key)
         g = jax.grad(lambda p: loss_value(kind, apply_fn(p, inputs), sampled))(params)
         return jax.tree_util.tree_map(lambda t: scale * t * t, g)
 
@@ -228,3 +229,34 @@ def sophia_g(apply_fn: Callable[[Any, Any], Any], loss: str = "cross_entropy", l
 
     return _sophia(curvature, learning_rate, b1, b2, rho, weight_decay, eps, int(every))
 
+
+KINDS = ("cross_entropy", "mse")
+
+
+def check_kind(kind: Any) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"loss must be one of {KINDS} (Sophia-G samples targets for them), got {kind!r}")
+    return kind
+
+
+def loss_value(kind: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Sophia-G's named loss: the mean cross-entropy of integer labels (classes last) or the mean squared error."""
+    if kind == "cross_entropy":
+        logp = jax.nn.log_softmax(outputs, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1))
+    return jnp.mean((outputs - targets) ** 2)
+
+
+def gnb_targets(kind: str, outputs: jax.Array, key: jax.Array) -> tuple[jax.Array, int]:
+    """Targets drawn from the model at ``outputs`` (:func:`curvop.backends.jax.sample_targets`, under
+    ``key``) and B, the number of terms the mean loss averages over: ``B·ĝ²`` is the
+    Gauss-Newton-Bartlett estimate.
+
+    >>> import jax, jax.numpy as jnp
+    >>> y, B = gnb_targets("cross_entropy", jnp.zeros((4, 3)), jax.random.PRNGKey(0))
+    >>> y.shape, B
+    ((4,), 4)
+    """
+    if kind == "cross_entropy":
+        return sample_targets(outputs, "categorical", seed=key)[0], int(outputs.size // outputs.shape[-1])
+    return sample_targets(outputs, "gaussian", seed=key, variance=0.5)[0], int(outputs.size)

@@ -17,7 +17,7 @@ import torch
 
 import curvop
 from curvop.optim.rules import check_adahessian, check_sophia, curvature_step, probe_rng
-from curvop.optim.sample_torch import check_loss, sample_targets
+from curvop.backends.torch.sampling import likelihood_of, sample_targets
 
 __all__ = ["AdaHessian", "SophiaH", "SophiaG"]
 
@@ -276,7 +276,8 @@ class SophiaG(_Sophia):
 
     ĝ is the mini-batch gradient of the loss on targets sampled from the model's predictive
     distribution and B the number of terms the loss averages over (1 for a summed loss):
-    unbiased for the diagonal of the Gauss-Newton matrix (:mod:`curvop.optim.sample_torch`).
+    unbiased for the diagonal of the Gauss-Newton matrix. The targets are the curvature family's
+    draws (:func:`curvop.backends.torch.sample_targets`, as the Monte-Carlo Fisher's).
 
     Parameters
     ----------
@@ -307,8 +308,7 @@ class SophiaG(_Sophia):
                  rho: float = 0.04, weight_decay: float = 0.1, eps: float = 1e-15, every: int = 10, *,
                  loss_fn: Any, seed: int = 0):
         super().__init__(params, lr, betas, rho, weight_decay, eps, every, seed)
-        check_loss(loss_fn)
-        self.loss_fn = loss_fn
+        self.loss_fn, self._likelihood = loss_fn, _likelihood(loss_fn)
 
     def _evaluate(self, closure, params, t, due):
         out = closure()
@@ -325,8 +325,44 @@ class SophiaG(_Sophia):
             raise
         if not due:
             return loss.detach(), grads, None
-        gen = torch.Generator(device=outputs.device).manual_seed(int(probe_rng(self._shared("seed"), t).integers(2**62)))
-        sampled, scale = sample_targets(self.loss_fn, outputs, targets, gen)
+        seed = int(probe_rng(self._shared("seed"), t).integers(2**62))
+        sampled, scale = gnb_targets(self.loss_fn, self._likelihood, outputs, targets, seed)
         gs = torch.autograd.grad(self.loss_fn(outputs, sampled), params, allow_unused=True)
         hhat = [None if s is None else s.square().mul_(scale) for s in gs]
         return loss.detach(), grads, hhat
+
+
+def _likelihood(loss_fn: Any) -> str:
+    """The predictive distribution whose NLL ``loss_fn`` is (the family's reading), or a clear error."""
+    likelihood = likelihood_of(loss_fn)  # refuses class weights, label smoothing, pos_weight
+    if likelihood is None:
+        raise TypeError(
+            f"Sophia-G samples targets from the model for torch.nn.CrossEntropyLoss, MSELoss or BCEWithLogitsLoss "
+            f"(or their torch.nn.functional forms), got {type(loss_fn).__name__}; use SophiaH for other losses")
+    if getattr(loss_fn, "reduction", "mean") not in ("mean", "sum"):
+        raise ValueError(f"the loss must be reduced ('mean' or 'sum'), got reduction={loss_fn.reduction!r}")
+    return likelihood
+
+
+def gnb_targets(loss_fn: Any, likelihood: str, outputs: Tensor, targets: Any, seed: int) -> tuple[Tensor, float]:
+    """Targets drawn from the model at ``outputs`` (:func:`curvop.backends.torch.sample_targets`) and
+    B, the number of terms the loss averages over (1 for a sum): ``B·ĝ²`` is the Gauss-Newton-Bartlett
+    estimate. MSE's terms ``(f − y)²`` are the NLL of ``y ~ N(f, 1/2)``; a cross-entropy's ignored
+    targets stay ignored and are not counted.
+
+    >>> import torch
+    >>> y, B = gnb_targets(torch.nn.MSELoss(), "gaussian", torch.zeros(4, 3), torch.zeros(4, 3), seed=0)
+    >>> y.shape, B
+    (torch.Size([4, 3]), 12.0)
+    """
+    f = outputs.detach()
+    ignore = int(getattr(loss_fn, "ignore_index", -100)) if likelihood == "categorical" else None
+    sampled = sample_targets(f, likelihood, seed=seed, like=targets, ignore_index=ignore,
+                             variance=0.5 if likelihood == "gaussian" else None)[0]
+    if getattr(loss_fn, "reduction", "mean") == "sum":
+        return sampled, 1.0
+    if likelihood != "categorical":
+        return sampled, float(f.numel())
+    if isinstance(targets, Tensor) and not targets.is_floating_point():
+        return sampled, float((targets != ignore).sum())
+    return sampled, float(f.numel() // f.shape[1] if f.dim() > 1 else 1)

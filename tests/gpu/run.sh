@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run every GPU-marked test (torch on CUDA, TensorFlow and JAX on GPU where installed, CuPy) in one go.
 #   bash tests/gpu/run.sh [extra pytest args]
+#   CURVOP_GPU_BENCH=1 bash tests/gpu/run.sh   # then the curvature-family benchmark rows on CUDA too
 # Needs a CUDA machine; tests whose framework is missing or sees no GPU are skipped with a reason (-rs).
+# The family's GPU tests (GGN, Fisher, Jacobian, solve: issue 22) are among the GPU-marked ones.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,3 +29,7 @@ for m in ("torch", "tensorflow", "jax", "cupy"):
         print(f"{m:<10} import/device query failed: {err}")
 PY
 python -m pytest -m gpu tests -q -rs "$@"
+if [ "${CURVOP_GPU_BENCH:-0}" = "1" ]; then
+    # GGN / Fisher / solve against curvlinops on CUDA; prints the table for docs/performance.md
+    python benchmarks/gpu_family.py --out "${CURVOP_GPU_BENCH_OUT:-benchmarks/results/gpu_family.json}"
+fi

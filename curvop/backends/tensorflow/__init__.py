@@ -4,9 +4,14 @@ Everything here imports TensorFlow; nothing outside this folder imports it. One 
 
 * ``backend``: :class:`TensorFlowBackend`, the template plus TensorFlow's products in a
   ``tf.function`` (``hessian``, ``hessian_of``);
+* ``curvature``: the curvature family (GGN, Fisher, Jacobian) on the backend; ``sampling``: the
+  Monte-Carlo Fisher's target draws (:func:`sample_targets`);
 * ``model``: variables of Keras models and ``tf.Module``s, batch signatures, Keras loss objects.
 """
 
 from curvop.backends.tensorflow.backend import LossPrecisionError, TensorFlowBackend, hessian, hessian_of
+from curvop.backends.tensorflow.curvature import TensorFlowCurvature, fisher, ggn, jacobian
+from curvop.backends.tensorflow.sampling import sample_targets
 
-__all__ = ["TensorFlowBackend", "LossPrecisionError", "hessian", "hessian_of"]
+__all__ = ["TensorFlowBackend", "TensorFlowCurvature", "LossPrecisionError", "fisher", "ggn", "hessian", "hessian_of",
+           "jacobian", "sample_targets"]

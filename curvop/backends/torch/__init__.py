@@ -6,6 +6,8 @@ through the registry). One module a concern:
 * ``backend``: :class:`TorchBackend`, the template plus torch's products (``hessian``, ``hessian_of``);
 * ``graph``: the Hessian from one autograd graph, a closure's or given gradients' (``hessian_of``'s
   torch.optim forms);
+* ``curvature``: the curvature family (GGN, Fisher, Jacobian) on the backend; ``sampling``: the
+  Monte-Carlo Fisher's target draws (:func:`sample_targets`);
 * ``model``: the model adapter (``functional_call``, batches, buffers, losses) and the factories;
 * ``checks``: parameters and losses described for the template's checks, torch's advice;
 * ``state``: the lock, the per-batch seeds of train-mode products, inference-mode errors;
@@ -28,8 +30,13 @@ from typing import Any
 
 from curvop.backends.torch.distributed import DistributedError, is_main_process
 
-__all__ = ["TorchBackend", "DistributedError", "batch_seed", "hessian", "hessian_of", "is_main_process"]
+__all__ = ["TorchBackend", "DistributedError", "batch_seed", "hessian", "hessian_of", "is_main_process",
+           "TorchCurvature", "ggn", "fisher", "jacobian", "sample_targets"]
 _FROM_BACKEND = ("TorchBackend", "batch_seed", "hessian")
+#: hessian_of (a function of the parameters, or a closure or gradients), the curvature family (GGN,
+#: Fisher, Jacobian) and its target sampling
+_FROM = {"hessian_of": "graph", **{name: "curvature" for name in ("TorchCurvature", "ggn", "fisher", "jacobian")},
+         "sample_targets": "sampling"}
 
 
 def __getattr__(name: str) -> Any:
@@ -37,6 +44,6 @@ def __getattr__(name: str) -> Any:
     import no torch at import time, so a launcher script can ask ``is_main_process()`` cheaply."""
     if name in _FROM_BACKEND:
         return getattr(importlib.import_module("curvop.backends.torch.backend"), name)
-    if name == "hessian_of":  # a function of the parameters, or (graph) a closure or gradients
-        return importlib.import_module("curvop.backends.torch.graph").hessian_of
+    if name in _FROM:
+        return getattr(importlib.import_module(f"curvop.backends.torch.{_FROM[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

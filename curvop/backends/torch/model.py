@@ -26,7 +26,7 @@ from curvop.backends.base import Backend
 from curvop.backends.dataset import Dataset, resolve_reduction
 from curvop.backends.selection import select
 
-__all__ = ["Buffers", "check_unknown", "factories", "function_problem", "model_problem", "train_seed"]
+__all__ = ["Buffers", "backend_options", "check_unknown", "factories", "function_problem", "model_problem", "train_seed"]
 
 Tensor = torch.Tensor
 
@@ -36,8 +36,7 @@ def factories(backend: type[Backend]) -> tuple[Callable[..., Backend], Callable[
 
     Built here, around the class, so that this adapter never imports the backend module.
     """
-    internal = {"self", "loss", "params", "dataset", "watch", "on_change", "check_state", "rng_seed", "module"}
-    valid = [k for k in inspect.signature(backend.__init__).parameters if k not in internal]
+    valid = backend_options(backend)
 
     def hessian(
         model: torch.nn.Module,
@@ -136,12 +135,20 @@ def factories(backend: type[Backend]) -> tuple[Callable[..., Backend], Callable[
     return hessian, hessian_of
 
 
+def backend_options(backend: type[Backend]) -> list[str]:
+    """The user-facing options of a torch backend class: its keyword arguments less the adapter's."""
+    internal = {"self", "loss", "params", "dataset", "watch", "on_change", "check_state", "rng_seed", "module"}
+    return [k for k in inspect.signature(backend.__init__).parameters if k not in internal]
+
+
 def model_problem(model: Any, loss_fn: Any, data: Any, *, params: Any, reduction: str | None,
-                  batch_weight: Any, options: dict[str, Any], valid: list[str]) -> dict[str, Any]:
+                  batch_weight: Any, options: dict[str, Any], valid: list[str],
+                  with_forward: bool = False) -> dict[str, Any]:
     """The backend's ``loss``, ``params``, ``dataset`` and model hooks for ``hessian(model, loss_fn, data)``.
 
     ``options`` are the other keyword arguments: ``train_mode`` and ``seed`` are taken out of it,
-    the rest must be in ``valid`` (the backend's options).
+    the rest must be in ``valid`` (the backend's options). ``with_forward``: also ``forward(p,
+    inputs)``, the model's outputs (the curvature family, :mod:`curvop.backends.torch.curvature`).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
@@ -173,17 +180,20 @@ def model_problem(model: Any, loss_fn: Any, data: Any, *, params: Any, reduction
             "lambda b: (b[1] != -100).sum() for ignored targets)"
         )
 
+    def forward(p: dict[str, Tensor], inputs: Any) -> Any:
+        return _call(model, (p, consts, buffers.copies), inputs, modes)
+
     def loss(p: dict[str, Tensor], batch: Any) -> Tensor:
-        tensors = (p, consts, buffers.copies)
         if loss_fn is None:  # the model computes its own loss
-            return _model_loss(model, tensors, batch, modes)
+            return _model_loss(model, (p, consts, buffers.copies), batch, modes)
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise ValueError("each batch must be a pair (inputs, targets)")
         inputs, targets = batch
-        return loss_fn(_call(model, tensors, inputs, modes), targets)
+        return loss_fn(forward(p, inputs), targets)
 
+    extra = {"forward": forward} if with_forward else {}
     return dict(loss=loss, params=selected, dataset=dataset, watch=list(buffers.live.values()),
-                on_change=buffers.refresh, check_state=buffers.check, rng_seed=rng_seed, module=model)
+                on_change=buffers.refresh, check_state=buffers.check, rng_seed=rng_seed, module=model, **extra)
 
 
 def _call(model: torch.nn.Module, tensors: tuple[dict[str, Tensor], ...], inputs: Any, modes: ModuleModes) -> Any:

@@ -83,6 +83,9 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
         error if torch finds no CUDA device. ``False``: on the CPU.
     seed : int, optional
         curvop extension: seed of the probes. Default ``torch.initial_seed()``.
+    curvature : {"hessian", "ggn"}
+        curvop extension: ``"ggn"`` analyses the generalized Gauss-Newton ``Jᵀ (∂²L/∂f²) J``
+        (:func:`curvop.ggn`, positive semi-definite) instead of the Hessian, with the same methods.
     **options
         curvop extension: options of :func:`curvop.hessian` (``hvp=``, ``cache=``, ...).
 
@@ -107,7 +110,9 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
     """
 
     def __init__(self, model: torch.nn.Module, criterion: Any, data: Any = None, dataloader: Any = None,
-                 cuda: bool = True, *, seed: int | None = None, **options: Any) -> None:
+                 cuda: bool = True, *, seed: int | None = None, curvature: str = "hessian", **options: Any) -> None:
+        if curvature not in ("hessian", "ggn"):
+            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
         if (data is None) == (dataloader is None):
             raise ValueError("pass exactly one of data=(inputs, targets) (one batch) or dataloader=loader")
         if not isinstance(model, torch.nn.Module):
@@ -134,7 +139,8 @@ class hessian:  # noqa: N801 -- PyHessian's name, so that scripts run unchanged
         # PyHessian weights the batches of a loader by their size whatever the criterion's reduction
         options.setdefault("reduction", "mean")
         with _eval_mode(model):
-            self.operator = curvop.hessian(model, criterion, self.data if self.full_dataset else data, **options)
+            build = curvop.ggn if curvature == "ggn" else curvop.hessian
+            self.operator = build(model, criterion, self.data if self.full_dataset else data, **options)
         self._numels = [p.numel() for p in self.params]
 
     @property

@@ -137,3 +137,9 @@ def test_jax_data_parallel_over_host_devices_matches_dense(result):
     assert abs(a["trace"] - o["trace"]) < 1e-8 * max(1.0, abs(o["trace"]))
     for key in ("nodes", "weights", "diag"):
         np.testing.assert_allclose(a[key], o[key], rtol=1e-7, atol=1e-9)
+
+
+def test_issue22_ggn_of_a_sharded_model_matches_the_dense_ggn(result):
+    devices, r = result
+    assert r["ggn"]["diff"] < 1e-10
+    assert r["ggn"]["spec"] == ["curvop_flat"] and r["ggn"]["devices"] == devices  # vectors stay sharded

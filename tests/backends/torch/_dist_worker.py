@@ -76,6 +76,26 @@ def agree(rank, world, out):
     return res
 
 
+def family(rank, world, out):
+    """Issue 22: the GGN and the empirical Fisher over the ranks' shards equal the whole data's."""
+    model, batches = model_and_data()
+    shard = batches[rank * 3:(rank + 1) * 3]
+    loss = nn.CrossEntropyLoss()
+    v = np.random.default_rng(5).standard_normal((sum(p.numel() for p in model.parameters()), 2))
+    diffs = {}
+    for name, build in {"ggn": curvop.ggn,
+                        "empirical": lambda *a, **k: curvop.fisher(*a, kind="empirical", **k)}.items():
+        full = build(model, loss, batches, process_group=False) @ v
+        for mode, kw in {"uncached": {}, "cached": {"cache": True}}.items():
+            diffs[f"{name} {mode}"] = float(np.abs(build(model, loss, shard, timeout=30, **kw) @ v - full).max())
+    try:
+        curvop.jacobian(model, shard, timeout=30)
+        jac = None
+    except NotImplementedError as err:
+        jac = str(err)
+    return {"diffs": diffs, "jacobian": jac}
+
+
 def fault(rank, world, out, how):
     model, batches = model_and_data()
     H = curvop.hessian(model, nn.CrossEntropyLoss(), batches[rank * 3:(rank + 1) * 3], timeout=4)
@@ -225,6 +245,8 @@ def main():
                             timeout=datetime.timedelta(seconds=group_timeout))
     if scenario == "agree":
         res = agree(rank, world, prefix)
+    elif scenario == "family":
+        res = family(rank, world, prefix)
     elif scenario == "seeds":
         res = seeds(rank, world, prefix)
     elif scenario == "rank0only":
@@ -243,7 +265,7 @@ def main():
         res = fault(rank, world, prefix, scenario)
     with open(f"{prefix}.{rank}.json", "w") as f:
         json.dump(res, f)
-    if scenario in ("agree", "seeds", "dtype", "cuda_gloo", "device") or scenario.startswith("alone_"):
+    if scenario in ("agree", "family", "seeds", "dtype", "cuda_gloo", "device") or scenario.startswith("alone_"):
         dist.destroy_process_group()
     else:
         os._exit(0)  # the group is broken; do not wait in destroy_process_group

@@ -234,3 +234,12 @@ def test_issue12_item14_device_type_mismatch_across_ranks_fails_clearly(tmp_path
         r = _result(tmp_path, rank)
         assert r["error"] is not None and r["type"] == "DistributedError", r
         assert "on cuda" in r["error"] and "on cpu" in r["error"], r["error"]
+
+
+@pytest.mark.timeout(240)
+def test_issue22_ggn_and_fisher_over_two_ranks_match_the_whole_data(tmp_path):
+    r0, r1 = _run_ok("family", tmp_path, timeout=220)
+    for r in (r0, r1):
+        for name, d in r["diffs"].items():
+            assert d < 1e-12, (name, d)
+        assert "process_group=False" in r["jacobian"]
