@@ -29,10 +29,10 @@ if [ $rehearse = 1 ]; then
     step baselines 300 python benchmarks/baselines.py --frameworks jax --quick --out "$OUT/baselines.json"
     exit 0
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; bash tests/gpu/run.sh; } >"$OUT/tests.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; timeout 150 bash tests/gpu/run.sh; } >"$OUT/tests.txt" 2>&1
 echo "== tests: rc=$?"; tail -n 15 "$OUT/tests.txt"
-step models 170 python benchmarks/models.py --device cuda --models resnet18 tiny_vit gpt2 \
+step models 150 python benchmarks/models.py --device cuda --models resnet18 tiny_vit gpt2 \
     --dtypes float32 --batches 32 --repeats 9 --out "$OUT/models.json"
-step family 110 python benchmarks/gpu_family.py --out "$OUT/family.json"
+step family 100 python benchmarks/gpu_family.py --out "$OUT/family.json"
 # JAX on the GPU against its hand-written products (the image has no TensorFlow; torch runs on the CPU there)
-step baselines 150 python benchmarks/baselines.py --frameworks jax --rounds 9 --out "$OUT/baselines.json"
+step baselines 120 python benchmarks/baselines.py --frameworks jax --rounds 9 --out "$OUT/baselines.json"
