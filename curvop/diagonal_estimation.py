@@ -104,7 +104,8 @@ def _xdiag_covariance(E: Array, A: Array, B: Array, Om: Array, S, R, rows: int =
     SR = S.T @ R
     gam = p * SR.T + q * np.diag(SR)[:, None]  # γ_ij = v_ijᵀ Rᵢ
     step = -(-n // rows)
-    cov = concat([_xdiag_covariance_rows(E[a:a + step], A[a:a + step], B[a:a + step], Om[a:a + step],
+    rows_of = lambda X, a: X[a:a + step, :]  # noqa: E731 (two indices: the Array API wants one per axis)
+    cov = concat([_xdiag_covariance_rows(rows_of(E, a), rows_of(A, a), rows_of(B, a), rows_of(Om, a),
                                          p, q, gam) for a in range(0, n, step)], axis=0)
     return cov if np.isfinite(float(namespace(cov).sum(abs(cov)))) else None
 

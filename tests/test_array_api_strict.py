@@ -185,8 +185,11 @@ def test_issue13_item4_numpy_goes_through_scipys_contract(A):
     # scipy's contract plus the entry points that must keep native arrays native: nothing else
     plumbing = {"__init__", "__repr__", "__doc__", "__module__", "__dict__", "__weakref__"}
     own = {k for k in vars(HessianOperator) if hasattr(sla.LinearOperator, k)} - plumbing
+    # __matmul__: a native array goes straight to the product, without scipy's per-call isscalar
+    # (issue 27); __reduce_ex__: pickling raises a TypeError that names the fix (issue 26)
     assert own == {"_matvec", "_matmat", "_rmatvec", "_rmatmat", "_adjoint", "_transpose",
-                   "matvec", "matmat", "rmatvec", "rmatmat", "dot", "__rmatmul__"}, sorted(own)
+                   "matvec", "matmat", "rmatvec", "rmatmat", "dot", "__rmatmul__", "__matmul__",
+                   "__reduce_ex__"}, sorted(own)
 
 
 def test_issue13_item4_the_algorithms_adapter(A, dev):
