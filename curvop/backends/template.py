@@ -165,6 +165,11 @@ class AutodiffBackend(Backend):
                     raise VerificationError(f"H v differs from central differences of the gradient: {result!r}; "
                                             "the products cannot be trusted (try another hvp= mode)", result)
 
+    def _rounding_dtype(self) -> Any:
+        """The precision the products' rounding is judged by (the symmetry check's tolerance):
+        ``self.dtype``, unless the framework saw parts of the model compute in a lower one."""
+        return self.dtype
+
     def _build(self) -> None:
         """The cache, then the determinism and symmetry checks on the products' own path (both in the
         current mode: :func:`curvop.backends.selfcheck.check_products`)."""
@@ -355,9 +360,16 @@ class AutodiffBackend(Backend):
                 return self._finite(y, v, True)
         return self._looped(v)
 
+    #: ``False``: a block makes one pass over the data per column (a framework that cannot run
+    #: the columns of one batch back to back; see JAX's sharded products).
+    one_pass_blocks = True
+
     def _looped(self, v: Array) -> Array:
         """One product per column, in one pass over the data (each batch computes every column, see
         :meth:`_columns`), checked once for the block (one sync, not one per column)."""
+        if not self.one_pass_blocks:
+            y = arrays.stack([self._reduce(v[:, j], False) for j in range(v.shape[1])], axis=1)
+            return self._finite(y, v, COLUMNS)
         return self._finite(self._reduce(v, COLUMNS), v, COLUMNS)
 
     def _columns(self, columns: list[Array], batch: Any, index: int) -> Array:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.func import grad, jvp, vmap
 
-from curvop._dtypes import dtype_name
+from curvop._dtypes import dtype_name, precision_bits
 from curvop.backends.dataset import map_batch
 from curvop.backends.torch.checks import TorchAdvice, loss_info, param_infos
 from curvop.backends.torch.context import PrecisionWatch, build_time, mode_failure, no_second_derivative
@@ -139,6 +139,16 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
         self._complete(self._first_loss, check_loss_dtype)
         self._watch_precision.warn(self.torch_dtype)
         self._watch_precision = None
+
+    def _rounding_dtype(self) -> Any:
+        """The lowest precision the first forward computed in with the parameters (Llama's float32
+        RMSNorm in a float64 model rounds the products to float32), else the operator's dtype."""
+        if self._watch_precision is not None:
+            low = sorted({dt for _, _, dt in self._watch_precision.found.values()}, key=lambda d: precision_bits(d) or 64)
+            self._low_dtype = (low[0] if low[0] == "bfloat16" else np.dtype(low[0])) if low else None
+        return self._low_dtype or self.dtype
+
+    _low_dtype = None
 
     def _first_loss(self) -> Any:
         """The loss on the first batch, described for the template's checks."""
