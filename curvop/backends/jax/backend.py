@@ -111,6 +111,9 @@ class JaxBackend(AutodiffBackend):
         first = dataset.first()
         check_batch(first)
         self._layout = sharding.layout(params, first)  # None unless leaves are sharded
+        # the columns of a block back to back on one batch of a sharded model deadlock XLA's CPU
+        # collectives (4 host devices, to_dense): one pass per column there, as before
+        self.one_pass_blocks = self._layout is None
         flat, self._unravel = ravel_pytree(params) if self._layout is None else self._layout.spec()
         self.size = int(flat.shape[0])
         if self.size == 0:
