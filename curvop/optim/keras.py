@@ -29,7 +29,7 @@ from keras import ops
 
 import curvop
 from curvop.optim.rules import check_adahessian, check_sophia, curvature_step, probe_rng
-from curvop.backends.tensorflow.sampling import likelihood_of, sample_targets
+from curvop.backends.tensorflow import likelihood_of, sample_targets
 
 __all__ = ["AdaHessian", "SophiaH", "SophiaG", "CurvatureCallback"]
 

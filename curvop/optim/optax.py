@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 import curvop
 from curvop.optim.rules import check_adahessian, check_sophia, curvature_step, probe_rng
-from curvop.backends.jax.sampling import sample_targets
+from curvop.backends.jax import sample_targets
 
 __all__ = ["AdaHessianState", "SophiaState", "adahessian", "sophia_h", "sophia_g"]
 

@@ -17,7 +17,7 @@ import torch
 
 import curvop
 from curvop.optim.rules import check_adahessian, check_sophia, curvature_step, probe_rng
-from curvop.backends.torch.sampling import likelihood_of, sample_targets
+from curvop.backends.torch import likelihood_of, sample_targets
 
 __all__ = ["AdaHessian", "SophiaH", "SophiaG"]
 

@@ -26,7 +26,7 @@ it is a global JAX flag, and without it JAX silently computes in float32.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +127,9 @@ class JaxBackend(AutodiffBackend):
         # placed the same way, since jit compiles again for an argument committed to a device
         self._uncommitted = self._layout is None and not flat.committed
         self._host_readable = len(self.sharding.device_set) == 1 and self.device.platform == "cpu"
+        # several host (CPU) devices: XLA's in-process collectives can deadlock when programs with
+        # collectives are in flight at once on a loaded machine, so each batch's product is waited for
+        self._serial = len(self.sharding.device_set) > 1 and self.device.platform == "cpu"
         self._complete(_loss_info(loss, params, first), check_loss_dtype)
 
     # --- the template's hooks ---------------------------------------------------------------------
@@ -185,6 +188,10 @@ class JaxBackend(AutodiffBackend):
             raise ValueError("on(data, params=...) needs parameters of the operator's structure, shapes and dtype; "
                              "build a new operator with curvop.hessian_of for other parameters")
         self._params = new
+
+    def _products(self, v: Array, batched: Any, fresh: bool = False) -> Iterator[tuple[Array, Any]]:
+        for p, w in super()._products(v, batched, fresh):
+            yield (jax.block_until_ready(p) if self._serial else p), w
 
     def _product(self, v: Array, batch: Any, batched: bool) -> Array:
         if self.cache:  # linearized afresh and applied: the cache's two compiled functions, no third to compile

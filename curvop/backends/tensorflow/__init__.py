@@ -11,7 +11,7 @@ Everything here imports TensorFlow; nothing outside this folder imports it. One 
 
 from curvop.backends.tensorflow.backend import LossPrecisionError, TensorFlowBackend, hessian, hessian_of
 from curvop.backends.tensorflow.curvature import TensorFlowCurvature, fisher, ggn, jacobian
-from curvop.backends.tensorflow.sampling import sample_targets
+from curvop.backends.tensorflow.sampling import likelihood_of, sample_targets
 
 __all__ = ["TensorFlowBackend", "TensorFlowCurvature", "LossPrecisionError", "fisher", "ggn", "hessian", "hessian_of",
-           "jacobian", "sample_targets"]
+           "jacobian", "likelihood_of", "sample_targets"]

@@ -31,12 +31,12 @@ from typing import Any
 from curvop.backends.torch.distributed import DistributedError, is_main_process
 
 __all__ = ["TorchBackend", "DistributedError", "batch_seed", "hessian", "hessian_of", "is_main_process",
-           "TorchCurvature", "ggn", "fisher", "jacobian", "sample_targets"]
+           "TorchCurvature", "ggn", "fisher", "jacobian", "likelihood_of", "sample_targets"]
 _FROM_BACKEND = ("TorchBackend", "batch_seed", "hessian")
 #: hessian_of (a function of the parameters, or a closure or gradients), the curvature family (GGN,
 #: Fisher, Jacobian) and its target sampling
 _FROM = {"hessian_of": "graph", **{name: "curvature" for name in ("TorchCurvature", "ggn", "fisher", "jacobian")},
-         "sample_targets": "sampling"}
+         "sample_targets": "sampling", "likelihood_of": "sampling"}
 
 
 def __getattr__(name: str) -> Any:
