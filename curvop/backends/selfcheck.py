@@ -137,7 +137,8 @@ def check_products(backend: Any, *, deterministic: bool, symmetric: bool) -> Non
             f"{b.name} backend's cached mode: pass cache=False (or another hvp= mode)")
     if not symmetric:
         return
-    tol = symmetry_tolerance(b._rounding_dtype())
+    rounding = b._rounding_dtype()
+    tol = symmetry_tolerance(rounding)
     r = relative_asymmetry(un, wn, hu, hw)
     if r <= tol:
         return
@@ -145,9 +146,14 @@ def check_products(backend: Any, *, deterministic: bool, symmetric: bool) -> Non
     rel = _differ(hu, again, b.dtype)
     if rel is not None and deterministic:
         raise NondeterministicProductError(nondeterminism_message(rel, 1000 * np.finfo(b.dtype).eps))
-    blocks = locate_asymmetry(lambda v: path(b.from_numpy(v)), un, wn, list(b._blocks()), b._rounding_dtype(),
+    blocks = locate_asymmetry(lambda v: path(b.from_numpy(v)), un, wn, list(b._blocks()), rounding,
                               scale=np.linalg.norm(hu) * np.sqrt(un.size) / np.linalg.norm(un))
     raise AsymmetricHessianError(_asymmetry_message(b, r, tol, blocks, cached, rel), r, tol, tuple(blocks))
+
+
+def _label(dtype: Any) -> str:
+    """A dtype's name; ``"bfloat16"`` (numpy has none) as it is."""
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
 
 
 def _asymmetry_message(b: Any, r: float, tol: float, blocks: list[tuple[str, str, float]], cached: bool,
@@ -157,7 +163,7 @@ def _asymmetry_message(b: Any, r: float, tol: float, blocks: list[tuple[str, str
     other = {"forward": "reverse", "reverse": "forward"}.get(mode)
     return (
         f"the Hessian-vector products are not symmetric: u·(Hw) and w·(Hu) differ by {r:.1e} relative "
-        f"(rounding stays below {tol:.1e} in {np.dtype(b.dtype).name if b._rounding_dtype() is b.dtype else b._rounding_dtype()}), so an op of the model has a wrong second "
+        f"(rounding stays below {tol:.1e} in {_label(b._rounding_dtype())}), so an op of the model has a wrong second "
         f"derivative in {b.name}'s {mode or ''} mode{' (cached)' if cached else ''}"
         + (f"; the asymmetry is in {where}" if where else "")
         + (f"; the products also change from call to call ({random:.1e}, check_deterministic=False)" if random else "")

@@ -143,9 +143,10 @@ class TorchBackend(TorchAdvice, AutodiffBackend):
     def _rounding_dtype(self) -> Any:
         """The lowest precision the first forward computed in with the parameters (Llama's float32
         RMSNorm in a float64 model rounds the products to float32), else the operator's dtype."""
-        if self._watch_precision is not None:
-            low = sorted({dt for _, _, dt in self._watch_precision.found.values()}, key=lambda d: precision_bits(d) or 64)
-            self._low_dtype = (low[0] if low[0] == "bfloat16" else np.dtype(low[0])) if low else None
+        if self._watch_precision is not None:  # during the build: what the first forward computed in
+            found = {dt for _, _, dt in self._watch_precision.found.values()}
+            low = min(found, key=lambda d: precision_bits(d) or 64, default=None)
+            self._low_dtype = low if low in (None, "bfloat16") else np.dtype(low)
         return self._low_dtype or self.dtype
 
     _low_dtype = None
