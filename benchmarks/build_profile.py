@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     import _baseline_models as zoo
     import baselines
 
-    import curvop.backends.template as template
+    from curvop.backends import template
 
     if args.framework == "torch":
         import torch
@@ -93,8 +93,12 @@ def main(argv=None) -> None:
         import curvop
 
         model, loss, batch = problem
-        contenders[baselines.DEFAULT] = baselines.Contender(
-            "curvop", lambda: (lambda H: (lambda u: H @ u))(curvop.hessian(model, loss, batch, **options)))
+
+        def with_options():
+            H = curvop.hessian(model, loss, batch, **options)
+            return lambda u: H @ u
+
+        contenders[baselines.DEFAULT] = baselines.Contender("curvop", with_options)
     sync(gradient())
     t = time.perf_counter()
     for _ in range(5):
