@@ -39,6 +39,7 @@ def _runs(out: Path) -> dict[str, tuple[list[str], dict, int]]:
                                "--tol-on", "eigenvalue", "residual", "--out", str(out / "misses.json")], CLEAN, 300),
         "accuracy": (["accuracy.py", "--quick"], CLEAN, 120),
         "baselines": (["baselines.py", "--quick", "--rounds", "2", "--out", str(out / "baselines.json")], CLEAN, 600),
+        "build_profile": (["build_profile.py", "--framework", "torch", "--quick", "--repeats", "1"], CLEAN, 300),
     }
     if HAVE_PEERS:
         runs = {"peers": (["peers.py", "--quick", "--out", str(out / "peers")], INHERIT, 880), **runs}
@@ -176,6 +177,16 @@ def test_baselines_quick_runs_every_contender_and_checks_its_products(bench):
         assert r["max_rel_error"] < 1e-3 and all(x > 0 for x in r["x_grad"].values())
         assert all(len(t) == 2 for t in r["rounds_ms"].values())
     assert "| tensorflow | mlp |" in stdout and "reverse mode (auto" in stdout
+
+
+@smoke("build_profile")
+def test_build_profile_quick_splits_the_build_and_times_every_hand_written_first_call(bench):
+    # benchmarks/build_profile.py: curvop's build in phases (the self-check with its product count)
+    # next to the first call of every hand-written contender with the batch as arguments
+    stdout, _ = _ok(bench, "build_profile")
+    assert "curvop default: build + first product" in stdout and "self-check" in stdout
+    assert "products" in stdout and "autograd.grad, retained graph: first call" in stdout
+    assert "torch.func jvp(grad): first call" in stdout
 
 
 def test_warm_start_oracle_products_counts_the_first_product_within_tol():

@@ -163,14 +163,21 @@ class JaxBackend(AutodiffBackend):
         self._freshk = jax.jit(summed(jax.vmap(one, in_axes=(None, None, 1), out_axes=1)))
         if self.cache:
             self.mode = "forward"  # a linearization
+            cpu = self.device.platform == "cpu"
+            # the linear map applied per product is compiled at LLVM level 1 on CPU: its compile
+            # took 0.8x (MLP) and 0.8-0.9x (transformer) of level 2's, products the same to within
+            # the noise (median ratios 1.005, 0.98, 0.994 on the MLP, CNN and transformer of
+            # benchmarks/baselines.py; benchmarks/build_profile.py shows the build's compiles)
+            o1 = {"xla_backend_optimization_level": 1} if cpu else None
             apply = lambda lin, v: ravel(lin(unravel(v)))  # noqa: E731
-            self._lin = (jax.jit(summed(apply)), jax.jit(summed(jax.vmap(apply, in_axes=(None, 1), out_axes=1))))
+            self._lin = (jax.jit(summed(apply), compiler_options=o1),
+                         jax.jit(summed(jax.vmap(apply, in_axes=(None, 1), out_axes=1)), compiler_options=o1))
             # linearize inside jit: one compiled forward+backward per batch shape, returning the
             # linear map (a jax.tree_util.Partial holding the residuals) to apply per product. It
             # runs a few times per batch (the build's check and the cache), so on CPU it is compiled
             # without LLVM's optimisations: half the compile time, which dominates the build
             # (benchmarks/baselines.py), for tens of milliseconds more per run.
-            fast = {"xla_backend_optimization_level": 0} if self.device.platform == "cpu" else None
+            fast = {"xla_backend_optimization_level": 0} if cpu else None
             self._linearize_jit = jax.jit(lambda p, b: jax.linearize(lambda q: grad_fn(q, b), p)[1],
                                           compiler_options=fast)
 
