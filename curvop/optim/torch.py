@@ -79,9 +79,10 @@ class _Curvature(torch.optim.Optimizer):
     def _diagonal(self, H: Any, step: int, params: list[Tensor]) -> list[Tensor]:
         """Hutchinson's estimate of diag(H) (``H`` over ``params``, in order), split per parameter: the
         mean of ``z ⊙ Hz`` over ``num_probes`` Rademacher probes from ``(seed, step)``, one block product."""
-        Z = H.random((H.shape[0], self._shared("num_probes")), "rademacher", seed=probe_rng(self._shared("seed"), step))
+        k = self._shared("num_probes")
+        Z = H.random((H.shape[0], k), "rademacher", seed=probe_rng(self._shared("seed"), step))
         with torch.enable_grad():
-            d = (Z * H.matmat(Z)).mean(dim=1)
+            d = Z[:, 0] * H.matvec(Z[:, 0]) if k == 1 else (Z * H.matmat(Z)).mean(dim=1)
         return list(d.split([p.numel() for p in params]))
 
 def _gradient(closure: Callable[[], Tensor], params: list[Tensor]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
