@@ -334,3 +334,26 @@ def test_gnb_estimate_is_unbiased_for_the_gauss_newton_diagonal(kind):
     draws = np.array(draws)
     z = (draws.mean(0) - want) / (draws.std(0, ddof=1) / np.sqrt(len(draws)) + 1e-300)
     assert np.max(np.abs(z)) < 4.5
+
+
+@pytest.mark.parametrize("official", [False, True], ids=["closure", "official-pattern"])
+def test_no_graph_or_batch_is_held_between_steps(official):
+    """The operator kept from the first step holds neither that step's graph nor its closure (whose
+    batch would stay alive, with every activation, until the next step)."""
+    import gc
+    import weakref
+
+    model, x, y, loss_fn = _net(5)
+    opt = co.AdaHessian(model.parameters(), lr=0.01)
+    batch = x.clone()
+    alive = weakref.ref(batch)
+    if official:
+        loss_fn(model(batch), y).backward(create_graph=True)
+        opt.step()
+        for p in model.parameters():
+            p.grad = None
+    else:
+        opt.step(lambda: loss_fn(model(batch), y))
+    del batch
+    gc.collect()
+    assert alive() is None
