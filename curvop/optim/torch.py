@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable
 import torch
 
 import curvop
-from curvop.backends.base import NondeterministicProductError
 from curvop.optim.rules import check_adahessian, check_sophia, curvature_step, probe_rng
 from curvop.backends.torch import likelihood_of, sample_targets
 
@@ -67,8 +66,8 @@ class _Curvature(torch.optim.Optimizer):
         try:
             H = curvop.hessian_of(graph, params, check_deterministic=check and callable(graph),
                                   check_symmetric=check, check_finite=False)
-        except NondeterministicProductError as err:
-            raise NondeterministicProductError(
+        except curvop.NondeterministicProductError as err:
+            raise curvop.NondeterministicProductError(
                 f"{err} In {type(self).__name__}: fix the cause, or pass check=False to accept it (each step's "
                 "products are then of that step's own evaluation)") from err
         base = copy.copy(H.backend)
