@@ -122,6 +122,8 @@ class AdaHessian(_Curvature):
         The operator's self-checks at the first step, where it is built: a closure evaluated twice
         must give the same products (no dropout in the loss), and the products must be symmetric.
         Later steps reuse that operator on their own graph and run no check (``False``: none at all).
+        The second evaluation is the closure's own code: a BatchNorm in training mode updates its
+        running statistics once more at that step.
 
     Notes
     -----
