@@ -12,7 +12,8 @@ mode at batch 32 from ``benchmarks/_torch_models.py``, and the small character t
 
 Each round runs every contender for 10 steps (so a Sophia round holds exactly one curvature step:
 its amortised cost), the order rotated from round to round; the table gives the median over rounds
-of each contender's time divided by its reference's in the same round.
+of each contender's time divided by its reference's in the same round, with the quartiles of
+those per-round ratios, and the load average of the machine.
 
     PYTHONPATH=. python benchmarks/optim.py            # ~4 minutes on 2 cores
     PYTHONPATH=. python benchmarks/optim.py --rounds 5 # a quick look
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -109,7 +111,8 @@ def measure(name, model, batch, loss_fn, flat, rounds, steps=10):
     rows = []
     for k, t in times.items():
         ref = REFERENCE.get(k)
-        ratio = float(np.median(np.array(t) / np.array(times[ref]))) if ref else None
+        r = np.array(t) / np.array(times[ref]) if ref else None
+        ratio = None if r is None else tuple(float(q) for q in np.quantile(r, (0.5, 0.25, 0.75)))
         rows.append((name, k, 1e3 * float(np.median(t)), ref, ratio))
     return rows
 
@@ -141,11 +144,14 @@ def main():
     rows += measure(f"char transformer ({sum(p.numel() for p in tr.parameters()) / 1e3:.1f}k parameters, "
                     "batch 16 x 32)", tr, batch, ce,
                     lambda out, y: (out.reshape(-1, out.shape[-1]), y.reshape(-1)), args.rounds)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds of 10 steps\n")
-    print("| model | step | ms per step (median) | x reference (median of per-round ratios) |")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds of 10 steps, "
+          f"load average {load} (1, 5, 15 min)\n")
+    print("| model | step | ms per step (median) | x reference (median of per-round ratios, quartiles) |")
     print("| --- | --- | ---: | ---: |")
     for model, k, ms, ref, ratio in rows:
-        print(f"| {model} | {k} | {ms:.1f} | {'' if ratio is None else f'{ratio:.2f} x {ref}'} |")
+        cell = "" if ratio is None else f"{ratio[0]:.2f} x {ref} ({ratio[1]:.2f}-{ratio[2]:.2f})"
+        print(f"| {model} | {k} | {ms:.1f} | {cell} |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ with the functions); the sketching both use is ``curvop.sketch``.
 
 from curvop import arrays, backends, sketch
 from curvop._errors import ModeError, NoSecondDerivativeError, PrecisionWarning
+from curvop.backends.base import NondeterministicProductError
 from curvop.backends.selfcheck import AsymmetricHessianError, Verification, VerificationError
 from curvop.factory import hessian, hessian_of
 from curvop.operator import MAX_DENSE_SIZE, HessianOperator, aslinearoperator
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HessianOperator",
     "AsymmetricHessianError",
+    "NondeterministicProductError",
     "Verification",
     "VerificationError",
     "MAX_DENSE_SIZE",

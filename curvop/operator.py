@@ -170,8 +170,9 @@ class HessianOperator(LinearOperator):
         Much cheaper than building a new operator when one is needed per mini-batch (an optimizer,
         a tracker on fresh batches): the build's checks and compiled functions are reused, only a
         cache for the new data is made. torch and TensorFlow follow the live parameters, so
-        ``params`` is for JAX (a pytree of the same structure, shapes and dtype). The new operator
-        counts its own products.
+        ``params`` is for JAX (a pytree of the same structure, shapes and dtype). The operator of
+        :func:`curvop.hessian_of` of a torch closure or of gradients takes the next closure or
+        gradients as ``data`` (an optimizer's next step). The new operator counts its own products.
 
         >>> import torch, curvop
         >>> model = torch.nn.Linear(2, 1).double()

@@ -133,33 +133,75 @@ def test_adahessian_first_step_uses_the_probe_it_drew_on_the_dense_hessian(offic
         assert p.grad is not None and p.grad.grad_fn is None  # a plain gradient is left, no graph
 
 
-def test_sophia_h_curvature_is_the_dense_diagonal_estimate_on_curvature_steps_only():
+def test_sophia_h_curvature_is_the_dense_diagonal_estimate_on_curvature_steps_only(monkeypatch):
+    """Steps 1 and 3 (every=2) take Hessian-vector products, step 2 none; h after step 1 is
+    (1 − β₂)·z ⊙ Hz with the dense H and the probe of (seed, 1)."""
+    import curvop.backends.torch.graph as G
+
     model, x, y, loss_fn = _net(1)
     params = list(model.parameters())
     opt = co.SophiaH(params, lr=1e-3, every=2, seed=3)
-    calls = []
-    real = curvop.hessian_of
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
+    products = []
+    real = G._reverse_product
+    monkeypatch.setattr(G, "_reverse_product", lambda *a, **k: products.append(1) or real(*a, **k))
     Hd = dense_hessian(model, loss_fn, [(x, y)])
+    counts = []
+    opt.step(lambda: loss_fn(model(x), y))
+    counts.append(len(products))
+    z = random_probes(probe_rng(3, 1), (Hd.shape[0], 1))[:, 0]
+    h1 = 0.01 * z * (Hd @ z)
+    got = torch.cat([opt.state[p]["hessian"].reshape(-1) for p in params]).numpy()
+    np.testing.assert_allclose(got, h1, rtol=1e-9, atol=1e-18)
+    for _ in range(2):
+        opt.step(lambda: loss_fn(model(x), y))
+        counts.append(len(products))
+        if len(counts) == 2:
+            np.testing.assert_array_equal(torch.cat([opt.state[p]["hessian"].reshape(-1) for p in params]).numpy(),
+                                          got)
+    assert counts[0] >= 1 and counts[1] == counts[0] and counts[2] == counts[1] + 1  # one probe at step 3
+
+
+def test_operator_is_built_once_with_its_checks_then_moved_to_each_steps_graph(monkeypatch):
+    """curvop.hessian_of runs at the first step only, with the determinism check for a closure and
+    the symmetry check; the next steps' products are of their own graph (the dense H at the moved
+    parameters, the probe of (seed, t)); check=False builds without checks."""
     import curvop.optim.torch as T
 
-    T.curvop.hessian_of = counting
-    try:
+    builds = []
+    real = curvop.hessian_of
+    monkeypatch.setattr(T.curvop, "hessian_of", lambda *a, **k: builds.append(k) or real(*a, **k))
+    model, x, y, loss_fn = _net(3)
+    params = list(model.parameters())
+    opt = co.AdaHessian(params, lr=0.05, seed=2)
+    for t in range(1, 4):
+        Hd = dense_hessian(model, loss_fn, [(x, y)])
+        before = [opt.state[p]["exp_hessian_diag_sq"].clone() for p in params] if t > 1 else None
         opt.step(lambda: loss_fn(model(x), y))
-        z = random_probes(probe_rng(3, 1), (Hd.shape[0], 1))[:, 0]
-        h1 = 0.01 * z * (Hd @ z)
-        got = torch.cat([opt.state[p]["hessian"].reshape(-1) for p in params]).numpy()
-        np.testing.assert_allclose(got, h1, rtol=1e-9, atol=1e-18)
-        opt.step(lambda: loss_fn(model(x), y))
-        np.testing.assert_array_equal(torch.cat([opt.state[p]["hessian"].reshape(-1) for p in params]).numpy(), got)
-        opt.step(lambda: loss_fn(model(x), y))
-    finally:
-        T.curvop.hessian_of = real
-    assert len(calls) == 2  # steps 1 and 3
+        z = random_probes(probe_rng(2, t), (Hd.shape[0], 1))[:, 0]
+        D = np.split(z * (Hd @ z), np.cumsum([p.numel() for p in params])[:-1])
+        for i, (p, d) in enumerate(zip(params, D)):
+            d = d.reshape(p.shape)
+            if p.dim() == 4:
+                d = np.broadcast_to(d.mean(axis=(2, 3), keepdims=True), p.shape)
+            v0 = 0.0 if before is None else 0.999 * before[i].numpy()
+            np.testing.assert_allclose(opt.state[p]["exp_hessian_diag_sq"].numpy(), v0 + 0.001 * d**2,
+                                       rtol=1e-9, atol=1e-20)
+    assert len(builds) == 1 and builds[0]["check_deterministic"] and builds[0]["check_symmetric"]
+    loss_fn(model(x), y).backward(create_graph=True)
+    opt.step()  # the official pattern: another graph form, built once more, symmetry-checked
+    assert len(builds) == 2 and not builds[1]["check_deterministic"] and builds[1]["check_symmetric"]
+    co.AdaHessian(params, check=False).step(lambda: loss_fn(model(x), y))
+    assert not builds[2]["check_deterministic"] and not builds[2]["check_symmetric"]
+
+
+def test_a_nondeterministic_closure_is_refused_at_the_first_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,))
+    closure = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    with pytest.raises(curvop.NondeterministicProductError, match="pass check=False"):
+        co.AdaHessian(model.parameters()).step(closure)
+    assert co.AdaHessian(model.parameters(), check=False).step(closure) is not None
 
 
 # --- state, seeds, reproducibility ---------------------------------------------------------------
@@ -291,3 +333,26 @@ def test_gnb_estimate_is_unbiased_for_the_gauss_newton_diagonal(kind):
     draws = np.array(draws)
     z = (draws.mean(0) - want) / (draws.std(0, ddof=1) / np.sqrt(len(draws)) + 1e-300)
     assert np.max(np.abs(z)) < 4.5
+
+
+@pytest.mark.parametrize("official", [False, True], ids=["closure", "official-pattern"])
+def test_no_graph_or_batch_is_held_between_steps(official):
+    """The operator kept from the first step holds neither that step's graph nor its closure (whose
+    batch would stay alive, with every activation, until the next step)."""
+    import gc
+    import weakref
+
+    model, x, y, loss_fn = _net(5)
+    opt = co.AdaHessian(model.parameters(), lr=0.01)
+    batch = x.clone()
+    alive = weakref.ref(batch)
+    if official:
+        loss_fn(model(batch), y).backward(create_graph=True)
+        opt.step()
+        for p in model.parameters():
+            p.grad = None
+    else:
+        opt.step(lambda: loss_fn(model(batch), y))
+    del batch
+    gc.collect()
+    assert alive() is None

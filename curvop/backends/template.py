@@ -147,10 +147,7 @@ class AutodiffBackend(Backend):
             if callable(loss):
                 loss = loss()
             if loss is not None:
-                check_loss(loss, self._param_dtype_name(), framework=self._loss_type(),
-                           reduce_fix=self._reduce_advice(),
-                           precision_message=self._precision_message if check_loss_dtype else None,
-                           zero_dim=self.loss_zero_dim)
+                self._check_loss(loss, check_loss_dtype)
             auto = self._auto_options()
             opts = {k: auto[k] if v == "auto" else v for k, v in self._options.items()}
             self.mode = opts["hvp"]
@@ -164,6 +161,12 @@ class AutodiffBackend(Backend):
                 if not result.ok:
                     raise VerificationError(f"H v differs from central differences of the gradient: {result!r}; "
                                             "the products cannot be trusted (try another hvp= mode)", result)
+
+    def _check_loss(self, loss: LossInfo, check_loss_dtype: bool = True) -> None:
+        """The scalar-loss check (:func:`~curvop.backends.checks.check_loss`) in this framework's words."""
+        check_loss(loss, self._param_dtype_name(), framework=self._loss_type(), reduce_fix=self._reduce_advice(),
+                   precision_message=self._precision_message if check_loss_dtype else None,
+                   zero_dim=self.loss_zero_dim)
 
     def _rounding_dtype(self) -> Any:
         """The precision the products' rounding is judged by (the symmetry check's tolerance):

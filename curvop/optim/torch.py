@@ -3,7 +3,9 @@
 Every Hessian product goes through a curvop operator: :func:`curvop.hessian_of` of the closure
 (evaluated once, under curvop's op rewrites, its loss and gradient reused) or of the gradients
 ``p.grad`` that ``loss.backward(create_graph=True)`` left (AdaHessian's official call pattern),
-and :func:`curvop.diagonal` with Rademacher probes drawn from ``(seed, step)``.
+built with its self-checks at the first curvature step and moved to each later step's graph
+(``GraphBackend.on``). The diagonal is Hutchinson's, ``z ⊙ Hz`` for Rademacher probes drawn from
+``(seed, step)`` (as :func:`curvop.diagonal` draws them), one block product per step.
 
 A closure given to ``step`` re-evaluates the model and returns the loss *without* calling
 ``backward``: the optimizer differentiates it and writes the gradient to ``p.grad``.
@@ -11,6 +13,7 @@ A closure given to ``step`` re-evaluates the model and returns the loss *without
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Iterable
 
 import torch
@@ -27,7 +30,18 @@ _BACKWARD_CALLED = ("the closure called loss.backward(), which freed the graph: 
 
 
 class _Curvature(torch.optim.Optimizer):
-    """What the three share: the trainable parameters in order, the global step, the probes."""
+    """What the three share: the trainable parameters in order, the global step, the probes, and the
+    operator of each curvature step's graph.
+
+    The operator is built once, at the first curvature step, by :func:`curvop.hessian_of` with its
+    self-checks (``check=True``: the determinism check of a closure, evaluated twice, and the
+    symmetry check); each later step moves that operator to its own graph
+    (:meth:`~curvop.backends.torch.graph.GraphBackend.on`), which runs no check again, so a step
+    costs its autodiff and a few tensor ops around it.
+    """
+
+    _built: tuple[Any, Any] | None = None  # (graph form, parameters), the released backend (not in state_dict)
+    check = True
 
     def _trainable(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -43,15 +57,32 @@ class _Curvature(torch.optim.Optimizer):
                              f"got {sorted(values)} in different param groups")
         return values.pop()
 
+    def _hessian(self, graph: Any, params: list[Tensor]) -> Any:
+        """The operator of this step's ``graph`` (a closure, or the gradients with their graph) over ``params``."""
+        key = (callable(graph), tuple(map(id, params)))
+        if self._built is not None and self._built[0] == key:
+            return curvop.HessianOperator(self._built[1].on(graph))
+        check = bool(self.check)
+        try:
+            H = curvop.hessian_of(graph, params, check_deterministic=check and callable(graph),
+                                  check_symmetric=check, check_finite=False)
+        except curvop.NondeterministicProductError as err:
+            raise curvop.NondeterministicProductError(
+                f"{err} In {type(self).__name__}: fix the cause, or pass check=False to accept it (each step's "
+                "products are then of that step's own evaluation)") from err
+        base = copy.copy(H.backend)
+        base.release()  # kept to move to the next steps' graphs, without holding this one
+        self._built = (key, base)
+        return H
+
     def _diagonal(self, H: Any, step: int, params: list[Tensor]) -> list[Tensor]:
-        """Hutchinson's estimate of diag(H) (``H`` over ``params``, in order), split per parameter."""
-        rng = probe_rng(self._shared("seed"), step)
-        d = curvop.diagonal(H, num_matvecs=self._shared("num_probes"), seed=rng).estimate
+        """Hutchinson's estimate of diag(H) (``H`` over ``params``, in order), split per parameter: the
+        mean of ``z ⊙ Hz`` over ``num_probes`` Rademacher probes from ``(seed, step)``, one block product."""
+        k = self._shared("num_probes")
+        Z = H.random((H.shape[0], k), "rademacher", seed=probe_rng(self._shared("seed"), step))
+        with torch.enable_grad():
+            d = Z[:, 0] * H.matvec(Z[:, 0]) if k == 1 else (Z * H.matmat(Z)).mean(dim=1)
         return list(d.split([p.numel() for p in params]))
-
-    def _closure_hessian(self, closure: Callable[[], Tensor], params: list[Tensor]) -> Any:
-        return curvop.hessian_of(closure, params, check_deterministic=False, check_finite=False)
-
 
 def _gradient(closure: Callable[[], Tensor], params: list[Tensor]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
     """The closure's loss and its gradient (no graph kept)."""
@@ -87,6 +118,12 @@ class AdaHessian(_Curvature):
         Seed of the probes: step t draws from ``(seed, t)``, so runs and restored runs repeat.
     num_probes : int
         Rademacher probes per estimate (1, as the paper; each costs one Hessian-vector product).
+    check : bool
+        The operator's self-checks at the first step, where it is built: a closure evaluated twice
+        must give the same products (no dropout in the loss), and the products must be symmetric.
+        Later steps reuse that operator on their own graph and run no check (``False``: none at all).
+        The second evaluation is the closure's own code: a BatchNorm in training mode updates its
+        running statistics once more at that step.
 
     Notes
     -----
@@ -108,9 +145,10 @@ class AdaHessian(_Curvature):
 
     def __init__(self, params: Iterable[Any], lr: float = 0.15, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-4, weight_decay: float = 0.0, hessian_power: float = 1.0, *, seed: int = 0,
-                 num_probes: int = 1):
+                 num_probes: int = 1, check: bool = True):
         defaults = check_adahessian(lr, betas, eps, weight_decay, hessian_power, num_probes)
         super().__init__(params, dict(defaults, seed=int(seed)))
+        self.check = bool(check)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -122,14 +160,14 @@ class AdaHessian(_Curvature):
             if not pairs:
                 return None
             params, grads = [p for p, _ in pairs], [g for _, g in pairs]
-            H = curvop.hessian_of(grads, params, check_finite=False)
+            with torch.enable_grad():
+                H = self._hessian(grads, params)
             loss = None
         else:
             with torch.enable_grad():
-                H = self._closure_hessian(closure, params)
+                H = self._hessian(closure, params)
             loss, grads = H.backend.loss, H.backend.gradient
-        with torch.enable_grad():
-            diag = self._diagonal(H, t, params)
+        diag = self._diagonal(H, t, params)
         del H
         found = {}
         for p, g, d in zip(params, grads, diag):
@@ -230,10 +268,10 @@ class _Sophia(_Curvature):
             torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
         denom = torch._foreach_mul(hs, group["rho"])
         torch._foreach_clamp_min_(denom, group["eps"])
-        ratio = torch._foreach_abs(ms)
-        torch._foreach_div_(ratio, denom)
+        ratio = torch._foreach_div(ms, denom)  # sign(m)·min(|m|/d, 1) = clamp(m/d, −1, 1), as d ≥ ε > 0
+        torch._foreach_clamp_min_(ratio, -1.0)
         torch._foreach_clamp_max_(ratio, 1.0)
-        torch._foreach_addcmul_(ps, torch._foreach_sign(ms), ratio, value=-lr)
+        torch._foreach_add_(ps, ratio, alpha=-lr)
 
 
 class SophiaH(_Sophia):
@@ -245,6 +283,7 @@ class SophiaH(_Sophia):
     ``step(closure)``: the closure returns the loss (no ``backward``). On curvature steps (1,
     1 + every, ...) the optimizer evaluates it once under curvop's op rewrites and takes the
     gradient and the products from that one graph; on the others it is one gradient, as AdamW.
+    ``seed``, ``num_probes`` and ``check`` are as for :class:`AdaHessian` (the checks run at step 1).
 
     Examples
     --------
@@ -260,14 +299,15 @@ class SophiaH(_Sophia):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 0.1, eps: float = 1e-15, every: int = 10, *,
-                 seed: int = 0, num_probes: int = 1):
+                 seed: int = 0, num_probes: int = 1, check: bool = True):
         super().__init__(params, lr, betas, rho, weight_decay, eps, every, seed, num_probes)
+        self.check = bool(check)
 
     def _evaluate(self, closure, params, t, due):
         if not due:
             loss, grads = _gradient(closure, params)
             return loss, grads, None
-        H = self._closure_hessian(closure, params)
+        H = self._hessian(closure, params)
         return H.backend.loss, H.backend.gradient, self._diagonal(H, t, params)
 
 

@@ -22,6 +22,7 @@ or ``True``); the template (:class:`~curvop.backends.template.AutodiffBackend`) 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -38,6 +39,8 @@ from curvop.backends.torch.rewrites import Rewrites
 from curvop.backends.torch.state import check_autograd_available, inference_mode_error
 
 __all__ = ["GraphBackend", "graph_form"]
+
+_RELEASED = "this operator's graph was released: make a new one with on(the next closure or gradients)"
 
 Tensor = torch.Tensor
 
@@ -75,6 +78,7 @@ class GraphBackend(TorchBackend):
     """
 
     _check_state = _rng = _watch_precision = None  # no model adapter, no train-mode draws, no forward to watch
+    _g: tuple[Tensor | None, ...] | None = None  # the gradient with its graph (None: released)
 
     def __init__(self, params: dict[str, Tensor], *, closure: Callable[[], Tensor] | None = None,
                  grads: Sequence[Tensor | None] | None = None, hvp: str = "auto", cache: bool | str = "auto",
@@ -122,8 +126,10 @@ class GraphBackend(TorchBackend):
         self._complete(first, check_loss_dtype)
 
     # --- the graph -------------------------------------------------------------------------------
-    def _evaluate(self) -> Any:
-        """Evaluate the closure under the rewrites; keep its gradient's graph; the loss described.
+    def _evaluate(self, describe: bool = True) -> Any:
+        """Evaluate the closure under the rewrites; keep its gradient's graph; the loss described
+        (``describe=False``, on a new closure of a built operator: checked without a host sync, the
+        described loss only when something is wrong, to name it).
 
         The convolution and GELU rewrites stay off: they pay for themselves over many products of
         one graph, and cost more than they save in a graph used for one or two (an optimizer's),
@@ -131,8 +137,12 @@ class GraphBackend(TorchBackend):
         rewritten (their products would fail otherwise), and eval-mode BatchNorm with ``rewrite``."""
         with torch.enable_grad(), Rewrites(conv=False, fast=self._rewrite, gelu=False):
             loss = self._closure()
-        info = loss_info(loss)
-        if not info.type_ok or info.shape not in ((), (1,)) or not loss.requires_grad:
+        if not describe and not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad
+                                 and loss.is_floating_point()):
+            self._check_loss(loss_info(loss))  # names the problem
+            raise TypeError(f"the closure must return the scalar loss, computed with the parameters; got {loss!r}")
+        info = loss_info(loss) if describe else None
+        if describe and (not info.type_ok or info.shape not in ((), (1,)) or not loss.requires_grad):
             return info  # the template's check names the problem
         try:
             g = torch.autograd.grad(loss, self._live, create_graph=True, allow_unused=True)
@@ -166,6 +176,41 @@ class GraphBackend(TorchBackend):
         self._g = grads
         self.gradient = tuple(None if t is None else t.detach() for t in grads)
 
+    # --- a new graph for the built operator -------------------------------------------------------
+    def on(self, data: Any, params: Any = None) -> "GraphBackend":
+        """This operator on a new graph of the same parameters: ``data`` is a new closure, or new
+        gradients, the form the operator was built from (an optimizer's next step).
+
+        What the build checked is kept (options, parameters, loss dtype, the determinism and
+        symmetry checks): only the closure is evaluated, or the gradients are checked against the
+        parameters' shapes, and the cache of the new graph made. The loss is checked without a host sync.
+        """
+        self._rebind(params)
+        new = copy.copy(self)
+        new._g = None
+        if self._closure is not None:
+            if not callable(data):
+                raise TypeError(f"this operator was built from a closure: on() takes the next closure, got "
+                                f"{type(data).__name__}")
+            new._closure = data
+            new._evaluate(describe=False)
+        else:
+            if not isinstance(data, (list, tuple)):
+                raise TypeError("this operator was built from gradients: on() takes the next gradients, one tensor "
+                                f"(or None) per parameter, got {type(data).__name__}")
+            new._set_grads(data)
+        new._versions = [p._version for p in new._live]
+        new._cached = new._build_cache()
+        return new
+
+    def release(self) -> None:
+        """Drop the graph (and the closure), so that what it holds is freed while the backend is kept
+        to make copies with :meth:`on`; products are refused until then."""
+        self._g = self._cached = None
+        self.loss, self.gradient = None, ()
+        if self._closure is not None:
+            self._closure = _released
+
     # --- the template's hooks --------------------------------------------------------------------
     def _auto_options(self) -> dict[str, Any]:
         return {"hvp": "reverse", "cache": True, "batched": self.device.type == "cuda"}
@@ -173,6 +218,8 @@ class GraphBackend(TorchBackend):
     def _follow(self) -> None:
         if torch.is_inference_mode_enabled():
             raise inference_mode_error("a Hessian-vector product")
+        if self._g is None:
+            raise RuntimeError(_RELEASED)
         versions = [p._version for p in self._live]
         if versions == self._versions:
             return
@@ -204,6 +251,10 @@ class GraphBackend(TorchBackend):
     def describe(self) -> str:
         source = "a closure's graph" if self._closure is not None else "the graph of given gradients"
         return f"torch reverse mode on {source}, n={self.size}, {self.torch_dtype} on {self.device}"
+
+
+def _released() -> Any:
+    raise RuntimeError(_RELEASED)
 
 
 def graph_form(f: Any, params: Any, data: Any) -> str | None:

@@ -170,3 +170,38 @@ def test_issue26_closure_with_a_wrong_double_backward_is_refused():
         H.verify()
     right = curvop.hessian_of(lambda: ((a * b) ** 2).sum(), [a, b])  # the plain op passes
     assert np.allclose(right.to_dense(), right.to_dense().T)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_on_moves_the_built_operator_to_a_new_graph_and_release_frees_it():
+    """``H.on(next closure or gradients)`` (an optimizer's next step): the products are the dense
+    Hessian on the new batch at the moved parameters; the build's checks do not run again; a
+    released backend refuses products; a graph of the other form or a bad loss is a clear error."""
+    model, (x, y), loss_fn = _cnn(1)
+    params = list(model.parameters())
+    H = curvop.hessian_of(lambda: loss_fn(model(x), y), params)
+    base = H.backend
+    with torch.no_grad():
+        params[0].mul_(0.5)
+    x2, y2 = 2 * x[:3], y[:3]
+    H2 = H.on(lambda: loss_fn(model(x2), y2))
+    np.testing.assert_allclose(H2.to_dense(), dense_hessian(model, loss_fn, [(x2, y2)]), rtol=1e-10, atol=1e-12)
+    assert float(H2.backend.loss) == pytest.approx(float(loss_fn(model(x2), y2).detach()), rel=1e-14)
+    base.release()
+    with pytest.raises(RuntimeError, match="released"):
+        H.matvec(torch.ones(H.shape[0], dtype=torch.float64))
+    np.testing.assert_allclose(H2.to_dense(), dense_hessian(model, loss_fn, [(x2, y2)]), rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="built from a closure"):
+        base.on([p.grad for p in params])
+    with pytest.raises(ValueError, match="scalar"):
+        base.on(lambda: model(x2).sum(1))
+
+    loss_fn(model(x), y).backward(create_graph=True)
+    G = curvop.hessian_of([p.grad for p in params], params)
+    for p in params:
+        p.grad = None
+    loss_fn(model(x2), y2).backward(create_graph=True)
+    G2 = G.on([p.grad for p in params])
+    np.testing.assert_allclose(G2.to_dense(), dense_hessian(model, loss_fn, [(x2, y2)]), rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="built from gradients"):
+        G.on(lambda: loss_fn(model(x), y))
