@@ -162,8 +162,8 @@ def test_sophia_h_curvature_is_the_dense_diagonal_estimate_on_curvature_steps_on
 
 
 def test_operator_is_built_once_with_its_checks_then_moved_to_each_steps_graph(monkeypatch):
-    """curvop.hessian_of runs at the first step only, with the determinism check for a closure and
-    the symmetry check; the next steps' products are of their own graph (the dense H at the moved
+    """curvop.hessian_of runs at the first step only, with the symmetry check (no determinism check:
+    every product is on the step's one graph); the next steps' products are of their own graph (the dense H at the moved
     parameters, the probe of (seed, t)); check=False builds without checks."""
     import curvop.optim.torch as T
 
@@ -186,7 +186,7 @@ def test_operator_is_built_once_with_its_checks_then_moved_to_each_steps_graph(m
             v0 = 0.0 if before is None else 0.999 * before[i].numpy()
             np.testing.assert_allclose(opt.state[p]["exp_hessian_diag_sq"].numpy(), v0 + 0.001 * d**2,
                                        rtol=1e-9, atol=1e-20)
-    assert len(builds) == 1 and builds[0]["check_deterministic"] and builds[0]["check_symmetric"]
+    assert len(builds) == 1 and not builds[0]["check_deterministic"] and builds[0]["check_symmetric"]
     loss_fn(model(x), y).backward(create_graph=True)
     opt.step()  # the official pattern: another graph form, built once more, symmetry-checked
     assert len(builds) == 2 and not builds[1]["check_deterministic"] and builds[1]["check_symmetric"]
@@ -194,14 +194,24 @@ def test_operator_is_built_once_with_its_checks_then_moved_to_each_steps_graph(m
     assert not builds[2]["check_deterministic"] and not builds[2]["check_symmetric"]
 
 
-def test_a_nondeterministic_closure_is_refused_at_the_first_step():
+@pytest.mark.parametrize("name", ["adahessian", "sophia_h"])
+def test_a_dropout_closure_is_evaluated_once_per_step_and_accepted(name):
+    """Every product of a step is taken on that step's one graph, so a loss with dropout is the
+    step's own sampled loss (as in the official AdaHessian): no determinism check, which would run
+    the user's closure a second time (and refuse dropout) at the first step."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2)).double()
     x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,))
-    closure = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
-    with pytest.raises(curvop.NondeterministicProductError, match="pass check=False"):
-        co.AdaHessian(model.parameters()).step(closure)
-    assert co.AdaHessian(model.parameters(), check=False).step(closure) is not None
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    opt = co.AdaHessian(model.parameters()) if name == "adahessian" else co.SophiaH(model.parameters(), every=1)
+    for step in range(1, 4):
+        assert opt.step(closure) is not None
+        assert len(calls) == step
 
 
 # --- state, seeds, reproducibility ---------------------------------------------------------------

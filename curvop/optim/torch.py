@@ -34,8 +34,7 @@ class _Curvature(torch.optim.Optimizer):
     operator of each curvature step's graph.
 
     The operator is built once, at the first curvature step, by :func:`curvop.hessian_of` with its
-    self-checks (``check=True``: the determinism check of a closure, evaluated twice, and the
-    symmetry check); each later step moves that operator to its own graph
+    symmetry self-check (``check=True``); each later step moves that operator to its own graph
     (:meth:`~curvop.backends.torch.graph.GraphBackend.on`), which runs no check again, so a step
     costs its autodiff and a few tensor ops around it.
     """
@@ -62,14 +61,11 @@ class _Curvature(torch.optim.Optimizer):
         key = (callable(graph), tuple(map(id, params)))
         if self._built is not None and self._built[0] == key:
             return curvop.HessianOperator(self._built[1].on(graph))
-        check = bool(self.check)
-        try:
-            H = curvop.hessian_of(graph, params, check_deterministic=check and callable(graph),
-                                  check_symmetric=check, check_finite=False)
-        except curvop.NondeterministicProductError as err:
-            raise curvop.NondeterministicProductError(
-                f"{err} In {type(self).__name__}: fix the cause, or pass check=False to accept it (each step's "
-                "products are then of that step's own evaluation)") from err
+        # every product of a step is taken on that step's one graph, so a loss with dropout is fine
+        # (the Hessian of the step's own sampled loss, as the official AdaHessian computes): no
+        # determinism check, which would evaluate the user's closure a second time
+        H = curvop.hessian_of(graph, params, check_deterministic=False, check_symmetric=bool(self.check),
+                              check_finite=False)
         base = copy.copy(H.backend)
         base.release()  # kept to move to the next steps' graphs, without holding this one
         self._built = (key, base)
@@ -119,11 +115,11 @@ class AdaHessian(_Curvature):
     num_probes : int
         Rademacher probes per estimate (1, as the paper; each costs one Hessian-vector product).
     check : bool
-        The operator's self-checks at the first step, where it is built: a closure evaluated twice
-        must give the same products (no dropout in the loss), and the products must be symmetric.
+        The operator's symmetry self-check at the first step, where it is built (two products on
+        that step's graph; an op with a wrong second derivative is refused, naming the module).
         Later steps reuse that operator on their own graph and run no check (``False``: none at all).
-        The second evaluation is the closure's own code: a BatchNorm in training mode updates its
-        running statistics once more at that step.
+        The closure is evaluated once per step: a loss with dropout is accepted (each step's
+        products are of that step's sampled loss).
 
     Notes
     -----
