@@ -2,6 +2,7 @@
 
     python benchmarks/compare_revisions.py REV_BEFORE [REV_AFTER] [--repeats 9]
     python benchmarks/compare_revisions.py REV_BEFORE [REV_AFTER] --values
+    python benchmarks/compare_revisions.py REV_BEFORE [REV_AFTER] --peers [--rounds 11]
 
 ``--values`` checks instead that the two revisions compute the same numbers, bit for bit: the
 products ``H @ v`` and ``H.matmat(V)`` (fixed seeded vectors) of every torch mode (default,
@@ -17,6 +18,13 @@ MLP. The rounds alternate between the revisions, so drift of a shared machine hi
 Prints, per model, the median product time as a multiple of the median gradient of the same
 process, for each revision, and their ratio (after / before). Measures speed only; a timed
 assertion never goes in the tests.
+
+``--peers`` times instead curvop's default (``curvop.hessian(model, loss, batch)``, no options) on
+the CNN of ``benchmarks/peers.py`` (width 54, batch 128, 70k parameters): per process, the build
+(median of 3 builds, each with the build's self-checks) and the product (median of ``--repeats``),
+both as multiples of the median gradient of the same process. Each round runs the revisions in
+turn, the first one alternating between rounds; the ratios after / before are paired per round
+and summarised by their median with a 90 % distribution-free interval (``benchmarks/_stats.py``).
 """
 
 from __future__ import annotations
@@ -56,6 +64,31 @@ for name, make in problems.items():
             t = time.perf_counter(); f(); times[key].append(time.perf_counter() - t)
     out[name] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 print(json.dumps(out))
+"""
+
+
+_PEERS_CHILD = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
+torch.set_num_threads(1)
+import curvop, _torch_models as M
+model, loss, (x, y) = M.cnn_problem(54, 128)  # benchmarks/peers.py's CNN ("full": cnn_width=54, batch=128)
+params = [p for p in model.parameters()]
+grad = lambda: torch.autograd.grad(loss(model(x), y), params)
+grad()
+def built():
+    t = time.perf_counter(); H = curvop.hessian(model, loss, (x, y)); return H, time.perf_counter() - t
+H, _ = built()  # warm-up
+v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1))
+H @ v
+times = {"grad": [], "hvp": [], "build": []}
+for i in range(int(sys.argv[3])):
+    for key, f in (("grad", grad), ("hvp", lambda: H @ v)):
+        t = time.perf_counter(); f(); times[key].append(time.perf_counter() - t)
+    if i < 3:
+        times["build"].append(built()[1])
+med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+print(json.dumps({"file": curvop.__file__, "describe": H.backend.describe(), **med}))
 """
 
 
@@ -141,6 +174,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (one process per revision each)")
     ap.add_argument("--repeats", type=int, default=5, help="timed products per process")
     ap.add_argument("--values", action="store_true", help="compare the products' values bit for bit instead of timing")
+    ap.add_argument("--peers", action="store_true", help="build and product of the default on peers.py's CNN")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         trees = {rev: export(rev, pathlib.Path(tmp) / str(i)) for i, rev in enumerate((args.before, args.after))}
@@ -148,6 +182,8 @@ def main(argv=None) -> dict:
             if not values(trees):
                 sys.exit(1)
             return {}
+        if args.peers:
+            return peers(trees, args.rounds, args.repeats)
         ratios: dict[str, dict[str, list[float]]] = {rev: {} for rev in trees}
         for _ in range(args.rounds):
             for rev, tree in trees.items():
@@ -163,6 +199,33 @@ def main(argv=None) -> dict:
     for name, s in summary.items():
         print(f"{name:<8} {s['before']:>12.2f} {s['after']:>12.2f}  {s['after'] / s['before']:.2f}")
     return summary
+
+
+def peers(trees: dict[str, pathlib.Path], rounds: int, repeats: int) -> dict:
+    """``--peers``: build and product of each revision's default, alternating which runs first."""
+    from _stats import median_ci
+
+    revs = list(trees)
+    got: dict[str, list[dict]] = {rev: [] for rev in revs}
+    for r in range(rounds):
+        for rev in (revs if r % 2 == 0 else revs[::-1]):
+            res = subprocess.run([sys.executable, "-c", _PEERS_CHILD, str(trees[rev]), str(trees[rev] / "benchmarks"),
+                                  str(repeats)], check=True, capture_output=True, text=True)
+            got[rev].append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(rev[:12], json.dumps(got[rev][-1]), flush=True)
+    (a, before), (b, after) = got.items()
+    out = {}
+    print(f"curvop default on peers.py's CNN, {rounds} rounds (order alternating), 1 thread; times / one gradient")
+    print(f"{'':<8} {a[:12]:>12} {b[:12]:>12}   after/before (median, 90% interval of the paired ratios)")
+    for key in ("build", "hvp"):
+        x = [d[key] / d["grad"] for d in before]
+        z = [d[key] / d["grad"] for d in after]
+        m, lo, hi = median_ci([q / p for p, q in zip(x, z)])
+        out[key] = {"before": statistics.median(x), "after": statistics.median(z), "ratio": (m, lo, hi)}
+        print(f"{key:<8} {out[key]['before']:>12.2f} {out[key]['after']:>12.2f}   {m:.3f} [{lo:.3f}, {hi:.3f}]")
+    print(f"gradient seconds (median): {statistics.median(d['grad'] for d in before):.3f} / "
+          f"{statistics.median(d['grad'] for d in after):.3f}")
+    return out
 
 
 if __name__ == "__main__":

@@ -10,11 +10,15 @@ cached maps, used more than once, when there is a cache) and compares:
   :func:`symmetry_tolerance` (``sqrt(eps)`` of the dtype: 3.5e-4 in float32, 1.5e-8 in float64;
   rounding measured at most 1.1e-6 and 1e-14 on a CNN, an MLP, ResNet-18, a ViT, an LSTM and GPT-2,
   loaders that reorder their batches included);
-* with a cache, the same vector's product afresh, and the cached map's first and third use, to
-  ``1000 eps`` (two fresh products without a cache).
+* with a cache, the cached maps' second use on a vector against a fresh product of it, to
+  ``1000 eps``: one comparison checks that the products do not change from call to call and that
+  the maps do not change with use (two fresh products without a cache).
 
-Without a cache the default costs no product more than the determinism check did: it multiplies
-``u`` and ``w`` instead of ``u`` twice, and only when they are not symmetric multiplies ``u`` again
+The default costs no product more than the determinism check did: without a cache it multiplies
+``u`` and ``w`` instead of ``u`` twice; with one, it applies the maps to ``w`` then ``u`` and
+multiplies ``u`` afresh (three products; a third use of the maps is spent only with
+``check_deterministic=False``). Only when a check fails does it multiply again, to name the cause:
+when ``u`` and ``w`` are not symmetric, it multiplies ``u`` again
 to tell randomness (:class:`~curvop.backends.base.NondeterministicProductError`) from a wrong
 derivative (:class:`AsymmetricHessianError`, which names the parameter blocks holding the asymmetry,
 found with products of the vectors restricted to groups of blocks: :func:`locate_asymmetry`).
@@ -113,30 +117,35 @@ def _differ(a: np.ndarray, b: np.ndarray, dtype: Any) -> float | None:
 
 def check_products(backend: Any, *, deterministic: bool, symmetric: bool) -> None:
     """The build-time check of a :class:`~curvop.backends.template.AutodiffBackend` (see the module
-    docstring): raises :class:`NondeterministicProductError` or :class:`AsymmetricHessianError`."""
+    docstring): raises :class:`NondeterministicProductError` or :class:`AsymmetricHessianError`.
+
+    Products (default, both checks on): two without a cache (``u``, ``w``); with one, three: each
+    cached map applied to ``w`` then ``u`` (the second use, what later products take), and ``u``
+    afresh, which checks the determinism and the reuse in one comparison."""
     b = backend
     rng = np.random.default_rng(0)
     u, w = b.random(b.size, "gaussian", rng), b.random(b.size, "gaussian", rng)
     path = lambda v: b.to_numpy(b._finite(b._reduce(v, False), v, False))  # noqa: E731
     cached = b._cached is not None
-    fresh = (lambda v: b.to_numpy(b._finite(b._reduce(v, False, fresh=True), v, False, fresh=True))) if cached else path
     un, wn = b.to_numpy(u).astype(np.float64), b.to_numpy(w).astype(np.float64)
-    first = fresh(u) if deterministic and cached else None
-    hu = path(u).astype(np.float64)
-    if first is not None and (rel := _differ(first, hu, b.dtype)) is not None:
-        raise NondeterministicProductError(nondeterminism_message(rel, 1000 * np.finfo(b.dtype).eps))
-    if not symmetric and not cached:
-        if deterministic and (rel := _differ(hu, path(u), b.dtype)) is not None:
-            raise NondeterministicProductError(nondeterminism_message(rel, 1000 * np.finfo(b.dtype).eps))
-        return
-    hw = path(w).astype(np.float64) if symmetric else None
-    if cached and (rel := _differ(hu, path(u), b.dtype)) is not None:  # the third use of each cached map
-        raise NondeterministicProductError(
-            f"the cached products change from one use to the next (relative difference {rel:.2e} between the "
-            f"first and the third use of the same vector), so they cannot be trusted; this is a bug of the "
-            f"{b.name} backend's cached mode: pass cache=False (or another hvp= mode)")
-    if not symmetric:
-        return
+    if not cached:
+        hu = path(u).astype(np.float64)
+        if not symmetric:
+            if deterministic and (rel := _differ(hu, path(u), b.dtype)) is not None:
+                raise NondeterministicProductError(nondeterminism_message(rel, 1000 * np.finfo(b.dtype).eps))
+            return
+        hw = path(w).astype(np.float64)
+    else:
+        first = path(w if symmetric else u)  # every cached map's first use ...
+        hu = path(u).astype(np.float64)  # ... and its second: a map that changes with use differs here
+        if deterministic:
+            _check_cached(b, lambda: b.to_numpy(b._finite(b._reduce(u, False, fresh=True), u, False, fresh=True)),
+                          hu)
+        elif (rel := _differ(hu, path(u), b.dtype)) is not None:  # no fresh product to compare: a third use
+            raise NondeterministicProductError(_cache_message(b, rel, "the second and the third use of the cached maps"))
+        if not symmetric:
+            return
+        hw = first.astype(np.float64)
     rounding = b._rounding_dtype()
     tol = symmetry_tolerance(rounding)
     r = relative_asymmetry(un, wn, hu, hw)
@@ -149,6 +158,25 @@ def check_products(backend: Any, *, deterministic: bool, symmetric: bool) -> Non
     blocks = locate_asymmetry(lambda v: path(b.from_numpy(v)), un, wn, list(b._blocks()), rounding,
                               scale=np.linalg.norm(hu) * np.sqrt(un.size) / np.linalg.norm(un))
     raise AsymmetricHessianError(_asymmetry_message(b, r, tol, blocks, cached, rel), r, tol, tuple(blocks))
+
+
+def _check_cached(b: Any, fresh: Callable[[], np.ndarray], second: np.ndarray) -> None:
+    """A fresh product of ``u`` against the cached maps' second use on ``u``. When they differ, a
+    second fresh product tells a model whose products are random from cached maps that are wrong or
+    change with use."""
+    once = fresh()
+    rel = _differ(once, second, b.dtype)
+    if rel is None:
+        return
+    if _differ(once, fresh(), b.dtype) is not None:
+        raise NondeterministicProductError(nondeterminism_message(rel, 1000 * np.finfo(b.dtype).eps))
+    raise NondeterministicProductError(_cache_message(b, rel, "the cached maps' second use and a fresh product"))
+
+
+def _cache_message(b: Any, rel: float, between: str) -> str:
+    return (f"the cached products change from one use to the next (relative difference {rel:.2e} between "
+            f"{between} of the same vector), so they cannot be trusted; this is a bug of the {b.name} backend's "
+            "cached mode: pass cache=False (or another hvp= mode)")
 
 
 def _label(dtype: Any) -> str:

@@ -27,7 +27,7 @@ class Quadratic(NumpyArrays, AutodiffBackend):
     name = "quadratic"
 
     def __init__(self, M, A=None, data=((np.zeros(1),),), drift=0.0, dtype=np.float64, **options):
-        self.M, self.A, self.drift, self.products = np.asarray(M, dtype), A, drift, 0
+        self.M, self.A, self.drift, self.products, self.uses = np.asarray(M, dtype), A, drift, 0, 0
         self._begin(Dataset(list(data)), [ParamInfo("w", np.dtype(dtype).name, "cpu")], **options)
         self.size, self.dtype, self.device = len(self.M), np.dtype(dtype), "cpu"
         self._complete()
@@ -44,6 +44,7 @@ class Quadratic(NumpyArrays, AutodiffBackend):
 
         def apply(v, batched):
             state["uses"] += 1
+            self.uses += 1
             return (M * (1 + self.drift * (state["uses"] - 1))) @ v
 
         return apply
@@ -128,8 +129,36 @@ def test_issue26_cached_maps_are_checked_on_reuse():
     with pytest.raises(NondeterministicProductError, match="cached products change from one use to the next"):
         Quadratic(_spd(), cache=True, drift=1e-3)
     B = Quadratic(_spd(), cache=True)
-    assert B.products == 1  # one fresh product (build-to-build randomness), then the cached map: 3 uses
+    assert B.products == 1  # one fresh product (build-to-build randomness), then the cached map: 2 uses
     np.testing.assert_allclose(B.hvp(np.ones(9)), _spd() @ np.ones(9))
+
+
+@pytest.mark.parametrize("det, sym, fresh, uses", [(True, True, 1, 2), (True, False, 1, 2), (False, True, 0, 3),
+                                                   (False, False, 0, 0)])
+def test_issue26_build_products_with_a_cache_are_shared_by_the_checks(det, sym, fresh, uses):
+    # default: the maps' second use on u against u afresh is both the determinism and the reuse check,
+    # and the maps' uses on w and u are the symmetry check's: 3 products (was 4: a third use of the maps)
+    B = Quadratic(_spd(), cache=True, check_deterministic=det, check_symmetric=sym)
+    assert (B.products, B.uses) == (fresh, uses)
+    U = Uncached(_spd(), check_deterministic=det, check_symmetric=sym)
+    assert U.products == (2 if det or sym else 0)
+
+
+def test_issue26_cached_maps_wrong_from_the_start_are_told_from_randomness():
+    class Off(Quadratic):  # the map is 1e-3 off from its first use on: not random, a wrong cache
+        def _linearize(self, batch):
+            return lambda v, batched: 1.001 * self.M @ v
+
+    with pytest.raises(NondeterministicProductError, match="cached products change.*pass cache=False"):
+        Off(_spd(), cache=True)
+
+    class Random(Quadratic):  # fresh products random: the model, not the cache
+        def _product(self, v, batch, batched):
+            return super()._product(v, batch, batched) * (1 + 1e-3 * self.rng.standard_normal())
+
+    Random.rng = np.random.default_rng(5)
+    with pytest.raises(NondeterministicProductError, match="not a fixed function of the parameters"):
+        Random(_spd(), cache=True)
 
 
 def test_issue26_relative_asymmetry_estimates_the_asymmetric_share():

@@ -13,7 +13,9 @@ gradient shards, and afterwards copies its saved shards back, bit for bit. ``ste
 ``eps ** (1/3)`` of the parameters' dtype, which balances truncation (``~ (t ||v||)**2``) against
 rounding (``~ eps / (t ||v||)``): about ``eps ** (2/3)`` relative error when the model is smooth
 (measured accuracy: docs/scale.md, "Sharded models: FSDP2"). Each product costs two forward and
-backward passes of the model, the memory of a training step plus three local vectors.
+backward passes of the model per batch, the memory of a training step plus three local vectors. The
+data (a batch, a list or a loader) is iterated once per product, never held: a block of ``k``
+columns is one pass too, each batch running the ``2 k`` gradients of its columns back to back.
 
 Vectors are ``DTensor`` s of global shape ``(n,)`` with placement ``Shard(0)``: rank ``r`` holds its
 parameter shards concatenated (``n_local`` entries). numpy vectors in and out use the order of the
@@ -33,6 +35,7 @@ import numpy as np
 
 from curvop import arrays
 from curvop.backends.base import Backend
+from curvop.backends.dataset import Dataset
 from curvop.backends.torch.distributed import DistributedError, TorchCollective
 from curvop.backends.torch.sharded_arrays import ShardedNamespace, hook_installed, register
 
@@ -62,14 +65,11 @@ def default_step(dtype: Any) -> float:
     return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
 
 
-def _batches(data: Any) -> list:
-    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
-        return [data]
-    batches = list(data)
-    if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
-        raise ValueError("data must be one batch (inputs, targets) or a non-empty list of such pairs "
-                         "(this rank's share of the data)")
-    return batches
+def _pair(batch: Any) -> tuple:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError("data must be one batch (inputs, targets) or a re-iterable of such pairs (a list "
+                         f"or a DataLoader: this rank's share of the data); got a batch of {type(batch).__name__}")
+    return batch[0], batch[1]
 
 
 def _check_eval(model: Any) -> None:
@@ -158,7 +158,9 @@ class FSDPBackend(Backend):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         _check_eval(model)
-        self.model, self.loss_fn, self.batches = model, loss_fn, _batches(data)
+        self.model, self.loss_fn = model, loss_fn
+        self.dataset = Dataset(data, reduction)  # iterated once per product or block, never materialised
+        _pair(self.dataset.first())
         self.names, self.params = zip(*[(k, p) for k, p in model.named_parameters() if p.requires_grad])
         mesh = self.params[0].device_mesh
         for k, p in zip(self.names, self.params):
@@ -195,14 +197,9 @@ class FSDPBackend(Backend):
         self._layout()
         self.ns = ShardedNamespace(mesh, self.size, self.n_local)
         register(self.ns)
-        with torch.no_grad():  # the scale of the step: ||θ|| over all shards, and the weights of the batches
-            local = torch.stack([sum((p.to_local().double() ** 2).sum() for p in self.params),
-                                 torch.tensor(float(sum(len(b[1]) for b in self.batches)), dtype=torch.float64)])
-        sq, total = self._coll.all_reduce(local.to(self.device)).tolist()
-        self.theta_norm = math.sqrt(sq)
-        # FSDP averages gradients over ranks; these weights make the result sum_b n_b/N * grad_b (mean)
-        count = self.world / total if reduction == "mean" else float(self.world)
-        self._weights = [count * (len(b[1]) if reduction == "mean" else 1) for b in self.batches]
+        with torch.no_grad():  # the scale of the step: ||θ|| over all shards
+            local = sum((p.to_local().double() ** 2).sum() for p in self.params).reshape(1)
+        self.theta_norm = math.sqrt(float(self._coll.all_reduce(local.to(self.device))[0]))
 
     # --- layout: which global entries this rank holds --------------------------------------------
     def _layout(self) -> None:
@@ -230,38 +227,52 @@ class FSDPBackend(Backend):
     def _local_views(self) -> list:
         return [p.to_local().view(-1) for p in self.params]
 
-    def _gradient(self) -> Any:
+    def _batch_gradient(self, x: Any, y: Any, scale: float) -> Any:
+        """This rank's shards of the gradient of ``scale * loss(batch)``, averaged over the ranks by FSDP."""
         import torch
 
         for p in self.params:
             p.grad = None
-        for w, (x, y) in zip(self._weights, self.batches):
-            loss = self.loss_fn(self.model(x), y)
-            (loss * w).backward()
+        (self.loss_fn(self.model(x), y) * scale).backward()
         return torch.cat([p.grad.to_local().reshape(-1) if p.grad is not None
                           else torch.zeros(n, dtype=self.tdtype, device=self.device)
                           for p, n in zip(self.params, self._split)])
 
-    def hvp(self, v: Any) -> Any:
+    def _columns(self, V: Any) -> Any:
+        """``H V`` for this rank's rows ``V`` (``(n_local, k)``), as ``(k, n_local)``: one pass over the
+        data for the whole block; on each batch, every column's two gradients (the column's central
+        difference needs the parameters moved along it, so columns share no forward pass)."""
         import torch
 
-        vl = self.ns.local(v)
-        vnorm = math.sqrt(float(self._coll.all_reduce((vl.double() ** 2).sum().reshape(1).to(self.device))[0]))
-        if vnorm == 0.0:
-            return self.ns.shard(torch.zeros_like(vl))
-        t = self.step * max(1.0, self.theta_norm) / vnorm
+        k = V.shape[1]
+        norms = self._coll.all_reduce((V.double() ** 2).sum(dim=0).to(self.device)).sqrt().tolist()
+        steps = [self.step * max(1.0, self.theta_norm) / s if s > 0 else 0.0 for s in norms]
+        out = torch.zeros((k, self.n_local), dtype=self.tdtype, device=self.device)
+        moves = [(j, list(torch.split(V[:, j], self._split))) for j in range(k) if steps[j] > 0]
+        if not moves:  # every column zero: no pass over the data
+            return out
         views = self._local_views()
         saved = [x.clone() for x in views]
         grads = [p.grad for p in self.params]
-        pieces = list(torch.split(vl, self._split))
         rng = torch.get_rng_state()
+        mean, count = self.dataset.reduction == "mean", 0.0
         try:
-            with torch.no_grad():
-                torch._foreach_copy_(views, torch._foreach_add(saved, pieces, alpha=t))
-            g_plus = self._gradient()
-            with torch.no_grad():
-                torch._foreach_copy_(views, torch._foreach_add(saved, pieces, alpha=-t))
-            g_minus = self._gradient()
+            for _, batch, w in self.dataset.weighted_batches():
+                x, y = _pair(batch)
+                # FSDP averages gradients over ranks: world * w_b per batch, divided by the total below
+                scale = float(self.world * w)
+                count += float(w)
+                for j, pieces in moves:
+                    t = steps[j]
+                    with torch.no_grad():
+                        torch._foreach_copy_(views, torch._foreach_add(saved, pieces, alpha=t))
+                    g = self._batch_gradient(x, y, scale)
+                    with torch.no_grad():
+                        torch._foreach_copy_(views, torch._foreach_add(saved, pieces, alpha=-t))
+                    out[j].add_(g.sub_(self._batch_gradient(x, y, scale)), alpha=0.5 / t)
+            if mean:  # the mean over all ranks' samples (sum: FSDP's average times world is the sum)
+                total = float(self._coll.all_reduce(torch.tensor([count], dtype=torch.float64, device=self.device))[0])
+                out.div_(total)
         except DistributedError:
             raise
         except Exception as err:
@@ -279,14 +290,13 @@ class FSDPBackend(Backend):
             for p, g in zip(self.params, grads):
                 p.grad = g
             torch.set_rng_state(rng)
-        del saved
-        return self.ns.shard(g_plus.sub_(g_minus).div_(2 * t))  # in place: no fifth local vector
+        return out
+
+    def hvp(self, v: Any) -> Any:
+        return self.ns.shard(self._columns(self.ns.local(v)[:, None])[0])
 
     def hvp_batch(self, V: Any) -> Any:
-        import torch
-
-        cols = [self.ns.local(self.hvp(V[:, j])) for j in range(V.shape[1])]
-        return self.ns.shard(torch.stack(cols, dim=1))
+        return self.ns.shard(self._columns(self.ns.local(V)).T.contiguous())
 
     # --- vectors -----------------------------------------------------------------------------------
     def is_native(self, x: Any) -> bool:
@@ -427,8 +437,9 @@ def hessian_fsdp(model: Any, loss_fn: Callable[[Any, Any], Any], data: Any, *, s
         BatchNorm, on every rank; no ``MixedPrecisionPolicy`` coarser than the parameters (refused).
     loss_fn : callable
         ``loss_fn(model(inputs), targets)``, a scalar.
-    data : (inputs, targets) or list of them
-        This rank's share of the data. The operator is the Hessian of the loss over all ranks'
+    data : (inputs, targets), or a re-iterable of them (a list, a DataLoader)
+        This rank's share of the data, iterated once per product or block (every rank must yield
+        the same number of batches: each backward is a collective). The operator is the Hessian of the loss over all ranks'
         data: for ``reduction="mean"`` each batch weighted by its size over the total, for
         ``"sum"`` the sum.
     step : float, optional

@@ -119,6 +119,30 @@ def ggn_check(params, batches, placed, V):
             "devices": len(Y.devices())}
 
 
+class _Passes:
+    """A re-iterable loader that counts its passes."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield from self.batches
+
+
+def block_passes(params, placed, V):
+    """Passes over the data of one block product ``H @ V`` of a sharded model, batched (vmap, the
+    default) and column by column (``batched=False``: one pass per column on a sharded model)."""
+    out = {}
+    for name, kw in {"batched": {}, "loop": {"batched": False}}.items():
+        loader = _Passes(placed)
+        H = curvop.hessian_of(loss, params, loader, backend="jax", **kw)
+        loader.passes = 0
+        H @ V
+        out[name] = loader.passes
+    return out
+
+
 def check():
     rng = np.random.default_rng(0)
     params = make(rng)
@@ -147,6 +171,7 @@ def check():
             H1 = curvop.hessian_of(loss, params, placed[0], backend="jax", **kw)
             res["guard_all"][name] = _guarded(lambda: H1 @ y, jax.transfer_guard)
     res["even_warnings"] = [f"{w.category.__name__}: {w.message}" for w in seen]
+    res["block_passes"] = block_passes(params, placed, V)
     _tick("products")
     res["ggn"] = ggn_check(params, batches, placed, V)
     res["dense_err"] = float(np.abs(H.to_dense() - dense).max())

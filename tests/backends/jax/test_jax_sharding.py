@@ -52,6 +52,13 @@ def test_issue15_item5_sharded_products_match_dense_hessian(result):
     assert r["errors"]["mixed_one_device_where"] == "cpu:1"
 
 
+def test_issue26_sharded_blocks_one_pass_batched_one_per_column_looped(result):
+    # a 3-column block over 2 batches: vmap'd (the default) one pass; batched=False one pass per column
+    # on a sharded model (one_pass_blocks=False: the columns back to back deadlocked XLA's CPU collectives)
+    _, r = result
+    assert r["block_passes"] == {"batched": 1, "loop": 3}, r["block_passes"]
+
+
 def test_issue15_item5_vectors_stay_sharded_over_all_devices(result):
     devices, r = result
     n = r["n"]

@@ -95,6 +95,7 @@ def agree(rank, world, out):
         r["weights_twin"] = np.concatenate(dt.weights).tolist()
         r["restored_after_algorithms"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
         res[name] = r
+    res["passes"] = passes(rank, world)
     res["no_hook"] = without_hook(rank, world)
     res["mp"] = mixed_precision(rank, world)
     # dispatch: curvop.hessian reaches the FSDP backend
@@ -109,6 +110,45 @@ def agree(rank, world, out):
     except Exception as err:  # noqa: BLE001 - the test checks the type
         res["bf16"] = f"{type(err).__name__}: {err}"
     return res
+
+
+class _Counting:
+    """A re-iterable loader that counts its passes and the batches drawn."""
+
+    def __init__(self, loader):
+        self.loader, self.passes, self.drawn = loader, 0, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for batch in self.loader:
+            self.drawn += 1
+            yield batch
+
+
+def passes(rank, world):
+    """A block of 4 columns over a DataLoader of this rank's 2 batches: passes over the data, batches
+    drawn and the batch each forward of the model saw, and the block against the dense reference."""
+    loss = nn.CrossEntropyLoss()
+    model, shard = build(torch.float64, rank, world)
+    twin, batches = build(torch.float64, rank, world, shard=False)
+    loader = _Counting(torch.utils.data.DataLoader(shard, batch_size=None))  # yields the pairs as they are
+    first = {float(x[0, 0]): i for i, (x, _) in enumerate(shard)}
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(first[float(args[0][0, 0])]))
+    H = curvop.hessian(model, loss, loader, timeout=30)
+    out = {"build": {"passes": loader.passes, "drawn": loader.drawn, "forwards": len(seen)}}
+    V = np.random.default_rng(7).standard_normal((H.shape[0], 4))
+    V[:, 2] = 0.0  # a zero column: no forward for it
+    for name, vec in (("block", V), ("vector", V[:, 0])):
+        loader.passes = loader.drawn = 0
+        seen.clear()
+        HV = H @ vec
+        out[name] = {"passes": loader.passes, "drawn": loader.drawn, "seen": list(seen)}
+    D = _dense(twin, loss, batches)
+    out["dense_rel"] = _rel(HV := H @ V, D @ V)
+    out["zero_column"] = float(np.abs(HV[:, 2]).max())
+    out["column_rel"] = _rel(HV[:, 0], H @ V[:, 0])  # a block's column is the vector's product
+    return out
 
 
 def without_hook(rank, world):

@@ -480,3 +480,31 @@ def test_finiteness_check_is_one_sum_and_exact_when_the_sum_overflows():
     assert not torch.isfinite(big.sum()) and H.backend._all_finite(big)
     for bad in (float("nan"), float("inf"), -float("inf")):
         assert not H.backend._all_finite(torch.cat([big, torch.tensor([bad])]))
+
+
+@pytest.mark.parametrize("options, fresh, uses", [({}, 1, 2), ({"hvp": "forward", "cache": True}, 1, 2),
+                                                  ({"cache": False}, 2, 0), ({"hvp": "forward", "cache": False}, 2, 0)])
+def test_issue26_products_at_build_per_mode(monkeypatch, options, fresh, uses):
+    # the determinism, symmetry and reuse checks share their products: with a cache, the maps on w then
+    # u and u afresh (was 1 fresh + 3 uses); without, u and w. The operator is still exact afterwards.
+    from curvop.backends.torch.backend import TorchBackend
+
+    count = {"fresh": 0, "uses": 0}
+    product, linearize = TorchBackend._product, TorchBackend._linearize
+
+    def counted_product(self, v, batch, batched):
+        count["fresh"] += 1
+        return product(self, v, batch, batched)
+
+    def counted_linearize(self, batch):
+        fn = linearize(self, batch)
+        return lambda v, batched: count.__setitem__("uses", count["uses"] + 1) or fn(v, batched)
+
+    monkeypatch.setattr(TorchBackend, "_product", counted_product)
+    monkeypatch.setattr(TorchBackend, "_linearize", counted_linearize)
+    model, x, y = make("mlp_tanh")
+    H = curvop.hessian(model, nn.CrossEntropyLoss(), (x, y), **options)
+    assert count == {"fresh": fresh, "uses": uses}, count
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)]) @ v.numpy()
+    np.testing.assert_allclose((H @ v).numpy(), ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())

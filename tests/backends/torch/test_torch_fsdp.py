@@ -45,6 +45,23 @@ def test_issue15_item4_fsdp_products_match_unsharded_twin(agree, dtype):
 
 
 @pytest.mark.timeout(240)
+def test_issue26_block_over_a_loader_makes_one_pass_over_the_data(agree):
+    # a block of 4 columns (one zero) over a DataLoader of 2 batches per rank: one pass over the
+    # loader, each batch drawn once, and on each batch the 2 gradients of each nonzero column back to
+    # back (before: 2 passes per column, the batches alternating 0, 1, 0, 1, ...)
+    for r in agree:
+        res = r["passes"]
+        assert res["block"]["passes"] == 1 and res["block"]["drawn"] == 2, res["block"]
+        assert res["block"]["seen"] == [0] * 6 + [1] * 6, res["block"]["seen"]
+        assert res["vector"]["passes"] == 1 and res["vector"]["drawn"] == 2, res["vector"]
+        assert res["vector"]["seen"] == [0, 0, 1, 1], res["vector"]["seen"]
+        assert res["build"] == {"passes": 1, "drawn": 1, "forwards": 0}, res["build"]  # the first batch's shape
+        assert res["dense_rel"] < FD_RTOL["float64"], res["dense_rel"]  # torch.func.hessian, float64
+        assert res["zero_column"] == 0.0
+        assert res["column_rel"] < 1e-12, res["column_rel"]
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_issue15_item4_fsdp_restores_parameters_grad_and_rng(agree, dtype):
     for r in agree:
